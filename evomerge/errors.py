@@ -1,0 +1,37 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad config, a missing folder, incompatible models) is raised as an
+:class:`EvomergeError`. The CLI prints its message without a traceback and exits with status 2.
+Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class EvomergeError(Exception):
+    """An error the user can fix; the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class ConfigError(EvomergeError):
+    """A config file is invalid. ``where`` names the file and the field path inside it."""
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ModelError(EvomergeError):
+    """A model folder is missing, unreadable, unsafe or incompatible with the others."""
+
+
+def close_matches(word: str, choices: Iterable[str]) -> str:
+    """A ' Did you mean ...?' suffix for an unknown name, or '' when nothing is close."""
+    found = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    if not found:
+        return ""
+    return " Did you mean " + " or ".join(repr(f) for f in found) + "?"
