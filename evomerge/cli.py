@@ -37,11 +37,17 @@ def main() -> None:
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 500MB.")
 @click.option("--allow-pickle", is_flag=True, help="Also read pickled .bin weights (runs no code; tensors only).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrite: bool) -> None:
+@click.option("--random-seed", type=int, default=None, help="Seed for DARE/DELLA (overrides the config's random_seed).")
+def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrite: bool, random_seed: int | None) -> None:
     """Merge models as a mergekit CONFIG describes, into the folder OUT."""
-    from .merge.run import merge_from_file
+    from .merge.config import load_merge_config
+    from .merge.run import merge_config
 
-    merge_from_file(config, out, shard_size=shard_size, allow_pickle=allow_pickle, overwrite=overwrite)
+    parsed = load_merge_config(config)
+    if random_seed is not None:
+        parsed = parsed.model_copy(update={"random_seed": random_seed})
+    out = merge_config(parsed, out, shard_size=shard_size, allow_pickle=allow_pickle, overwrite=overwrite)
+    click.echo(f"merged model written to {out}")
 
 
 @main.group()

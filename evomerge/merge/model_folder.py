@@ -1,0 +1,182 @@
+"""A Hugging Face model folder as the merge engine sees it: a config and named tensors.
+
+Weights are read from safetensors only. Pickled ``.bin`` checkpoints are refused unless the user
+opts in, and even then they are read with ``torch.load(weights_only=True)``, which restores
+tensors but runs no code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from .safetensors_io import TensorInfo, read_header, read_tensor
+
+# "<prefix>.<index>.<rest>" where prefix is the decoder's layer container, e.g. "model.layers".
+_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+_HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> (``model.layers``, 3, ``mlp.up_proj.weight``)."""
+    m = _LAYER_RE.match(name)
+    if m is None:
+        return None
+    return m["prefix"], int(m["index"]), m["rest"]
+
+
+def resolve_model_path(reference: str) -> Path:
+    """A local folder as given, or a Hub id (``org/name[@revision]``) fetched with huggingface_hub."""
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model {reference!r} is a file; give the model's folder")
+        return path
+    if not _HUB_ID_RE.match(reference) or reference.startswith((".", "/")):
+        raise ModelError(f"model folder not found: {reference!r}; check the path (relative paths start from {Path.cwd()})")
+    repo, _, revision = reference.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo, revision=revision or None, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as err:  # offline, unknown repo, gated: all user-fixable
+        raise ModelError(
+            f"model {reference!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}); give a local path or check the id and your network"
+        ) from None
+    return Path(local)
+
+
+@dataclass
+class ModelFolder:
+    """One input model: its config and a lazy index of its tensors."""
+
+    reference: str
+    allow_pickle: bool = False
+    path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.path = resolve_model_path(self.reference)
+        if not (self.path / "config.json").is_file():
+            raise ModelError(f"{self.path}: no config.json; is this a Hugging Face model folder?")
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except ValueError as err:
+            raise ModelError(f"{self.path / 'config.json'}: not valid JSON ({err})") from None
+
+    @cached_property
+    def num_layers(self) -> int:
+        cfg = self.config.get("text_config", self.config)
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        raise ModelError(f"{self.path / 'config.json'}: no num_hidden_layers; evomerge cannot tell how many layers it has")
+
+    @cached_property
+    def _index(self) -> dict[str, TensorInfo]:
+        index_file = self.path / "model.safetensors.index.json"
+        files: list[Path]
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise ModelError(f"{index_file}: not a valid safetensors index (no weight_map)") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise ModelError(f"{index_file} lists {missing[0].name}, which is missing; re-download the model")
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            return {}
+        out: dict[str, TensorInfo] = {}
+        for f in files:
+            out.update(read_header(f))
+        return out
+
+    @cached_property
+    def _pickled(self) -> dict[str, torch.Tensor]:
+        bins = sorted(self.path.glob("pytorch_model*.bin")) or sorted(self.path.glob("*.bin"))
+        if not bins:
+            return {}
+        if not self.allow_pickle:
+            raise ModelError(
+                f"{self.path}: weights are pickled .bin files ({bins[0].name}); evomerge reads safetensors only. "
+                "Convert them to safetensors, or pass --allow-pickle to load tensors only (no code is run)"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for b in bins:
+            try:
+                tensors.update(torch.load(b, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as err:
+                raise ModelError(f"{b}: cannot be read as a tensors-only checkpoint ({err})") from None
+        return tensors
+
+    @cached_property
+    def tensor_names(self) -> list[str]:
+        names = list(self._index) or list(self._pickled)
+        if not names:
+            raise ModelError(f"{self.path}: no weights found (no *.safetensors files)")
+        return names
+
+    def _resolve(self, name: str) -> str | None:
+        if name in self._index or name in self._pickled:
+            return name
+        alias = _TIED_ALIASES.get(name)
+        if alias and (alias in self._index or alias in self._pickled):
+            return alias
+        return None
+
+    def has(self, name: str) -> bool:
+        self.tensor_names  # noqa: B018  (raises a clear error for a folder without weights)
+        return self._resolve(name) is not None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        real = self._require(name)
+        if real in self._index:
+            return self._index[real].shape
+        return tuple(self._pickled[real].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        real = self._require(name)
+        if real in self._index:
+            return self._index[real].dtype
+        return self._pickled[real].dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        real = self._require(name)
+        if real in self._index:
+            return read_tensor(self._index[real])
+        return self._pickled[real].clone()
+
+    def _require(self, name: str) -> str:
+        self.tensor_names  # noqa: B018
+        real = self._resolve(name)
+        if real is None:
+            raise ModelError(f"{self.path}: has no tensor {name!r}; are all models of the same architecture?")
+        return real

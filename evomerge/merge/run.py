@@ -1,0 +1,176 @@
+"""``evomerge merge``: stream a planned merge from input shards to an output model folder.
+
+Memory stays near the tensors in flight: each task's inputs are read, merged and written before
+the next task's are released, and the next task's inputs are read on a background thread while
+the current one is computed (file reads release the GIL). The output is assembled in a hidden
+sibling folder and renamed into place only when complete, so a failed or interrupted merge leaves
+no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, EvomergeError, ModelError
+from .config import MergeConfig, load_merge_config, parse_merge_config
+from .model_folder import TOKENIZER_FILES, ModelFolder
+from .plan import MergePlan, TensorTask, plan_merge
+from .safetensors_io import PlannedTensor, ShardedWriter
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, 1024 -> 1024."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"shard size {text!r} is not a size; write e.g. 500MB or 2GB")
+    number, unit = float(m[1]), (m[2] or "B").upper()
+    scale = {"B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
+             "KI": 2**10, "KIB": 2**10, "MI": 2**20, "MIB": 2**20, "GI": 2**30, "GIB": 2**30}[unit]
+    return max(1, int(number * scale))
+
+
+def open_models(config: MergeConfig, *, allow_pickle: bool = False) -> dict[str, ModelFolder]:
+    """Open every model the config names (config and headers only; no tensor data yet)."""
+    return {ref: ModelFolder(ref, allow_pickle=allow_pickle) for ref in config.referenced_models()}
+
+
+def compute_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Merge one output tensor from its loaded inputs, as the method and dtypes say."""
+    if task.load_dtype is not None:
+        inputs = [x.to(task.load_dtype) if x.is_floating_point() else x for x in inputs]
+    generator = None
+    if plan.method.stochastic:
+        generator = torch.Generator().manual_seed(task.seed(plan.random_seed))
+    result = plan.method.merge(inputs, task.base_index, task.per_input, task.shared, generator=generator)
+    if result.is_floating_point() and not bool(torch.isfinite(result).all()):
+        raise ModelError(f"merging {task.name} gave NaN or infinite values; check the weights and parameters")
+    return result.to(task.out_dtype)
+
+
+def _stream(plan: MergePlan, models: Mapping[str, ModelFolder]) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """Yield (task, merged tensor) in plan order, reading the next task's inputs meanwhile."""
+
+    def load(task: TensorTask) -> list[torch.Tensor]:
+        return [models[m].read(n) for m, n in task.sources]
+
+    tasks = plan.tasks
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as pool:
+        pending = pool.submit(load, tasks[0]) if tasks else None
+        for i, task in enumerate(tasks):
+            assert pending is not None
+            inputs = pending.result()
+            pending = pool.submit(load, tasks[i + 1]) if i + 1 < len(tasks) else None
+            yield task, compute_task(plan, task, inputs)
+            del inputs
+
+
+def output_config(plan: MergePlan, config: MergeConfig, models: Mapping[str, ModelFolder]) -> dict[str, Any]:
+    """The reference model's config with the output's layer count and dtype."""
+    out = json.loads(json.dumps(models[plan.reference_model].config))
+    target = out.get("text_config", out)
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in target), "num_hidden_layers")
+    target[key] = plan.num_layers
+    layer_types = target.get("layer_types")
+    if isinstance(layer_types, list):
+        # per-layer attributes follow the layer each output layer came from
+        target["layer_types"] = [
+            models[m].config.get("text_config", models[m].config).get("layer_types", layer_types)[i]
+            for m, i in plan.layer_sources
+        ]
+    dtype = config.out_dtype or config.dtype
+    if dtype:
+        out["torch_dtype"] = dtype
+        if "dtype" in out:
+            out["dtype"] = dtype
+    return out
+
+
+def _tokenizer_folder(config: MergeConfig, plan: MergePlan, models: Mapping[str, ModelFolder]) -> Path:
+    source = config.tokenizer_source
+    if source in (None, "base"):
+        return models[config.base_model or plan.reference_model].path
+    if source == "union":
+        files = {ref: (m.path / "tokenizer.json") for ref, m in models.items()}
+        contents = {ref: (f.read_bytes() if f.is_file() else None) for ref, f in files.items()}
+        if len(set(contents.values())) > 1:
+            raise ConfigError(
+                "tokenizer_source: union is supported only when every model has the same tokenizer; "
+                "use 'base' or name one model",
+                where="tokenizer_source",
+            )
+        return models[plan.reference_model].path
+    if source not in models:
+        return ModelFolder(source).path
+    return models[source].path
+
+
+def _copy_tokenizer(source: Path, dest: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+
+
+def merge_config(
+    config: MergeConfig,
+    out: Path,
+    *,
+    shard_size: str | int = "2GB",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Merge as ``config`` says into the folder ``out``; nothing is left at ``out`` on failure."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise EvomergeError(f"output folder {out} already exists; choose another or pass --overwrite")
+    max_shard = parse_size(shard_size)
+    models = open_models(config, allow_pickle=allow_pickle)
+    plan = plan_merge(config, models)
+    tokenizer_from = _tokenizer_folder(config, plan, models)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        planned = [PlannedTensor(t.name, t.out_dtype, t.shape) for t in plan.tasks]
+        writer = ShardedWriter(staging, planned, max_shard_bytes=max_shard)
+        try:
+            for task, tensor in _stream(plan, models):
+                writer.write(task.name, tensor)
+            writer.close()
+        finally:
+            writer.abort()
+        (staging / "config.json").write_text(json.dumps(output_config(plan, config, models), indent=2) + "\n")
+        _copy_tokenizer(tokenizer_from, staging)
+        (staging / "mergekit_config.yml").write_text(config.to_yaml())
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def merge_from_config(config: Mapping[str, Any] | MergeConfig, out: Path, **kwargs: Any) -> Path:
+    """Merge from a config given as a mapping (as from ``yaml.safe_load``) or a parsed config."""
+    parsed = config if isinstance(config, MergeConfig) else parse_merge_config(config)
+    return merge_config(parsed, out, **kwargs)
+
+
+def merge_from_file(path: Path, out: Path, **kwargs: Any) -> Path:
+    """``evomerge merge CONFIG OUT``."""
+    return merge_config(load_merge_config(path), out, **kwargs)

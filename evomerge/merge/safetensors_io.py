@@ -1,0 +1,205 @@
+"""Reading and writing safetensors one tensor at a time, with no memory map.
+
+Why not ``safetensors.safe_open``: it memory-maps whole files, and every page a merge touches
+then counts in the process's resident set until the map closes, so a streaming merge would
+still show whole models in its peak RSS. Here a tensor is read with one ``readinto`` into a
+buffer it owns, and the output is written as it is computed: a file's header is known before
+any tensor is (shapes and dtypes come from the plan), so nothing waits in memory for a shard to
+fill. The format is small and fixed (8-byte little-endian header length, a JSON header, raw
+little-endian data); files written here are read back by the ``safetensors`` library in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+DTYPE_TO_CODE: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+CODE_TO_DTYPE = {code: dtype for dtype, code in DTYPE_TO_CODE.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives in a file, and what it is."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header; a truncated or foreign file is a ModelError naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ModelError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > _MAX_HEADER:
+                raise ModelError(f"{path}: not a safetensors file (header length {header_len} is implausible)")
+            header_bytes = f.read(header_len)
+            file_size = os.fstat(f.fileno()).st_size
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read ({err.strerror})") from None
+    if len(header_bytes) != header_len:
+        raise ModelError(f"{path}: truncated safetensors file (header cut short); re-download or re-save it")
+    try:
+        header = json.loads(header_bytes)
+    except ValueError:
+        raise ModelError(f"{path}: not a safetensors file (header is not JSON)") from None
+    data_start = 8 + header_len
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = CODE_TO_DTYPE.get(meta.get("dtype"))
+        if dtype is None:
+            raise ModelError(f"{path}: tensor {name!r} has dtype {meta.get('dtype')!r}, which evomerge cannot merge")
+        begin, end = meta["data_offsets"]
+        if data_start + end > file_size:
+            raise ModelError(
+                f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the file); "
+                "re-download or re-save it"
+            )
+        out[name] = TensorInfo(path, dtype, tuple(meta["shape"]), data_start + begin, end - begin)
+    return out
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor into memory it owns (no mmap: see the module docstring)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(info.start)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < info.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise ModelError(f"{info.path}: truncated while reading a tensor; re-download or re-save it")
+            got += n
+    if info.dtype == torch.uint8:
+        return buf.reshape(info.shape)
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """An output tensor as the writer needs to know it before it is computed."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split tensors, in order, into shards no larger than ``max_shard_bytes`` (one oversize tensor
+    gets a shard of its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return [s for s in shards if s]
+
+
+def _header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_TO_CODE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Writes a sharded safetensors model folder tensor by tensor, in plan order.
+
+    The plan fixes every shard's header up front, so each tensor goes straight to disk when it is
+    computed. ``write`` checks that tensors arrive in the planned order with the planned shape
+    and dtype: a mismatch is a bug in the caller, not a user error.
+    """
+
+    def __init__(self, folder: Path, tensors: Sequence[PlannedTensor], *, max_shard_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.shards = assign_shards(tensors, max_shard_bytes)
+        n = len(self.shards)
+        self.filenames = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._order: Iterator[tuple[int, PlannedTensor]] = ((i, t) for i, shard in enumerate(self.shards) for t in shard)
+        self._file = None
+        self._shard = -1
+        self.total_bytes = sum(t.nbytes for t in tensors)
+
+    def _open_shard(self, index: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = open(self.folder / self.filenames[index], "wb")
+        self._file.write(_header_bytes(self.shards[index], {"format": "pt"}))
+        self._shard = index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, planned = next(self._order)
+        if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(
+                f"writer expected {planned.name} {planned.shape} {planned.dtype}, got {name} "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if shard != self._shard:
+            self._open_shard(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        assert self._file is not None
+        if data.numel():
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (for more than one shard)."""
+        if next(self._order, None) is not None:
+            raise RuntimeError("writer closed before every planned tensor was written")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if len(self.shards) > 1:
+            weight_map = {t.name: self.filenames[i] for i, shard in enumerate(self.shards) for t in shard}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
