@@ -46,14 +46,23 @@ def open_models(config: MergeConfig, *, allow_pickle: bool = False) -> dict[str,
     return {ref: ModelFolder(ref, allow_pickle=allow_pickle) for ref in config.referenced_models()}
 
 
-def compute_task(plan: MergePlan, task: TensorTask, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """Merge one output tensor from its loaded inputs, as the method and dtypes say."""
+def compute_task(
+    plan: MergePlan,
+    task: TensorTask,
+    inputs: list[torch.Tensor],
+    deltas: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Merge one output tensor from its loaded inputs, as the method and dtypes say.
+
+    ``deltas`` are the task vectors (input minus base) when the caller keeps them resident, as
+    search workers do; the task-vector methods then skip recomputing them.
+    """
     if task.load_dtype is not None:
         inputs = [x.to(task.load_dtype) if x.is_floating_point() else x for x in inputs]
     generator = None
     if plan.method.stochastic:
-        generator = torch.Generator().manual_seed(task.seed(plan.random_seed))
-    result = plan.method.merge(inputs, task.base_index, task.per_input, task.shared, generator=generator)
+        generator = torch.Generator(device=inputs[0].device).manual_seed(task.seed(plan.random_seed))
+    result = plan.method.merge(inputs, task.base_index, task.per_input, task.shared, generator=generator, deltas=deltas)
     if result.is_floating_point() and not bool(torch.isfinite(result).all()):
         raise ModelError(f"merging {task.name} gave NaN or infinite values; check the weights and parameters")
     return result.to(task.out_dtype)
