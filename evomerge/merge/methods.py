@@ -66,7 +66,7 @@ def linear_merge(
 
 
 def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
-    """Spherical interpolation from ``v0`` (the base, t = 0) to ``v1`` (t = 1), whole tensor at once.
+    """Spherical interpolation from ``v0`` (the base, t = 0) to ``v1`` (t = 1), per whole tensor.
 
     The angle comes from the tensors flattened and normalised by their Frobenius norms; the
     interpolation coefficients then apply to the raw tensors, so norms are interpolated too.

@@ -284,7 +284,9 @@ def _slerp(
 ) -> torch.Tensor:
     b = _base_index("slerp", base_index, len(entries))
     if len(entries) != 2:
-        raise ConfigError(f"slerp merges exactly two models, the base and one other; got {len(entries)}.")
+        raise ConfigError(
+            f"slerp merges exactly two models, the base and one other; got {len(entries)}."
+        )
     s = _shared("slerp", params, shared)
     aligned = _aligned(entries)
     return slerp_merge(aligned[b], aligned[1 - b], float(s["t"]))
@@ -416,7 +418,8 @@ def _build() -> dict[str, MergeMethod]:
                 name, p, needs_base=True, min_models=1, max_models=None,
                 stochastic=sparsifier in (Sparsifier.RANDOM, Sparsifier.DELLA_MAGPRUNE),
                 merge=_bind(_task_vectors, name, sparsifier, consensus, p),
-                doc=f"Task vectors from the base, sparsified by {sparsifier.value if sparsifier else 'nothing'}"
+                doc="Task vectors from the base, sparsified by "
+                + (sparsifier.value if sparsifier else "nothing")
                 + (", merged with sign consensus." if consensus else ", summed."),
             )
         )

@@ -111,7 +111,7 @@ def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor | None:
 def magnitude_outliers_mask(
     tensor: torch.Tensor, density: float, gamma: float
 ) -> torch.Tensor | None:
-    """Breadcrumbs: drop the top ``int(gamma * numel)`` and the smallest, keep ``int(density * numel)``.
+    """Breadcrumbs: drop the ``int(gamma * numel)`` largest, keep ``int(density * numel)`` below.
 
     mergekit sorts ascending and keeps ``sorted[n_bot : n_bot + target]`` with
     ``n_bot = max(0, numel - target - n_top)``; we keep the same band of ranks, including Python's
@@ -235,17 +235,20 @@ def apply_mask(
     """``tensor * mask``, L1-rescaled to ``tensor``'s norm when ``rescale``.
 
     The product is computed in ``tensor``'s dtype for a boolean mask and in the mask's dtype for a
-    0/1 float mask (a random mask's work dtype, as in mergekit), and written to ``out`` (cast to its dtype) when given,
-    which lets the task-vector merge fill its buffer without a temporary. ``tensor`` is never
-    modified. The rescale is skipped when either norm is below ``RESCALE_EPS``, as in mergekit.
+    0/1 float mask (a random mask's work dtype, as in mergekit), and written to ``out`` (cast to
+    its dtype) when given, which lets the task-vector merge fill its buffer without a temporary.
+    ``out`` may alias ``tensor`` (masking in place); otherwise ``tensor`` is not modified. The
+    rescale is skipped when either norm is below ``RESCALE_EPS``, as in mergekit.
     """
     work_dtype = tensor.dtype if mask.dtype == torch.bool else mask.dtype
+    work = tensor.to(work_dtype)
+    # Measured before masking: ``out`` may be ``tensor`` itself.
+    before = work.abs().sum() if rescale else None
     if out is not None and out.dtype == work_dtype:
-        masked = torch.mul(tensor, mask, out=out)
+        masked = torch.mul(work, mask, out=out)
     else:
-        masked = tensor.to(work_dtype) * mask
-    if rescale:
-        before = tensor.to(work_dtype).abs().sum()
+        masked = work * mask
+    if before is not None:
         after = masked.abs().sum()
         if not (before < RESCALE_EPS or after < RESCALE_EPS):
             masked.mul_(before / after)
