@@ -1,0 +1,148 @@
+"""Per-tensor kernels of the methods that are not task-vector merges: linear, slerp, model_stock,
+passthrough (the task-vector family lives in :mod:`evomerge.merge.task_vectors`).
+
+Each reproduces mergekit 0.1.5 for one output tensor, including its dtypes: linear and slerp
+compute in float32 (float64 when the inputs are float64) and return the input dtype; model_stock
+computes in the input dtype; passthrough returns its input (scaled when asked). Inputs are
+expected in one dtype already; :mod:`evomerge.merge.registry` aligns them as mergekit does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from evomerge.errors import ConfigError, ModelError
+
+#: slerp falls back to linear interpolation above this |cosine| (nearly parallel or antiparallel).
+SLERP_DOT_THRESHOLD = 0.9995
+#: slerp leaves a vector unnormalised when its norm is at or below this.
+SLERP_NORM_EPS = 1e-8
+#: model_stock's floor on the product of two offset norms, and its singular-denominator bound.
+MODEL_STOCK_EPS = 1e-6
+
+
+def _require_floating(method: str, tensor: torch.Tensor) -> None:
+    # mergekit raises TypeError here; the tensor comes from a model, so say which kind of fix helps.
+    if not tensor.is_floating_point():
+        raise ModelError(
+            f"{method} needs floating-point tensors; got {tensor.dtype}. "
+            "Merge integer tensors with passthrough (e.g. through a filter)."
+        )
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs: where mergekit's linear and slerp do their sums."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_merge(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
+) -> torch.Tensor:
+    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``.
+
+    Weights are rounded to float32 (mergekit passes them as a float32 tensor) and the sum is
+    accumulated in float32 whatever the input dtype. mergekit divides by a zero weight sum and
+    writes inf/NaN; that is a config mistake, so it raises ConfigError instead.
+    """
+    first = tensors[0]
+    _require_floating("linear", first)
+    dtype = _math_dtype(first.dtype)
+    w = torch.tensor(list(weights), dtype=torch.float32, device=first.device).to(dtype)
+    total = w.sum()
+    if normalize and total == 0:
+        raise ConfigError(
+            "linear with normalize: true needs weights that do not sum to 0 "
+            f"(got {list(weights)}); mergekit would write inf/NaN. Change a weight, or set "
+            "normalize: false."
+        )
+    result = torch.zeros(first.shape, dtype=dtype, device=first.device)
+    for tensor, coefficient in zip(tensors, w):
+        result.addcmul_(tensor, coefficient)
+    if normalize:
+        result.div_(total)
+    return result.to(first.dtype)
+
+
+def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation from ``v0`` (the base, t = 0) to ``v1`` (t = 1), per whole tensor.
+
+    The angle comes from the tensors flattened and normalised by their Frobenius norms; the
+    interpolation coefficients then apply to the raw tensors, so norms are interpolated too.
+    Falls back to linear interpolation when |cos| > 0.9995 (including antiparallel tensors, as in
+    mergekit). Coefficients and products are computed in float32 (float64 inputs: float64) and
+    the result is returned in ``v0``'s dtype.
+    """
+    _require_floating("slerp", v0)
+    dtype = _math_dtype(v0.dtype)
+    a = v0.reshape(-1).to(dtype)
+    b = v1.reshape(-1).to(dtype)
+    t_ = torch.tensor(t, dtype=torch.float32, device=a.device).to(dtype)
+    if a.numel() == 0:
+        return ((1 - t_) * a + t_ * b).reshape(v0.shape).to(v0.dtype)
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = torch.where(norm_a > SLERP_NORM_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > SLERP_NORM_EPS, norm_b, 1)
+    # Normalise before multiplying, so the dot product cannot overflow.
+    dot = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1)
+    if dot.abs() > SLERP_DOT_THRESHOLD:
+        coef_a, coef_b = 1 - t_, t_
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = torch.sin((1 - t_) * theta) / sin_theta
+        coef_b = torch.sin(t_ * theta) / sin_theta
+    result = torch.mul(a, coef_a).add_(b * coef_b)
+    return result.reshape(v0.shape).to(v0.dtype)
+
+
+def model_stock_merge(
+    base: torch.Tensor, donors: Sequence[torch.Tensor], *, filter_wise: bool = False
+) -> torch.Tensor:
+    """Model Stock: move from the base toward the donors' mean by a ratio set by their agreement.
+
+    With offsets o_i = x_i - b and c the mean pairwise cosine of the offsets (each clamped to
+    [-1, 1], norm products floored at 1e-6), t = N c / (1 + (N - 1) c), and the result is
+    t * mean(x_i) + (1 - t) * b. Where 1 + (N - 1) c is within 1e-6 of zero, t = 0 (the base), as
+    in mergekit 0.1.5. ``filter_wise`` computes c per row (last axis) instead of per tensor.
+    Needs at least two donors; computed in the input dtype, as mergekit does.
+    """
+    _require_floating("model_stock", base)
+    if len(donors) < 2:
+        raise ConfigError(
+            f"model_stock needs at least two models besides the base; got {len(donors)}."
+        )
+    shape = base.shape
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [d.unsqueeze(0) if d.dim() == 1 else d for d in donors]
+    else:
+        w0 = base.reshape(-1)
+        ws = [d.reshape(-1) for d in donors]
+    offsets = [w - w0 for w in ws]
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            floor = (norms[i] * norms[j]).clamp(min=MODEL_STOCK_EPS)
+            cosines.append((dot / floor).clamp(-1, 1))
+    del offsets
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < MODEL_STOCK_EPS
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+    t = t.to(cos.dtype)
+    mean = ws[0].clone()
+    for w in ws[1:]:
+        mean.add_(w)
+    mean.div_(n)
+    return (t * mean + (1 - t) * w0).reshape(shape)
+
+
+def passthrough_merge(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The tensor itself (no copy), or ``tensor * scale`` in its dtype when a scale is given."""
+    return tensor if scale is None else tensor * scale

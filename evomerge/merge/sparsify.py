@@ -1,0 +1,287 @@
+"""Sparsifiers for task vectors: which entries of a delta survive, and how survivors are rescaled.
+
+These reproduce mergekit 0.1.5's ``mergekit/sparsify.py`` (the ground truth for what an exported
+recipe means), written independently and faster:
+
+- ``magnitude`` (ties): keep exactly ``k = max(1, int(density * numel))`` entries of largest
+  ``|delta|`` over the whole tensor. mergekit argsorts the full tensor; we select with
+  ``torch.kthvalue`` (linear time) and resolve ties at the threshold so that exactly ``k`` entries
+  survive, as mergekit's sort does. Which of several *tied* entries survive is unspecified in
+  mergekit (its argsort is not stable); here the lowest flat indices win.
+- ``magnitude_outliers`` (breadcrumbs): drop the ``int(gamma * numel)`` largest entries and enough
+  of the smallest that ``int(density * numel)`` remain. Same selection technique.
+- ``random`` (DARE): Bernoulli(density) mask.
+- ``della_magprune`` (DELLA): per row, keep-probability rising linearly with the magnitude rank
+  from ``density - epsilon`` to ``density + epsilon``.
+
+Survivors are optionally rescaled so the L1 norm of the delta is preserved (``rescale=True``),
+which is what current mergekit does for every sparsifier, rather than DARE's 1/density.
+
+Random sparsifiers take a ``torch.Generator`` (on the tensor's device) so a seed reproduces a
+result. mergekit draws from the *global* torch RNG, in the order it happens to visit tensors, so
+parity with mergekit for DARE and DELLA is statistical (kept fraction, rescale), not bitwise.
+On CPU, for one tensor, a generator seeded with ``s`` draws the same mask as mergekit after
+``torch.manual_seed(s)``, because both draw ``torch.bernoulli`` over a probability tensor.
+
+Dtypes follow mergekit: masking and rescaling run in the delta's dtype, except that the random
+sparsifiers work in float32 on CPU for every dtype but bfloat16 (``torch.bernoulli`` lacks a CPU
+float16 kernel), and cast back.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from evomerge.errors import ConfigError
+
+#: Norms below this are treated as zero, so a rescale never divides by (almost) nothing.
+RESCALE_EPS = 1e-7
+
+
+class Sparsifier(str, enum.Enum):
+    """mergekit's sparsification methods, by mergekit's own names."""
+
+    MAGNITUDE = "magnitude"
+    RANDOM = "random"
+    MAGNITUDE_OUTLIERS = "magnitude_outliers"
+    DELLA_MAGPRUNE = "della_magprune"
+
+
+# --------------------------------------------------------------------------------------------
+# Selection: masks of exactly-counted top entries, without sorting.
+# --------------------------------------------------------------------------------------------
+
+
+def _selection_view(tensor: torch.Tensor) -> torch.Tensor:
+    """Flat magnitudes to rank (one temporary; kthvalue works in every float dtype)."""
+    return tensor.detach().abs().reshape(-1)
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly ``k`` largest entries of the 1-D ``values``.
+
+    Order is (value descending, index ascending), so ties at the threshold go to the lowest
+    indices, and ``top_k_mask(v, a)`` is a subset of ``top_k_mask(v, b)`` when ``a <= b``: bands
+    of ranks are then differences of two masks.
+    """
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    # The k-th largest is the (n - k + 1)-th smallest.
+    threshold = torch.kthvalue(values, n - k + 1).values
+    mask = values > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        tied = values == threshold
+        if int(tied.sum()) == missing:  # the usual case: no surplus ties
+            mask |= tied
+        else:
+            mask[torch.nonzero(tied).reshape(-1)[:missing]] = True
+    return mask
+
+
+def _descending_band_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Mask of the entries whose descending rank (0 = largest) lies in ``[lo, hi)``."""
+    mask = top_k_mask(values, hi)
+    if lo > 0 and hi > lo:
+        mask &= ~top_k_mask(values, lo)
+    return mask
+
+
+def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Mask keeping the ``max(1, int(density * numel))`` largest ``|tensor|``; None keeps all.
+
+    Mirrors mergekit: density >= 1 keeps everything; density <= 0 (or an empty tensor) keeps
+    nothing; any positive density keeps at least one entry. (mergekit-semantics.md says k = 0 is an
+    error; mergekit 0.1.5 clamps k to 1 instead.)
+    """
+    if density >= 1:
+        return None
+    numel = tensor.numel()
+    if density <= 0 or numel == 0:
+        return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+    k = max(1, int(density * numel))
+    return top_k_mask(_selection_view(tensor), k).reshape(tensor.shape)
+
+
+def magnitude_outliers_mask(
+    tensor: torch.Tensor, density: float, gamma: float
+) -> torch.Tensor | None:
+    """Breadcrumbs: drop the ``int(gamma * numel)`` largest, keep ``int(density * numel)`` below.
+
+    mergekit sorts ascending and keeps ``sorted[n_bot : n_bot + target]`` with
+    ``n_bot = max(0, numel - target - n_top)``; we keep the same band of ranks, including Python's
+    slice rules for out-of-range bounds. Consequences worth knowing (all mirrored):
+    when ``target + n_top > numel`` the outlier cut shrinks so ``target`` entries remain; when
+    ``int(gamma * numel) == 0`` no outliers are dropped (mergekit-semantics.md describes an older
+    mergekit that zeroed the whole delta here; 0.1.5 does not); ``int(density * numel) == 0`` keeps
+    nothing. density >= 1 keeps everything, outliers included.
+    """
+    if density >= 1:
+        return None
+    numel = tensor.numel()
+    target = int(density * numel)
+    n_top = int(gamma * numel)
+    n_bot = max(0, numel - target - n_top)
+    kept = range(numel)[n_bot : n_bot + target]  # ascending ranks, normalised like a slice
+    if len(kept) == 0:
+        return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+    # Ascending ranks [a, b) are descending ranks [numel - b, numel - a).
+    mask = _descending_band_mask(_selection_view(tensor), numel - kept.stop, numel - kept.start)
+    return mask.reshape(tensor.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Random masks.
+# --------------------------------------------------------------------------------------------
+
+
+def random_work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype mergekit's random sparsifiers compute in (float32 on CPU unless bfloat16)."""
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+def _check_probability(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(
+            f"{name} must be within [0, 1] for random sparsification; got {p}. "
+            "mergekit would crash in torch.bernoulli on this value."
+        )
+
+
+def bernoulli_mask(
+    tensor: torch.Tensor, density: float, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """DARE's mask: each entry kept independently with probability ``density``; None keeps all.
+
+    Returned as 0/1 in :func:`random_work_dtype`, drawn exactly as mergekit draws it (bernoulli
+    over a full probability tensor), so the same seed gives the same mask on the same device.
+    Raises ConfigError for a density below 0, where mergekit crashes.
+    """
+    if density >= 1:
+        return None
+    _check_probability("density", density)
+    probs = torch.full_like(tensor, density, dtype=random_work_dtype(tensor))
+    return torch.bernoulli(probs, generator=generator)
+
+
+def della_mask(
+    tensor: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | None:
+    """DELLA's MagPrune mask, shaped like ``tensor``; None keeps all.
+
+    Rows are along dim 1 (1-D tensors are one row), as in mergekit. Within a row of n entries the
+    entry of ascending magnitude rank r (0-based) is kept with probability
+    ``density - epsilon + 2 * epsilon * r / (n - 1)``. mergekit ranks with two argsorts; one
+    argsort and a scatter give the same ranks. Ties share no rank: which tied entry gets the
+    higher probability is arbitrary in mergekit too.
+
+    Raises ConfigError where mergekit crashes: ``density +/- epsilon`` outside (0, 1), or rows of
+    a single entry (mergekit's rank normalisation divides 0 by 0 there).
+    """
+    if density >= 1:
+        return None
+    if density <= 0:
+        return torch.zeros(tensor.shape, dtype=random_work_dtype(tensor), device=tensor.device)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ConfigError(
+            f"della needs density - epsilon > 0 and density + epsilon < 1; got density={density}, "
+            f"epsilon={epsilon}. Lower epsilon or move density away from 0 and 1."
+        )
+    work_dtype = random_work_dtype(tensor)
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    n = rows.shape[1]
+    if n < 2 and rows.numel() > 0:
+        raise ConfigError(
+            f"della cannot rank a tensor of shape {tuple(tensor.shape)}: its rows have one entry "
+            "(mergekit crashes on it). Use another method for this tensor (e.g. a filter)."
+        )
+    order = rows.detach().abs().argsort(dim=1)
+    position_shape = [1] * rows.dim()
+    position_shape[1] = n
+    positions = torch.arange(n, device=rows.device).reshape(position_shape).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    del order
+    # The same float steps as mergekit (1-based ranks, normalised by the rounded largest rank),
+    # so that equal seeds give equal masks even where bfloat16 cannot hold every rank exactly.
+    probs = ranks.to(work_dtype).add_(1)
+    del ranks
+    span = torch.tensor(n - 1, device=rows.device).to(work_dtype).add(1).sub(1)
+    probs.sub_(1).div_(span).clamp_(0, 1).mul_(2).mul_(epsilon).add_(density - epsilon)
+    return torch.bernoulli(probs, generator=generator).reshape(tensor.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Applying a mask.
+# --------------------------------------------------------------------------------------------
+
+
+def apply_mask(
+    tensor: torch.Tensor,
+    mask: torch.Tensor,
+    rescale: bool,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tensor * mask``, L1-rescaled to ``tensor``'s norm when ``rescale``.
+
+    The product is computed in ``tensor``'s dtype for a boolean mask and in the mask's dtype for a
+    0/1 float mask (a random mask's work dtype, as in mergekit), and written to ``out`` (cast to
+    its dtype) when given, which lets the task-vector merge fill its buffer without a temporary.
+    ``out`` may alias ``tensor`` (masking in place); otherwise ``tensor`` is not modified. The
+    rescale is skipped when either norm is below ``RESCALE_EPS``, as in mergekit.
+    """
+    work_dtype = tensor.dtype if mask.dtype == torch.bool else mask.dtype
+    work = tensor.to(work_dtype)
+    # Measured before masking: ``out`` may be ``tensor`` itself.
+    before = work.abs().sum() if rescale else None
+    if out is not None and out.dtype == work_dtype:
+        masked = torch.mul(work, mask, out=out)
+    else:
+        masked = work * mask
+    if before is not None:
+        after = masked.abs().sum()
+        if not (before < RESCALE_EPS or after < RESCALE_EPS):
+            masked.mul_(before / after)
+    if out is not None and masked is not out:
+        out.copy_(masked)
+        return out
+    return masked
+
+
+def sparsify(
+    tensor: torch.Tensor,
+    method: Sparsifier | str,
+    density: float,
+    *,
+    rescale: bool = False,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sparsify one task vector; returns ``tensor`` itself when nothing is dropped (density >= 1).
+
+    The result has ``tensor``'s dtype. ``gamma`` is used by magnitude_outliers only, ``epsilon``
+    by della_magprune only, ``generator`` by the random methods only.
+    """
+    method = Sparsifier(method)
+    if method is Sparsifier.MAGNITUDE:
+        mask = magnitude_mask(tensor, density)
+    elif method is Sparsifier.MAGNITUDE_OUTLIERS:
+        mask = magnitude_outliers_mask(tensor, density, gamma)
+    elif method is Sparsifier.RANDOM:
+        mask = bernoulli_mask(tensor, density, generator)
+    else:
+        mask = della_mask(tensor, density, epsilon, generator)
+    if mask is None:
+        return tensor
+    return apply_mask(tensor, mask, rescale).to(tensor.dtype)

@@ -1,0 +1,245 @@
+"""Sparsifiers: exact counts, the right entries, mergekit parity, and random keep rates.
+
+References here are written plainly (Python sorts over (magnitude, index) pairs), not with the
+module's selection helpers. Random checks use 5-sigma binomial bounds: a correct implementation
+fails one of them with probability below 1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.merge import sparsify as S
+
+FIVE_SIGMA = 5.0
+
+
+def distinct_tensor(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32):
+    """Entries with distinct magnitudes k/64 (exact in bfloat16 and float16), random signs."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    mags = (torch.randperm(n, generator=g) + 1).float() / 64
+    signs = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    return (mags * signs).reshape(shape).to(dtype)
+
+
+def plain_top_k(values: list[float], k: int) -> set[int]:
+    """Indices of the k largest |values|, by a plain sort (values assumed distinct)."""
+    order = sorted(range(len(values)), key=lambda i: abs(values[i]), reverse=True)
+    return set(order[:k])
+
+
+# ---------------------------------------------------------------- magnitude -----------------
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.77, 0.999])
+def test_magnitude_keeps_the_k_largest(density: float) -> None:
+    x = distinct_tensor((9, 13), seed=1)
+    flat = x.reshape(-1).tolist()
+    k = max(1, int(density * len(flat)))
+    out = S.sparsify(x, "magnitude", density).reshape(-1).tolist()
+    kept = {i for i, v in enumerate(out) if v != 0}
+    assert kept == plain_top_k(flat, k)
+    assert all(out[i] == flat[i] for i in kept)
+
+
+def test_magnitude_with_ties_keeps_exactly_k_and_respects_the_threshold() -> None:
+    x = torch.tensor([3.0, -1.0, 2.0, -2.0, 2.0, 1.0, -2.0, 0.5])
+    out = S.sparsify(x, "magnitude", 0.5)  # k = 4: the 3 and three of the four 2s
+    kept = out != 0
+    assert int(kept.sum()) == 4
+    assert out[0] == 3.0
+    assert x.abs()[kept].min() >= x.abs()[~kept].max()
+
+
+def test_magnitude_edge_densities() -> None:
+    x = distinct_tensor((4, 5), seed=2)
+    assert S.sparsify(x, "magnitude", 1.0) is x
+    assert torch.count_nonzero(S.sparsify(x, "magnitude", 0.0)) == 0
+    # Positive density keeps at least one entry, even when int(density * numel) == 0.
+    tiny = S.sparsify(x, "magnitude", 0.01)
+    assert torch.count_nonzero(tiny) == 1
+    assert tiny.abs().max() == x.abs().max()
+
+
+def test_magnitude_rescale_preserves_l1() -> None:
+    x = distinct_tensor((6, 7), seed=3)
+    out = S.sparsify(x, "magnitude", 0.3, rescale=True)
+    assert torch.count_nonzero(out) == int(0.3 * 42)
+    assert out.abs().sum().item() == pytest.approx(x.abs().sum().item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- breadcrumbs ---------------
+
+
+def plain_breadcrumbs(values: list[float], density: float, gamma: float) -> set[int]:
+    """Indices mergekit keeps: drop int(gamma*n) largest, keep int(density*n) just below them."""
+    n = len(values)
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    ascending = sorted(range(n), key=lambda i: abs(values[i]))
+    return set(ascending[n_bot : n_bot + target])
+
+
+@pytest.mark.parametrize(
+    ("density", "gamma"),
+    [(0.5, 0.05), (0.3, 0.1), (0.9, 0.2), (0.5, 0.0), (0.1, 0.001), (0.01, 0.05)],
+)
+def test_breadcrumbs_keeps_the_band_below_the_outliers(density: float, gamma: float) -> None:
+    x = distinct_tensor((10, 12), seed=4)
+    flat = x.reshape(-1).tolist()
+    out = S.sparsify(x, "magnitude_outliers", density, gamma=gamma).reshape(-1).tolist()
+    kept = {i for i, v in enumerate(out) if v != 0}
+    assert kept == plain_breadcrumbs(flat, density, gamma)
+
+
+def test_breadcrumbs_with_no_outliers_to_drop_keeps_the_top_entries() -> None:
+    # int(gamma * numel) == 0: mergekit 0.1.5 keeps the top density fraction (older versions
+    # zeroed the delta, as mergekit-semantics.md describes).
+    x = torch.tensor([0.1, -0.5, 0.3, 0.2])
+    out = S.sparsify(x, "magnitude_outliers", 0.5, gamma=0.01)
+    assert torch.equal(out, x * torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    mk = pytest.importorskip("mergekit.sparsify")
+    assert torch.equal(mk.magnitude_outliers(x, 0.5, gamma=0.01), out)
+
+
+def test_breadcrumbs_with_ties_keeps_exactly_target() -> None:
+    x = torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 4.0])
+    out = S.sparsify(x, "magnitude_outliers", 0.5, gamma=0.2)
+    kept = out != 0
+    assert int(kept.sum()) == 5  # two largest dropped, three smallest dropped
+    # Kept magnitudes lie between the dropped small ones and the dropped large ones.
+    assert sorted(x[kept].tolist()) == [2.0, 2.0, 3.0, 3.0, 4.0]
+
+
+# ---------------------------------------------------------------- parity with mergekit -------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_deterministic_sparsifiers_match_mergekit(dtype: torch.dtype, rescale: bool) -> None:
+    mk = pytest.importorskip("mergekit.sparsify")
+    norm = mk.RescaleNorm.l1 if rescale else None
+    x = distinct_tensor((12, 20), seed=5, dtype=dtype)
+    for density in (0.05, 0.4, 0.9):
+        ours = S.sparsify(x, "magnitude", density, rescale=rescale)
+        theirs = mk.magnitude(x, density, norm)
+        assert ours.dtype == theirs.dtype == dtype
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        ours = S.sparsify(x, "magnitude_outliers", density, rescale=rescale, gamma=0.05)
+        theirs = mk.magnitude_outliers(x, density, norm, gamma=0.05)
+        assert ours.dtype == theirs.dtype == dtype
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_random_sparsifiers_match_mergekit_for_one_seed(dtype: torch.dtype) -> None:
+    """On CPU, a generator seeded s draws what mergekit draws after torch.manual_seed(s)."""
+    mk = pytest.importorskip("mergekit.sparsify")
+    x = torch.randn(16, 24, generator=torch.Generator().manual_seed(6)).to(dtype)
+    torch.manual_seed(11)
+    theirs = mk.bernoulli(x, 0.4, mk.RescaleNorm.l1)
+    ours = S.sparsify(x, "random", 0.4, rescale=True, generator=torch.Generator().manual_seed(11))
+    assert ours.dtype == theirs.dtype
+    assert torch.equal(ours, theirs)
+    torch.manual_seed(12)
+    theirs = mk.della_magprune(x.float(), 0.5, 0.2, mk.RescaleNorm.l1)
+    ours = S.sparsify(
+        x.float(), "della_magprune", 0.5, rescale=True, epsilon=0.2,
+        generator=torch.Generator().manual_seed(12),
+    )
+    assert torch.equal(ours, theirs)
+
+
+def test_dare_matches_mergekit_in_distribution() -> None:
+    """Across global-RNG draws, mergekit's kept fraction and L1 rescale agree with ours."""
+    mk = pytest.importorskip("mergekit.sparsify")
+    n, p = 40_000, 0.3
+    x = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(123)
+    theirs = mk.bernoulli(x, p, mk.RescaleNorm.l1)
+    ours = S.sparsify(x, "random", p, rescale=True, generator=torch.Generator().manual_seed(99))
+    bound = FIVE_SIGMA * math.sqrt(n * p * (1 - p))
+    for out in (ours, theirs):
+        assert abs(int(torch.count_nonzero(out)) - n * p) <= bound
+        assert out.abs().sum().item() == pytest.approx(x.abs().sum().item(), rel=1e-5)
+    assert not torch.equal(ours, theirs)  # different streams, same law
+
+
+# ---------------------------------------------------------------- DARE -----------------------
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dare_keep_rate_is_binomial(p: float) -> None:
+    n = 20_000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(8)) + 10  # no zero entries
+    out = S.sparsify(x, "random", p, generator=torch.Generator().manual_seed(1))
+    kept = int(torch.count_nonzero(out))
+    assert abs(kept - n * p) <= FIVE_SIGMA * math.sqrt(n * p * (1 - p))
+    survivors = out != 0
+    assert torch.equal(out[survivors], x[survivors])  # no rescale unless asked
+
+
+def test_dare_rescale_and_reproducibility() -> None:
+    x = torch.randn(50, 40, generator=torch.Generator().manual_seed(9))
+    a = S.sparsify(x, "random", 0.3, rescale=True, generator=torch.Generator().manual_seed(2))
+    b = S.sparsify(x, "random", 0.3, rescale=True, generator=torch.Generator().manual_seed(2))
+    c = S.sparsify(x, "random", 0.3, rescale=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    kept = a != 0
+    scale = x.abs().sum() / x[kept].abs().sum()
+    torch.testing.assert_close(a[kept], x[kept] * scale)
+
+
+def test_dare_rejects_negative_density() -> None:
+    with pytest.raises(ConfigError, match="density"):
+        S.sparsify(torch.ones(4), "random", -0.1)
+
+
+# ---------------------------------------------------------------- DELLA ----------------------
+
+
+def test_della_keep_probability_rises_with_rank() -> None:
+    rows, cols, d, eps = 4000, 5, 0.5, 0.3
+    # Every row holds magnitudes 1..5 in a random order, so column rank is known per entry.
+    g = torch.Generator().manual_seed(10)
+    mags = torch.stack([torch.randperm(cols, generator=g) + 1 for _ in range(rows)]).float()
+    out = S.sparsify(mags, "della_magprune", d, epsilon=eps, generator=g)
+    for rank in range(cols):
+        p = d - eps + 2 * eps * rank / (cols - 1)
+        kept = int(torch.count_nonzero(out[mags == rank + 1]))
+        assert abs(kept - rows * p) <= FIVE_SIGMA * math.sqrt(rows * p * (1 - p)), rank
+
+
+def test_della_rejects_what_mergekit_crashes_on() -> None:
+    with pytest.raises(ConfigError, match="epsilon"):
+        S.sparsify(torch.randn(3, 4), "della_magprune", 0.9, epsilon=0.15)
+    with pytest.raises(ConfigError, match="one entry"):
+        S.sparsify(torch.randn(6, 1), "della_magprune", 0.5, epsilon=0.1)
+    mk = pytest.importorskip("mergekit.sparsify")
+    for args in ((torch.randn(3, 4), 0.9, 0.15), (torch.randn(6, 1), 0.5, 0.1)):
+        with pytest.raises((ValueError, RuntimeError)):
+            mk.della_magprune(*args)
+
+
+def test_della_edge_densities() -> None:
+    x = torch.randn(3, 4)
+    assert S.sparsify(x, "della_magprune", 1.0, epsilon=0.1) is x
+    assert torch.count_nonzero(S.sparsify(x, "della_magprune", 0.0, epsilon=0.1)) == 0
+
+
+# ---------------------------------------------------------------- apply_mask -----------------
+
+
+def test_apply_mask_in_place_measures_the_norm_before_masking() -> None:
+    x = torch.tensor([4.0, -1.0, 2.0, 1.0])
+    mask = torch.tensor([True, False, True, False])
+    work = x.clone()
+    out = S.apply_mask(work, mask, rescale=True, out=work)
+    assert out is work
+    expected_scale = 8.0 / 6.0
+    torch.testing.assert_close(out, torch.tensor([4.0, 0.0, 2.0, 0.0]) * expected_scale)
