@@ -63,7 +63,8 @@ def compute_task(
     if plan.method.stochastic:
         generator = torch.Generator(device=inputs[0].device).manual_seed(task.seed(plan.random_seed))
     result = plan.method.merge(inputs, task.base_index, task.per_input, task.shared, generator=generator, deltas=deltas)
-    if result.is_floating_point() and not bool(torch.isfinite(result).all()):
+    # one reduction instead of an elementwise isfinite: any NaN or inf makes the sum non-finite
+    if result.is_floating_point() and not bool(torch.isfinite(torch.sum(result, dtype=torch.float64))):
         raise ModelError(f"merging {task.name} gave NaN or infinite values; check the weights and parameters")
     return result.to(task.out_dtype)
 

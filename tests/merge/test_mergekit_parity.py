@@ -1,0 +1,157 @@
+"""Parity with mergekit itself: the same config through mergekit and through evomerge.
+
+Deterministic methods must agree to 1e-6 (float32). The random sparsifiers cannot agree bit for
+bit (mergekit draws from the global torch RNG in its own order), so for them the test compares
+distributions: the kept fraction of each task vector, the rescale of kept entries, and the mean
+and variance of the merged deltas, with bounds stated next to each check.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from evomerge.merge.run import merge_from_config
+
+from .test_merge_command import load_folder
+
+pytest.importorskip("mergekit")
+
+
+def mergekit_merge(config: dict, out: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """mergekit's own merge, in-process through its Python entry point (no 10 s CLI start-up)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(random_seed=seed, copy_tokenizer=False, quiet=True))
+    return load_folder(out)
+
+
+def evomerge_merge(config: dict, out: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    merge_from_config({**config, "random_seed": seed}, out)
+    return load_folder(out)
+
+
+def _models(m):
+    return str(m["base"]), str(m["a"]), str(m["b"]), str(m["c"])
+
+
+def deterministic_configs(models) -> dict[str, dict]:
+    base, a, b, c = _models(models)
+
+    def donors(*params_list):
+        return [{"model": m, "parameters": p} for m, p in zip((a, b, c), params_list)]
+
+    mixed = [{"filter": "self_attn", "value": [0.9, 0.1]}, {"filter": "mlp", "value": 0.4}, {"value": [0.2, 0.5, 0.7]}]
+    return {
+        "linear": {"merge_method": "linear", "models": donors({"weight": 0.5}, {"weight": [0.1, 0.9]}, {"weight": mixed})},
+        "linear_unnormalized": {"merge_method": "linear", "models": donors({"weight": 0.5}, {"weight": 0.3}), "parameters": {"normalize": False}},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
+                            "models": donors({"weight": 0.8}, {"weight": mixed}, {"weight": -0.3}), "parameters": {"lambda": 0.9}},
+        "ties": {"merge_method": "ties", "base_model": base,
+                 "models": donors({"weight": 0.7, "density": 0.5}, {"weight": [0.2, 1.0], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]},
+                                  {"weight": 0.4, "density": 1.0})},
+        "ties_unnormalized": {"merge_method": "ties", "base_model": base, "parameters": {"normalize": False, "lambda": 1.3},
+                              "models": donors({"weight": 1.0, "density": 0.4}, {"weight": 1.0, "density": 0.6})},
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base, "parameters": {"gamma": 0.05},
+                        "models": donors({"weight": 0.6, "density": 0.7}, {"weight": 0.5, "density": 0.9})},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": base, "parameters": {"gamma": 0.02},
+                             "models": donors({"weight": 0.6, "density": 0.7}, {"weight": 0.5, "density": 0.8})},
+        "slerp": {"merge_method": "slerp", "base_model": base, "parameters": {"t": [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.3}]},
+                  "slices": [{"sources": [{"model": base, "layer_range": [0, 4]}, {"model": a, "layer_range": [0, 4]}]}]},
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": donors({}, {}, {})},
+        "passthrough": {"merge_method": "passthrough",
+                        "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                                   {"sources": [{"model": b, "layer_range": [1, 4]}], "parameters": {"scale": [{"filter": "down_proj", "value": 0.7}, {"value": 1.0}]}},
+                                   {"sources": [{"model": c, "layer_range": [3, 4]}]}]},
+        "ties_slices": {"merge_method": "ties", "base_model": base,
+                        "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": a, "layer_range": [0, 2], "parameters": {"weight": 0.9, "density": 0.5}},
+                                                {"model": b, "layer_range": [2, 4], "parameters": {"weight": 0.4, "density": 0.7}}]},
+                                   {"sources": [{"model": base, "layer_range": [2, 4]}, {"model": c, "layer_range": [2, 4], "parameters": {"weight": [0.3, 0.8], "density": 0.6}}]}]},
+        # bfloat16 with a method without magnitude selection: in bfloat16 many task-vector entries
+        # tie at the trim threshold, and which of the tied entries mergekit keeps is torch.topk's
+        # arbitrary order, so TIES parity is checked in float32 above
+        "bfloat16": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
+                     "models": donors({"weight": 0.7}, {"weight": 0.5})},
+        "bfloat16_linear": {"merge_method": "linear", "dtype": "bfloat16", "models": donors({"weight": 0.7}, {"weight": 0.5})},
+        "out_dtype": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32", "out_dtype": "float16",
+                      "models": donors({"weight": 0.7}, {"weight": 0.5})},
+    }
+
+
+@pytest.mark.parametrize("name", list(deterministic_configs({"base": "", "a": "", "b": "", "c": ""})))
+def test_deterministic_methods_match_mergekit(name, tiny_models, tmp_path):
+    config = deterministic_configs(tiny_models)[name]
+    ours = evomerge_merge(config, tmp_path / "evo")
+    theirs = mergekit_merge(config, tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype, key
+        assert ours[key].shape == theirs[key].shape, key
+        tol = 1e-6 if ours[key].dtype == torch.float32 else 0.0
+        diff = (ours[key].double() - theirs[key].double()).abs().max().item()
+        # float32 within 1e-6; lower precisions must round identically, or differ by one ulp at most
+        ulp = 0.0 if ours[key].dtype == torch.float32 else torch.finfo(ours[key].dtype).eps * theirs[key].double().abs().max().item()
+        assert diff <= max(tol, ulp), f"{key}: max |diff| {diff:.3g}"
+
+
+def test_mergekit_yaml_command_agrees(tiny_models, tmp_path):
+    """Once through the real `mergekit-yaml` command line, as a user would run it."""
+    exe = shutil.which("mergekit-yaml")
+    if exe is None:
+        pytest.skip("mergekit-yaml not on PATH")
+    config = deterministic_configs(tiny_models)["ties"]
+    cfg = tmp_path / "ties.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    subprocess.run([exe, str(cfg), str(tmp_path / "mk")], check=True, capture_output=True)
+    subprocess.run(["evomerge", "merge", str(cfg), str(tmp_path / "evo")], check=True, capture_output=True)
+    ours, theirs = load_folder(tmp_path / "evo"), load_folder(tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-6
+
+
+def _delta_stats(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], donor: dict[str, torch.Tensor]):
+    """Per the matrices of the layers: kept fraction of the task vector, mean rescale of kept
+    entries, and the mean and variance of the merged delta."""
+    kept = total = 0
+    ratios, deltas = [], []
+    for name, m in merged.items():
+        if m.ndim != 2 or "layers" not in name:
+            continue
+        d_merged = (m - base[name]).flatten().double()
+        d_donor = (donor[name] - base[name]).flatten().double()
+        mask = d_merged != 0
+        kept += int(mask.sum())
+        total += mask.numel()
+        ratios.append((d_merged[mask] / d_donor[mask]).mean().item())
+        deltas.append(d_merged)
+    all_d = torch.cat(deltas)
+    return kept / total, sum(ratios) / len(ratios), all_d.mean().item(), all_d.var().item(), total
+
+
+@pytest.mark.parametrize("method, density", [("dare_linear", 0.3), ("dare_ties", 0.6), ("della_linear", 0.5), ("della", 0.4)])
+def test_random_methods_match_mergekit_in_distribution(method, density, tiny_models, tmp_path):
+    base, a, _, _ = _models(tiny_models)
+    config = {"merge_method": method, "base_model": base, "models": [{"model": a, "parameters": {"weight": 1.0, "density": density}}]}
+    if method.startswith("della"):
+        config["parameters"] = {"epsilon": 0.1}
+    ours = _delta_stats(evomerge_merge(config, tmp_path / "evo", seed=1), load_folder(Path(base)), load_folder(Path(a)))
+    theirs = _delta_stats(mergekit_merge(config, tmp_path / "mk", seed=1), load_folder(Path(base)), load_folder(Path(a)))
+    kept_o, ratio_o, mean_o, var_o, n = ours
+    kept_t, ratio_t, mean_t, var_t, _ = theirs
+    # kept fraction: each is Binomial(n, ~density)/n; two independent draws differ by < 6 sigma
+    sigma = math.sqrt(2 * density * (1 - density) / n)
+    assert abs(kept_o - density) < 6 * sigma + 0.02 and abs(kept_o - kept_t) < 6 * sigma + 0.02
+    # rescale of kept entries: both preserve the L1 norm, so both ratios sit near 1/kept fraction
+    assert ratio_o == pytest.approx(ratio_t, rel=0.1)
+    assert ratio_o == pytest.approx(1 / kept_o, rel=0.25)
+    # the merged deltas: same variance within 10%, means both near zero relative to their spread
+    assert var_o == pytest.approx(var_t, rel=0.1)
+    assert abs(mean_o - mean_t) < 6 * math.sqrt((var_o + var_t) / n)
