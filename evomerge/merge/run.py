@@ -41,6 +41,23 @@ def parse_size(text: str | int) -> int:
     return max(1, int(number * scale))
 
 
+def _release_large_frees() -> None:
+    """Make glibc return freed tensor buffers to the OS at once.
+
+    glibc raises its mmap threshold after large blocks are freed, so later tensor-sized buffers
+    come from the heap and stay resident after they are freed: a streaming merge would then
+    look (and be, for other processes) as large as its worst fragmentation. Fixing the threshold
+    at 1 MiB keeps every tensor buffer in its own mapping, unmapped when freed. No-op elsewhere.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def open_models(config: MergeConfig, *, allow_pickle: bool = False) -> dict[str, ModelFolder]:
     """Open every model the config names (config and headers only; no tensor data yet)."""
     return {ref: ModelFolder(ref, allow_pickle=allow_pickle) for ref in config.referenced_models()}
@@ -145,6 +162,7 @@ def merge_config(
     if out.exists() and not overwrite:
         raise EvomergeError(f"output folder {out} already exists; choose another or pass --overwrite")
     max_shard = parse_size(shard_size)
+    _release_large_frees()
     models = open_models(config, allow_pickle=allow_pickle)
     plan = plan_merge(config, models)
     tokenizer_from = _tokenizer_folder(config, plan, models)
