@@ -192,6 +192,11 @@ class ParamSpec(_Strict):
             raise ValueError("empty; write a value to pin it, {range: [low, high]} to search it, or remove the line")
         if isinstance(data, (bool, int, float)):
             return {"value": data}
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"expected a number or true/false (to pin it) or a mapping such as {{range: [low, high]}} "
+                f"(to search it), got {data!r}"
+            )
         return data
 
     @field_validator("value", "init")
@@ -245,6 +250,8 @@ class ParamSpec(_Strict):
 def _method_list(value: Any) -> Any:
     if isinstance(value, str):
         return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise FieldError(("method",), f"expected a method name or a list of them, e.g. [ties, dare_ties]; got {value!r}")
     return value
 
 
@@ -736,9 +743,21 @@ class SpaceConfig(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_data(), sort_keys=False, default_flow_style=None)
 
+    def __eq__(self, other: object) -> bool:
+        # equal content is an equal config, wherever it was read from (the source is not data)
+        return isinstance(other, SpaceConfig) and self.to_data() == other.to_data()
+
+    __hash__ = None  # type: ignore[assignment]  # holds dicts; never a dict key
+
     def identity_data(self) -> dict[str, Any]:
-        """The part of the config that defines a run (see NON_IDENTITY_FIELDS)."""
+        """The part of the config that defines a run (see NON_IDENTITY_FIELDS).
+
+        ``merge.parameters`` appears resolved against the registry, so spelling out a default
+        (``weight: {range: [0, 1]}``) is the same run as leaving it out, and a registry whose
+        default ranges changed since the run started is a different run.
+        """
         data = self.to_data()
+        data["merge"]["parameters"] = {p.name: _resolved_data(p) for p in self.parameters()}
         for field in NON_IDENTITY_FIELDS:
             *parents, last = field.split(".")
             node = data
@@ -761,6 +780,18 @@ class SpaceConfig(_Strict):
         out: list[str] = []
         _diff(a, b, (), out)
         return out
+
+
+def _resolved_data(p: ResolvedParam) -> dict[str, Any]:
+    if p.mode == "fixed":
+        return {"mode": p.mode, "value": p.value}
+    if p.mode == "default":
+        return {"mode": p.mode}
+    data = {"mode": p.mode, "range": list(p.range or ()), "log": p.log, "layer_groups": p.layer_groups,
+            "filters": list(p.filters), "searched_by": list(p.searched_by)}
+    if p.init is not None:
+        data["init"] = p.init
+    return data
 
 
 def _diff(a: Any, b: Any, path: tuple[str | int, ...], out: list[str]) -> None:
