@@ -72,8 +72,9 @@ def with_(path: str, value: Any, data: dict[str, Any] | None = None) -> dict[str
 @pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_loads(path: Path) -> None:
     config = load_space_config(path)
-    assert config.name == path.stem
+    assert config.name == (yaml.safe_load(path.read_text()).get("name") or path.stem)
     assert config.parameters()
+    assert parse_space_config(yaml.safe_load(config.to_yaml())) == config
 
 
 def test_toy_example_is_what_the_readme_promises() -> None:
