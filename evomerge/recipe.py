@@ -47,8 +47,9 @@ class Recipe:
         if not isinstance(data, Mapping) or set(data) != {"merge", "params"}:
             raise ConfigError("a recipe is a mapping with exactly 'merge' and 'params'", where=source)
         params = data["params"]
+        plain = (int, float, str)
         if not isinstance(params, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, (int, float, str)) and not isinstance(v, bool) for k, v in params.items()
+            isinstance(k, str) and isinstance(v, plain) and not isinstance(v, bool) for k, v in params.items()
         ):
             raise ConfigError("'params' must map coordinate names to numbers or text", where=source)
         merge = parse_merge_config(data["merge"], source=f"{source}: merge")

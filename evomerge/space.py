@@ -299,7 +299,8 @@ class SearchSpace:
 
     def _fixed(self, resolved: ResolvedParam, default: Any) -> Any:
         if resolved.mode == "fixed":
-            return resolved.value if isinstance(resolved.value, bool) else float(resolved.value)  # type: ignore[arg-type]
+            value = resolved.value
+            return value if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
         return default
 
     def _setting(self, param: str, who: str | None, values: Mapping[str, Any]) -> Any:

@@ -49,6 +49,7 @@ MEASURES = ("l2_from_base",)
 #: Drivers that take ``search.population`` / ``search.sigma0``.
 POPULATION_DRIVERS = ("cma", "nsga2")
 SIGMA_DRIVERS = ("cma",)
+DEFAULT_SIGMA0 = 0.25
 #: Fields that do not change which candidates are proposed or how they are scored: a run may be
 #: resumed with more workers, another storage URL or a larger budget.
 NON_IDENTITY_FIELDS = ("name", "workers", "storage", "search.budget")
@@ -139,7 +140,8 @@ class Models(_Strict):
             if d.model == self.base:
                 raise FieldError(("donors", i, "model"), f"{d.model!r} is the base; donors are the fine-tunes of it")
             if d.model in seen_models:
-                raise FieldError(("donors", i, "model"), f"{d.model!r} is listed twice (also donors[{seen_models[d.model]}])")
+                first = seen_models[d.model]
+                raise FieldError(("donors", i, "model"), f"{d.model!r} is listed twice (also donors[{first}])")
             if d.name in seen_names:
                 raise FieldError(
                     ("donors", i, "name"),
@@ -161,7 +163,9 @@ def _check_filters(filters: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return None
     for i, f in enumerate(filters):
         if not f or f == "*":
-            raise FieldError((i,), "a filter is a non-empty substring of tensor names; the catch-all '*' is always added last")
+            raise FieldError(
+                (i,), "a filter is a non-empty substring of tensor names; the catch-all '*' is always added last"
+            )
         if "/" in f:
             raise FieldError((i,), f"filter {f!r} contains '/', which separates parts of coordinate names")
     dupes = {f for f in filters if filters.count(f) > 1}
@@ -251,7 +255,9 @@ def _method_list(value: Any) -> Any:
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise FieldError(("method",), f"expected a method name or a list of them, e.g. [ties, dare_ties]; got {value!r}")
+        raise FieldError(
+            ("method",), f"expected a method name or a list of them, e.g. [ties, dare_ties]; got {value!r}"
+        )
     return value
 
 
@@ -360,7 +366,9 @@ def resolve_parameters(merge: MergeSection) -> tuple[ResolvedParam, ...]:
         taken_by = tuple(m.name for m, _ in entries)
         per_model = any(p.per_model for _, p in entries)
         base_takes = tuple(m.name for m, p in entries if p.per_model and p.includes_base)
-        common = dict(name=name, kind=next(iter(kinds)), per_model=per_model, taken_by=taken_by, base_takes_it=base_takes)
+        common = dict(
+            name=name, kind=next(iter(kinds)), per_model=per_model, taken_by=taken_by, base_takes_it=base_takes
+        )
         if spec is not None and spec.pinned:
             want_bool = bool in kinds
             if want_bool != isinstance(spec.value, bool):
@@ -388,10 +396,13 @@ def resolve_parameters(merge: MergeSection) -> tuple[ResolvedParam, ...]:
             high = max(p.search_range[1] for _, p in searchable)  # type: ignore[index]
             if spec.log and low <= 0:
                 raise FieldError(
-                    ("parameters", name, "log"), f"log: true needs a range above 0; the default is [{low}, {high}]: give range:"
+                    ("parameters", name, "log"),
+                    f"log: true needs a range above 0; the default is [{low}, {high}]: give range:",
                 )
             if spec.init is not None and not low <= spec.init <= high:
-                raise FieldError(("parameters", name, "init"), f"init {spec.init} lies outside the default range [{low}, {high}]")
+                raise FieldError(
+                    ("parameters", name, "init"), f"init {spec.init} lies outside the default range [{low}, {high}]"
+                )
         out.append(
             ResolvedParam(
                 mode="search",
@@ -423,7 +434,8 @@ class _Measured(_Strict):
     @classmethod
     def _known_measure(cls, value: str | None) -> str | None:
         if value is not None and value not in MEASURES:
-            raise ValueError(f"unknown measure {value!r}; evomerge computes {', '.join(MEASURES)}.{close_matches(value, MEASURES)}")
+            known = ", ".join(MEASURES)
+            raise ValueError(f"unknown measure {value!r}; evomerge computes {known}.{close_matches(value, MEASURES)}")
         return value
 
     @model_validator(mode="after")
@@ -460,7 +472,8 @@ class Objective(_Measured):
     @classmethod
     def _known_direction(cls, value: str) -> str:
         if value not in DIRECTIONS:
-            raise ValueError(f"unknown direction {value!r}; write maximize or minimize.{close_matches(value, DIRECTIONS)}")
+            hint = close_matches(value, DIRECTIONS)
+            raise ValueError(f"unknown direction {value!r}; write maximize or minimize.{hint}")
         return value
 
     @field_validator("weight")
@@ -587,7 +600,12 @@ class Evaluation(_Strict):
 
 
 class Search(_Strict):
-    """The driver and its budget. ``sigma0`` is CMA-ES's initial step in the unit cube."""
+    """The driver and its budget.
+
+    ``sigma0`` is CMA-ES's initial step in the unit cube (written out as 0.25 when absent, so
+    that it is part of the run's identity). ``population`` absent leaves it to the driver:
+    pycma's 4 + 3 ln(dimension) for cma, Optuna's default for nsga2.
+    """
 
     driver: str
     budget: int = Field(ge=1)
@@ -595,17 +613,28 @@ class Search(_Strict):
     sigma0: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_sigma(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("driver") == "cma" and data.get("sigma0") is None:
+            return {**data, "sigma0": DEFAULT_SIGMA0}
+        return data
+
     @field_validator("driver")
     @classmethod
     def _known_driver(cls, value: str) -> str:
         if value not in DRIVERS:
-            raise ValueError(f"unknown driver {value!r}; use one of {', '.join(DRIVERS)}.{close_matches(value, DRIVERS)}")
+            hint = close_matches(value, DRIVERS)
+            raise ValueError(f"unknown driver {value!r}; use one of {', '.join(DRIVERS)}.{hint}")
         return value
 
     @model_validator(mode="after")
     def _used(self) -> Search:
         if self.population is not None and self.driver not in POPULATION_DRIVERS:
-            raise FieldError(("population",), f"driver {self.driver!r} has no population (only {', '.join(POPULATION_DRIVERS)}); remove it")
+            raise FieldError(
+                ("population",),
+                f"driver {self.driver!r} has no population (only {', '.join(POPULATION_DRIVERS)}); remove it",
+            )
         if self.sigma0 is not None and self.driver not in SIGMA_DRIVERS:
             raise FieldError(("sigma0",), f"driver {self.driver!r} has no step size (only cma); remove it")
         return self
@@ -648,14 +677,19 @@ class SpaceConfig(_Strict):
     @classmethod
     def _run_name(cls, value: str) -> str:
         if not _NAME_RE.match(value):
-            raise ValueError(f"run name {value!r} may hold only letters, digits, '_', '.', '-' (it names the run folder); set name:")
+            raise ValueError(
+                f"run name {value!r} may hold only letters, digits, '_', '.', '-' (it names the run folder); set name:"
+            )
         return value
 
     @field_validator("storage")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
-            raise ValueError(f"{value!r} is not a database URL; write e.g. postgresql://user@host/db, or remove it for SQLite in the run folder")
+            raise ValueError(
+                f"{value!r} is not a database URL; write e.g. postgresql://user@host/db, or remove it for SQLite "
+                "in the run folder"
+            )
         return value
 
     @model_validator(mode="after")
@@ -664,7 +698,7 @@ class SpaceConfig(_Strict):
             try:
                 m.check_inputs(len(self.models.donors) + 1, has_base=True)
             except ConfigError as err:
-                where: tuple[str | int, ...] = ("merge", "method", i) if len(self.merge.method) > 1 else ("merge", "method")
+                where: tuple[str | int, ...] = ("merge", "method") + ((i,) if len(self.merge.method) > 1 else ())
                 raise FieldError(where, f"{err} You listed the base and {len(self.models.donors)} donor(s).") from None
         seen: dict[str, int] = {}
         for i, o in enumerate(self.objectives):
@@ -842,11 +876,14 @@ _KIND_WORDS = {
 }
 
 
+_TYPE_TAGS = {"float", "bool", "int", "str", "tuple", "dict", "none", "literal['auto']"}
+
+
 def _member_tag(part: Any) -> bool:
     """Union-member and validator tags pydantic puts in locations, which are not fields."""
     if not isinstance(part, str):
         return False
-    return "[" in part or part in {"float", "bool", "int", "str", "tuple", "dict", "none", "literal['auto']"} or part in _MODELS
+    return "[" in part or part in _TYPE_TAGS or part in _MODELS
 
 
 def _known_fields(path: Sequence[str | int]) -> list[str]:

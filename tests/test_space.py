@@ -39,7 +39,9 @@ def opened(folders: dict[str, str]) -> dict[str, ModelFolder]:
     return {ref: ModelFolder(ref) for ref in folders.values()}
 
 
-def config_for(folders: dict[str, str], merge: dict[str, Any], donors: tuple[str, ...] = ("arith", "reverse")) -> SpaceConfig:
+def config_for(
+    folders: dict[str, str], merge: dict[str, Any], donors: tuple[str, ...] = ("arith", "reverse")
+) -> SpaceConfig:
     models = {"base": folders["base"], "donors": [{"model": folders[d], "name": d} for d in donors]}
     return parse_space_config(minimal_config(models=models, merge=merge))
 
@@ -84,12 +86,13 @@ def test_toy_coordinates_are_named_by_group_filter_donor_and_parameter() -> None
 
 
 def test_categorical_method_and_shared_and_base_coordinates() -> None:
-    assert MIXED_SPACE.coordinates[0] == Coordinate("method", choices=("linear", "ties", "dare_ties", "task_arithmetic"))
+    methods = ("linear", "ties", "dare_ties", "task_arithmetic")
+    assert MIXED_SPACE.coordinates[0] == Coordinate("method", choices=methods)
     names = MIXED_SPACE.names
     assert "g0/*/lambda" in names and "g1/*/lambda" not in names  # shared: no donor part
     assert "g1/mlp/base/weight" in names  # linear weighs the base too
     assert "g0/mlp/base/density" not in names
-    assert MIXED_SPACE.unit_names()[:4] == ["method=linear", "method=ties", "method=dare_ties", "method=task_arithmetic"]
+    assert MIXED_SPACE.unit_names()[:4] == [f"method={m}" for m in methods]
     assert MIXED_SPACE.unit_dimension == len(names) + 3
 
 
@@ -103,7 +106,8 @@ def test_defaults_are_range_centres_or_init() -> None:
     assert defaults["g0/mlp/arith/weight"] == 0.5
     assert defaults["g0/*/arith/density"] == pytest.approx(0.6)
     assert MIXED_SPACE.default_values()["g0/*/lambda"] == pytest.approx(math.sqrt(0.01 * 2.0))
-    space = SearchSpace.from_config(parse_space_config(minimal_config(merge={"method": "ties", "parameters": {"density": {"init": 0.9}}})), 4)
+    merge = {"method": "ties", "parameters": {"density": {"init": 0.9}}}
+    space = SearchSpace.from_config(parse_space_config(minimal_config(merge=merge)), 4)
     assert space.default_values()["g0/*/arith/density"] == 0.9
     unit = MIXED_SPACE.initial_unit()
     assert unit[:4] == [0.5] * 4 and len(unit) == MIXED_SPACE.unit_dimension
@@ -130,7 +134,8 @@ def test_unit_round_trip(data: st.DataObject) -> None:
 @given(st.data())
 def test_from_unit_clips_and_stays_in_bounds(data: st.DataObject) -> None:
     space = MIXED_SPACE
-    x = data.draw(st.lists(st.floats(-5, 5, allow_nan=False), min_size=space.unit_dimension, max_size=space.unit_dimension))
+    n = space.unit_dimension
+    x = data.draw(st.lists(st.floats(-5, 5, allow_nan=False), min_size=n, max_size=n))
     values = space.from_unit(x)
     for c in space.coordinates:
         v = values[c.name]
@@ -212,7 +217,8 @@ def test_decoded_config_is_complete_and_explicit() -> None:
 def test_unused_coordinates_of_a_searched_method_shape_nothing() -> None:
     values = MIXED_SPACE.default_values()
     a = MIXED_SPACE.decode({**values, "method": "task_arithmetic"})
-    b = MIXED_SPACE.decode({**values, "method": "task_arithmetic", "g0/mlp/arith/density": 0.99, "g1/*/base/weight": 0.01})
+    inert = {"g0/mlp/arith/density": 0.99, "g1/*/base/weight": 0.01}
+    b = MIXED_SPACE.decode({**values, "method": "task_arithmetic", **inert})
     assert a == b
     assert not any("density" in n or "/base/" in n for n in a.params)
     assert a.merge.models[1].parameters["density"] == 1.0  # task_arithmetic's default, written out
@@ -222,42 +228,47 @@ def test_unused_coordinates_of_a_searched_method_shape_nothing() -> None:
     assert "weight" in linear.merge.models[0].parameters and "lambda" not in (linear.merge.parameters or {})
 
 
-def _expected(space: SearchSpace, params: dict[str, Any], donor: str, param: str, tensor: str, layer: int | None) -> float:
-    """The coordinate value a tensor should get: its group, its first matching filter."""
-    slot_filters = [f for f in space.params[param].filters if f in tensor] + ["*"]
-    groups = space.params[param].layer_groups
-    group = 0 if layer is None else layer // (NUM_LAYERS // groups)
-    who = "" if donor is None else f"{donor}/"
-    return params[f"g{group}/{slot_filters[0]}/{who}{param}"]
+def _expected(space: SearchSpace, values: dict[str, Any], who: str | None, param: str, tensor: str) -> float:
+    """The coordinate value ``tensor`` should get: its layer's group, its first matching filter."""
+    resolved = space.params[param]
+    first_filter = next((f for f in resolved.filters if f in tensor), "*")
+    layer = int(tensor.split(".")[2]) if tensor.startswith("model.layers.") else 0  # others plan at t = 0
+    group = layer // (NUM_LAYERS // resolved.layer_groups)
+    return values[f"g{group}/{first_filter}/{who + '/' if who else ''}{param}"]
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear", "task_arithmetic"])
+ALL_FOUR = {
+    "method": ["ties", "dare_ties", "linear", "task_arithmetic"],
+    "layer_groups": 2,
+    "filters": ["self_attn", "mlp"],
+    "parameters": {"lambda": {"layer_groups": 4, "filters": ["mlp"]}},
+}
+
+
+@pytest.mark.parametrize("method", ALL_FOUR["method"])
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_planner_accepts_decoded_configs_and_resolves_the_coordinate_values(
     folders: dict[str, str], opened: dict[str, ModelFolder], method: str, data: st.DataObject
 ) -> None:
-    config = config_for(folders, {"method": ["ties", "dare_ties", "linear", "task_arithmetic"], "layer_groups": 2,
-                                  "filters": ["self_attn", "mlp"],
-                                  "parameters": {"lambda": {"layer_groups": 4, "filters": ["mlp"]}}})
-    space = SearchSpace.from_config(config, NUM_LAYERS)
+    space = SearchSpace.from_config(config_for(folders, ALL_FOUR), NUM_LAYERS)
     values = {**data.draw(values_for(space)), "method": method}
-    recipe = space.decode(values)
-    plan = plan_merge(recipe.merge, opened)
+    plan = plan_merge(space.decode(values).merge, opened)
     assert plan.num_layers == NUM_LAYERS and plan.method.name == method
-    participants = ["arith", "reverse"]
     for task in plan.tasks:
-        layer = int(task.name.split(".")[2]) if task.name.startswith("model.layers.") else None
         assert task.base_index == 0
+
+        def expect(who: str | None, param: str, name: str = task.name) -> Any:
+            return pytest.approx(_expected(space, values, who, param, name), abs=1e-12)
+
         if method == "linear":
-            assert task.per_input[0]["weight"] == pytest.approx(_expected(space, values, "base", "weight", task.name, layer))
-        for i, donor in enumerate(participants):
-            got = task.per_input[i + 1]
-            assert got["weight"] == pytest.approx(_expected(space, values, donor, "weight", task.name, layer), abs=1e-12)
+            assert task.per_input[0]["weight"] == expect("base", "weight")
+        for i, donor in enumerate(["arith", "reverse"], start=1):
+            assert task.per_input[i]["weight"] == expect(donor, "weight")
             if method in ("ties", "dare_ties"):
-                assert got["density"] == pytest.approx(_expected(space, values, donor, "density", task.name, layer), abs=1e-12)
+                assert task.per_input[i]["density"] == expect(donor, "density")
         if method != "linear":
-            assert task.shared["lambda"] == pytest.approx(_expected(space, values, None, "lambda", task.name, layer), abs=1e-12)
+            assert task.shared["lambda"] == expect(None, "lambda")
 
 
 def test_slerp_decodes_a_shared_t_per_group(folders: dict[str, str], opened: dict[str, ModelFolder]) -> None:

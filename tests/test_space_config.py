@@ -168,6 +168,12 @@ def test_population_only_for_drivers_that_have_one(tmp_path: Path) -> None:
     assert "search.sigma0: driver 'nsga2' has no step size" in error_of(tmp_path, data)
 
 
+def test_cma_step_size_is_written_out() -> None:
+    assert parse_space_config(minimal_config()).search.sigma0 == 0.25
+    tpe = parse_space_config(minimal_config(search={"driver": "tpe", "budget": 5}))
+    assert tpe.search.sigma0 is None and tpe.search.population is None
+
+
 def test_searched_parameter_no_chosen_method_takes_names_the_methods(tmp_path: Path) -> None:
     data = with_("models.donors", ["m/arith"])
     data = with_("merge", {"method": "slerp", "parameters": {"weight": {"range": [0, 1]}}}, data)
