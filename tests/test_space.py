@@ -17,7 +17,7 @@ from evomerge.space import Coordinate, SearchSpace
 from evomerge.space_config import SpaceConfig, load_space_config, parse_space_config
 
 from .merge.tiny_models import write_tiny_llama
-from .test_space_config import REPO, minimal_config
+from .test_space_config import REPO, _plausible_configs, minimal_config
 
 NUM_LAYERS = 4
 
@@ -145,6 +145,20 @@ def test_from_unit_clips_and_stays_in_bounds(data: st.DataObject) -> None:
             assert c.low <= v <= c.high  # type: ignore[operator]
     unit = space.to_unit(values)
     assert all(0.0 <= u <= 1.0 for u in unit)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(st.data())
+def test_every_valid_config_decodes_every_point(data: st.DataObject) -> None:
+    try:
+        config = parse_space_config(data.draw(_plausible_configs()))
+    except ConfigError:
+        return
+    space = SearchSpace.from_config(config, 12)  # 12 layers: any of 1..4 groups divides them
+    x = data.draw(st.lists(st.floats(0, 1), min_size=space.unit_dimension, max_size=space.unit_dimension))
+    recipe = space.decode(space.from_unit(x))
+    assert recipe.merge.merge_method in config.merge.method
+    assert set(recipe.params) <= set(space.names)
 
 
 def test_unit_vector_mistakes_are_errors() -> None:

@@ -372,8 +372,48 @@ def _mutated_configs(draw: st.DrawFn) -> Any:
     return data
 
 
+_param_specs = st.one_of(
+    st.floats(-2, 2, allow_nan=False),
+    st.booleans(),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "range": st.tuples(st.floats(-1, 2, allow_nan=False), st.floats(-1, 2, allow_nan=False)).map(list),
+            "log": st.booleans(),
+            "init": st.floats(-1, 2, allow_nan=False),
+            "layer_groups": st.integers(0, 4),
+            "filters": st.lists(st.sampled_from(["mlp", "self_attn", "q_proj", "*"]), max_size=3),
+        },
+    ),
+)
+
+
+@st.composite
+def _plausible_configs(draw: st.DrawFn) -> Any:
+    """Configs built from real names, so that the deeper checks (registry, drivers) are reached."""
+    from evomerge.merge.registry import method_names
+
+    data = minimal_config()
+    data["models"]["donors"] = [f"m/d{i}" for i in range(draw(st.integers(1, 3)))]
+    data["merge"] = {
+        "method": draw(st.lists(st.sampled_from(method_names()), min_size=1, max_size=3, unique=True)),
+        "layer_groups": draw(st.integers(1, 4)),
+        "parameters": draw(
+            st.dictionaries(st.sampled_from(["weight", "density", "lambda", "t", "epsilon", "gamma", "normalize"]),
+                            _param_specs, max_size=3)
+        ),
+    }
+    driver = draw(st.sampled_from(["cma", "tpe", "nsga2", "gp", "random"]))
+    data["search"] = {"driver": driver, "budget": 5, **draw(st.fixed_dictionaries({}, optional={
+        "population": st.integers(1, 9), "sigma0": st.floats(0, 1.5, allow_nan=False)}))}
+    if draw(st.booleans()):
+        data["constraints"] = [draw(st.fixed_dictionaries(
+            {"measure": st.just("l2_from_base")}, optional={"max": st.floats(0, 9), "min": st.floats(0, 9)}))]
+    return data
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(_mutated_configs(), _values))
+@given(st.one_of(_mutated_configs(), _values, _plausible_configs()))
 def test_loader_accepts_or_raises_config_error(data: Any) -> None:
     try:
         config = parse_space_config(data, source="fuzz.yaml")
