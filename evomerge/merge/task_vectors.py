@@ -24,34 +24,10 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge.merge.sparsify import (
-    Sparsifier,
-    apply_mask,
-    bernoulli_mask,
-    della_mask,
-    magnitude_mask,
-    magnitude_outliers_mask,
-)
+from evomerge.merge.sparsify import Sparsifier, apply_mask, mask_for, work_dtype
 
 #: Below this |sum of weights| a non-consensus divisor is taken as 1, as in mergekit.
 DIVISOR_EPS = 1e-8
-
-
-def _mask_for(
-    delta: torch.Tensor,
-    sparsifier: Sparsifier,
-    density: float,
-    gamma: float,
-    epsilon: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor | None:
-    if sparsifier is Sparsifier.MAGNITUDE:
-        return magnitude_mask(delta, density)
-    if sparsifier is Sparsifier.MAGNITUDE_OUTLIERS:
-        return magnitude_outliers_mask(delta, density, gamma)
-    if sparsifier is Sparsifier.RANDOM:
-        return bernoulli_mask(delta, density, generator)
-    return della_mask(delta, density, epsilon, generator)
 
 
 def task_vector_merge(
@@ -93,16 +69,16 @@ def task_vector_merge(
         density = 1.0 if densities is None else densities[j]
         mask = None
         if sparsifier is not None:
-            mask = _mask_for(
+            mask = mask_for(
                 delta,
                 sparsifier,
                 density,
-                0.0 if gammas is None else gammas[j],
-                0.0 if epsilons is None else epsilons[j],
-                generator,
+                gamma=0.0 if gammas is None else gammas[j],
+                epsilon=0.0 if epsilons is None else epsilons[j],
+                generator=generator,
             )
         if mask is not None:
-            apply_mask(delta, mask, rescale, out=row)
+            apply_mask(delta, mask, rescale, dtype=work_dtype(sparsifier, delta), out=row)
             row.mul_(w[j])
         else:
             torch.mul(delta, w[j], out=row)

@@ -55,8 +55,9 @@ def test_task_vector_weight_one_returns_the_donor(shape, seed, method) -> None:
 
 
 @FAST
-@given(shape=shapes, seed=seeds, weights=st.lists(st.floats(-1, 1), min_size=1, max_size=3),
-       normalize=st.booleans())
+@given(shape=shapes, seed=seeds, normalize=st.booleans(),
+       # k/16: exact in float32, so the reference and the merge see the same weights
+       weights=st.lists(st.integers(-16, 16).map(lambda k: k / 16), min_size=1, max_size=3))
 def test_ties_at_density_one_is_sign_consensus_task_arithmetic(shape, seed, weights, normalize):
     base = rand(shape, seed)
     donors = [rand(shape, seed + 1 + i) for i in range(len(weights))]
