@@ -86,12 +86,17 @@ def task_vector_merge(
 
     weight_shape = (count,) + (1,) * base.dim()
     if consensus:
-        majority_positive = terms.sum(dim=0) >= 0
-        agree = torch.where(majority_positive, terms > 0, terms < 0)
-        mixed = terms.mul_(agree).sum(dim=0)
-        divisor = (w.reshape(weight_shape) * agree).sum(dim=0)
+        # Flip every term by the elected sign s; then the agreeing terms are exactly the positive
+        # ones, and clamping at 0 drops the rest. Sums of same-signed terms round symmetrically,
+        # so s * sum|agreeing| equals mergekit's sum of masked terms bit for bit, in fewer passes
+        # and without casting boolean masks.
+        # (torch.where with broadcast operands is several times slower on CPU than these.)
+        elected = (terms.sum(dim=0) >= 0).to(dtype).mul_(2).sub_(1)
+        flipped = terms.mul_(elected).clamp_(min=0)
+        divisor = torch.sign(flipped).mul_(w.reshape(weight_shape)).sum(dim=0)
         divisor.masked_fill_(divisor == 0, 1)
-        del agree
+        mixed = flipped.sum(dim=0).mul_(elected)
+        del flipped, elected
     else:
         mixed = terms.sum(dim=0)
         divisor = w.sum()
