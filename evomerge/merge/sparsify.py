@@ -227,8 +227,8 @@ def della_mask(
     entry of ascending magnitude rank r (0-based) is kept with probability
     ``density - epsilon + 2 * epsilon * r / (n - 1)``, computed with mergekit's float steps in
     its work dtype (bfloat16 rounds large ranks). mergekit ranks with two argsorts; one argsort
-    and a scatter give the same ranks. Ties share no rank: which tied entry gets the higher
-    probability is arbitrary in mergekit too.
+    suffices here. Ties share no rank: which tied entry gets the higher probability is arbitrary
+    in mergekit too.
 
     Raises ConfigError where mergekit crashes: ``density +/- epsilon`` outside (0, 1), or rows of
     a single entry (mergekit's rank normalisation divides 0 by 0 there).
@@ -251,17 +251,18 @@ def della_mask(
             "(mergekit crashes on it). Use another method for this tensor (e.g. a filter)."
         )
     order = _sortable(rows.detach().abs()).argsort(dim=1)
+    # The keep probability of each rank, with mergekit's float steps (1-based ranks normalised by
+    # the rounded largest rank, in its work dtype). It depends on the rank only, so decide in
+    # sorted order (one uniform per entry, compared with its rank's probability) and scatter the
+    # decisions back: no per-entry rank or probability tensors.
+    ranks = torch.arange(n, device=rows.device).to(work_dtype).add_(1)
+    span = torch.tensor(n - 1, device=rows.device).to(work_dtype).add(1).sub(1)
+    probs = ranks.sub_(1).div_(span).clamp_(0, 1).mul_(2).mul_(epsilon).add_(density - epsilon)
     position_shape = [1] * rows.dim()
     position_shape[1] = n
-    positions = torch.arange(n, device=rows.device).reshape(position_shape).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions)
-    del order
-    # mergekit's float steps: 1-based ranks, normalised by the rounded largest rank.
-    probs = ranks.to(work_dtype).add_(1)
-    del ranks
-    span = torch.tensor(n - 1, device=rows.device).to(work_dtype).add(1).sub(1)
-    probs.sub_(1).div_(span).clamp_(0, 1).mul_(2).mul_(epsilon).add_(density - epsilon)
-    return (_uniform(rows, generator) < probs).reshape(tensor.shape)
+    keep_sorted = _uniform(rows, generator) < probs.reshape(position_shape)
+    mask = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    return mask.reshape(tensor.shape)
 
 
 # --------------------------------------------------------------------------------------------
