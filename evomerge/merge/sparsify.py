@@ -6,8 +6,9 @@ recipe means), written independently and faster:
 - ``magnitude`` (ties): keep exactly ``k = max(1, int(density * numel))`` entries of largest
   ``|delta|`` over the whole tensor. mergekit argsorts the full tensor; we find the threshold
   by selection (a sample brackets it, ``torch.kthvalue`` finishes it) and resolve ties at the
-  threshold so that exactly ``k`` entries survive, as mergekit's sort does. Which of several *tied* entries survive is unspecified in
-  mergekit (its argsort is not stable); here the lowest flat indices win.
+  threshold so that exactly ``k`` entries survive, as mergekit's sort does. Which of several
+  *tied* entries survive is unspecified in mergekit (its argsort is not stable); here the lowest
+  flat indices win.
 - ``magnitude_outliers`` (breadcrumbs): drop the ``int(gamma * numel)`` largest entries and enough
   of the smallest that ``int(density * numel)`` remain. Same selection technique.
 - ``random`` (DARE): Bernoulli(density) mask.
@@ -58,7 +59,7 @@ class Sparsifier(str, enum.Enum):
 
 
 # --------------------------------------------------------------------------------------------
-# Selection: masks of exactly-counted top entries, without sorting.
+# Selection: masks of exactly-counted top entries, without sorting the tensor.
 # --------------------------------------------------------------------------------------------
 
 
@@ -72,9 +73,10 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
     Equal to ``torch.kthvalue(values, n - k + 1).values``, but for large tensors much cheaper:
     kthvalue copies and partitions the whole tensor, while here a sorted strided sample brackets
-    the answer in an interval [lo, hi], two counting passes confirm that the k-th largest lies in
-    it, and kthvalue runs only on the few entries inside. When the bracket misses (adversarial
-    layouts, heavy ties) it falls back to kthvalue on everything, so the answer is always exact.
+    the answer in an interval [lo, hi], a count above hi and the entries within confirm that the
+    k-th largest lies in it, and kthvalue runs only on those few entries. When the bracket
+    misses (adversarial layouts, heavy ties) it falls back to kthvalue on everything, so the
+    answer is always exact.
     NaNs are not supported (task vectors of finite models have none).
     """
     n = values.numel()
@@ -311,11 +313,11 @@ def apply_mask(
     temporary. ``out`` may alias ``tensor`` (masking in place); otherwise ``tensor`` is not
     modified. The rescale is skipped when either norm is below ``RESCALE_EPS``, as in mergekit.
     """
-    work_dtype = tensor.dtype if dtype is None else dtype
-    work = tensor.to(work_dtype)
+    compute = tensor.dtype if dtype is None else dtype
+    work = tensor.to(compute)
     # Measured before masking: ``out`` may be ``tensor`` itself.
     before = work.abs().sum() if rescale else None
-    if out is not None and out.dtype == work_dtype:
+    if out is not None and out.dtype == compute:
         masked = torch.mul(work, mask, out=out)
     else:
         masked = work * mask
