@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from evomerge.merge.methods import require_floating
 from evomerge.merge.sparsify import Sparsifier, apply_mask, mask_for, work_dtype
 
 #: Below this |sum of weights| a non-consensus divisor is taken as 1, as in mergekit.
@@ -52,11 +53,13 @@ def task_vector_merge(
     are aligned, one item per donor. When ``deltas`` is given the donors are not read at all:
     search workers keep task vectors resident and must not pay for recomputing them. Neither
     donors nor deltas are modified. With no donors the base itself is returned, as in mergekit.
-    Raises ConfigError where mergekit would crash (see :mod:`evomerge.merge.sparsify`).
+    Raises ConfigError where mergekit would crash (see :mod:`evomerge.merge.sparsify`), and
+    ModelError for integer tensors, which mergekit would merge with truncated weights.
     """
     count = len(weights)
     if count == 0:
         return base
+    require_floating("task-vector merging", base)
     dtype, device = base.dtype, base.device
     w = torch.tensor(list(weights), dtype=dtype, device=device)
     terms = torch.empty((count, *base.shape), dtype=dtype, device=device)

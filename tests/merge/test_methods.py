@@ -295,6 +295,8 @@ def test_integer_tensors_are_model_errors() -> None:
         run("linear", [ints, ints], None, [{"weight": 1.0}] * 2)
     with pytest.raises(ModelError, match="floating"):
         run("slerp", [ints, ints], 0, [{}, {}], {"t": 0.5})
+    with pytest.raises(ModelError, match="floating"):
+        run("ties", [ints, ints + 1], 0, [{}, {"weight": 0.5}])
     assert run("passthrough", [ints], None, [{}]) is ints
 
 

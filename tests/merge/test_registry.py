@@ -127,3 +127,11 @@ def test_declared_defaults_are_what_merge_uses() -> None:
         b = method.merge([base, donor], 0, [{}, full_per], full_shared,
                          generator=torch.Generator().manual_seed(4))
         assert torch.equal(a, b), name
+
+
+def test_per_input_must_match_entries() -> None:
+    x = torch.ones(3)
+    with pytest.raises(ValueError, match="per-input"):
+        get_method("linear").merge([x, x], None, [{"weight": 1.0}], {})
+    with pytest.raises(ConfigError, match="one value per tensor"):
+        get_method("slerp").merge([x, x], 0, [{}, {}], {})
