@@ -23,8 +23,9 @@ SLERP_NORM_EPS = 1e-8
 MODEL_STOCK_EPS = 1e-6
 
 
-def _require_floating(method: str, tensor: torch.Tensor) -> None:
-    # mergekit raises TypeError here; the tensor comes from a model, so say which kind of fix helps.
+def require_floating(method: str, tensor: torch.Tensor) -> None:
+    """ModelError for integer tensors: mergekit's linear and slerp raise TypeError on them, and its
+    other methods compute meaningless results (weights truncated to integers)."""
     if not tensor.is_floating_point():
         raise ModelError(
             f"{method} needs floating-point tensors; got {tensor.dtype}. "
@@ -47,7 +48,7 @@ def linear_merge(
     writes inf/NaN; that is a config mistake, so it raises ConfigError instead.
     """
     first = tensors[0]
-    _require_floating("linear", first)
+    require_floating("linear", first)
     dtype = _math_dtype(first.dtype)
     w = torch.tensor(list(weights), dtype=torch.float32, device=first.device).to(dtype)
     total = w.sum()
@@ -74,7 +75,7 @@ def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     mergekit). Coefficients and products are computed in float32 (float64 inputs: float64) and
     the result is returned in ``v0``'s dtype.
     """
-    _require_floating("slerp", v0)
+    require_floating("slerp", v0)
     dtype = _math_dtype(v0.dtype)
     a = v0.reshape(-1).to(dtype)
     b = v1.reshape(-1).to(dtype)
@@ -109,7 +110,7 @@ def model_stock_merge(
     in mergekit 0.1.5. ``filter_wise`` computes c per row (last axis) instead of per tensor.
     Needs at least two donors; computed in the input dtype, as mergekit does.
     """
-    _require_floating("model_stock", base)
+    require_floating("model_stock", base)
     if len(donors) < 2:
         raise ConfigError(
             f"model_stock needs at least two models besides the base; got {len(donors)}."

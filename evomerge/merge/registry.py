@@ -123,8 +123,15 @@ class MergeMethod:
 # ------------------------------------------------------------------------------------------------
 
 
-def _aligned(entries: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _aligned(
+    entries: Sequence[torch.Tensor], per_input: Sequence[Mapping[str, Any]]
+) -> list[torch.Tensor]:
     """Entries cast to their promoted dtype (mergekit's align_dtype); no copy when already equal."""
+    if not entries or len(per_input) != len(entries):
+        raise ValueError(
+            f"merge got {len(entries)} entries and {len(per_input)} per-input parameter sets; "
+            "they must be equal and nonzero"
+        )
     dtype = entries[0].dtype
     for e in entries[1:]:
         dtype = torch.promote_types(dtype, e.dtype)
@@ -140,7 +147,8 @@ def _value(method: str, p: Param, values: Mapping[str, Any], where: str) -> Any:
 
 
 def _shared(method: str, params: Sequence[Param], shared: Mapping[str, Any]) -> dict[str, Any]:
-    return {p.name: _value(method, p, shared, "") for p in params if not p.per_model}
+    return {p.name: _value(method, p, shared, "(one value per tensor)")
+            for p in params if not p.per_model}
 
 
 def _per_model(
@@ -269,7 +277,7 @@ def _linear(
     # mergekit's linear ignores which input is the base: every entry is weighted alike.
     s = _shared("linear", params, shared)
     weights = [_per_model("linear", params, v, i, False)["weight"] for i, v in enumerate(per_input)]
-    return linear_merge(_aligned(entries), weights, normalize=bool(s["normalize"]))
+    return linear_merge(_aligned(entries, per_input), weights, normalize=bool(s["normalize"]))
 
 
 def _slerp(
@@ -288,7 +296,7 @@ def _slerp(
             f"slerp merges exactly two models, the base and one other; got {len(entries)}."
         )
     s = _shared("slerp", params, shared)
-    aligned = _aligned(entries)
+    aligned = _aligned(entries, per_input)
     return slerp_merge(aligned[b], aligned[1 - b], float(s["t"]))
 
 
@@ -304,7 +312,7 @@ def _model_stock(
 ) -> torch.Tensor:
     b = _base_index("model_stock", base_index, len(entries))
     s = _shared("model_stock", params, shared)
-    aligned = _aligned(entries)
+    aligned = _aligned(entries, per_input)
     donors = [e for i, e in enumerate(aligned) if i != b]
     return model_stock_merge(aligned[b], donors, filter_wise=bool(s["filter_wise"]))
 
@@ -321,8 +329,9 @@ def _passthrough(
 ) -> torch.Tensor:
     if len(entries) != 1:
         raise ConfigError(f"passthrough takes exactly one model per tensor; got {len(entries)}.")
-    scale = _per_model("passthrough", params, per_input[0] if per_input else {}, 0, False)["scale"]
-    return passthrough_merge(entries[0], None if scale is None else float(scale))
+    (entry,) = _aligned(entries, per_input)
+    scale = _per_model("passthrough", params, per_input[0], 0, False)["scale"]
+    return passthrough_merge(entry, None if scale is None else float(scale))
 
 
 def _task_vectors(
@@ -340,7 +349,7 @@ def _task_vectors(
 ) -> torch.Tensor:
     b = _base_index(name, base_index, len(entries))
     s = _shared(name, params, shared)
-    aligned = _aligned(entries)
+    aligned = _aligned(entries, per_input)
     donor_ids = [i for i in range(len(entries)) if i != b]
     resolved = [_per_model(name, params, per_input[i], i, False) for i in donor_ids]
     donor_deltas = None

@@ -4,10 +4,11 @@ These reproduce mergekit 0.1.5's ``mergekit/sparsify.py`` (the ground truth for 
 recipe means), written independently and faster:
 
 - ``magnitude`` (ties): keep exactly ``k = max(1, int(density * numel))`` entries of largest
-  ``|delta|`` over the whole tensor. mergekit argsorts the full tensor; we select with
-  ``torch.kthvalue`` (linear time) and resolve ties at the threshold so that exactly ``k`` entries
-  survive, as mergekit's sort does. Which of several *tied* entries survive is unspecified in
-  mergekit (its argsort is not stable); here the lowest flat indices win.
+  ``|delta|`` over the whole tensor. mergekit argsorts the full tensor; we find the threshold
+  by selection (a sample brackets it, ``torch.kthvalue`` finishes it) and resolve ties at the
+  threshold so that exactly ``k`` entries survive, as mergekit's sort does. Which of several
+  *tied* entries survive is unspecified in mergekit (its argsort is not stable); here the lowest
+  flat indices win.
 - ``magnitude_outliers`` (breadcrumbs): drop the ``int(gamma * numel)`` largest entries and enough
   of the smallest that ``int(density * numel)`` remain. Same selection technique.
 - ``random`` (DARE): Bernoulli(density) mask.
@@ -18,14 +19,15 @@ Survivors are optionally rescaled so the L1 norm of the delta is preserved (``re
 which is what current mergekit does for every sparsifier, rather than DARE's 1/density.
 
 Random sparsifiers take a ``torch.Generator`` (on the tensor's device) so a seed reproduces a
-result. mergekit draws from the *global* torch RNG, in the order it happens to visit tensors, so
-parity with mergekit for DARE and DELLA is statistical (kept fraction, rescale), not bitwise.
-On CPU, for one tensor, a generator seeded with ``s`` draws the same mask as mergekit after
-``torch.manual_seed(s)``, because both draw ``torch.bernoulli`` over a probability tensor.
+result. Parity with mergekit for DARE and DELLA is statistical (kept fraction, keep probability
+per rank, rescale), not bitwise: mergekit draws ``torch.bernoulli`` from the *global* torch RNG in
+the order it happens to visit tensors, which no other program can replay anyway; we draw one
+float32 uniform per entry and keep it when below its probability, the same law at a quarter of
+``torch.bernoulli``'s cost on CPU.
 
 Dtypes follow mergekit: masking and rescaling run in the delta's dtype, except that the random
-sparsifiers work in float32 on CPU for every dtype but bfloat16 (``torch.bernoulli`` lacks a CPU
-float16 kernel), and cast back.
+sparsifiers work in float32 on CPU for every dtype but bfloat16 (mergekit's choice, because
+``torch.bernoulli`` lacks a CPU float16 kernel), and cast back.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ from evomerge.errors import ConfigError
 
 #: Norms below this are treated as zero, so a rescale never divides by (almost) nothing.
 RESCALE_EPS = 1e-7
+#: Below this many entries, kthvalue alone is cheap enough; above it, sample first.
+SAMPLE_SELECT_MIN = 1 << 17
+#: Size of the strided sample that brackets the k-th value.
+SAMPLE_SIZE = 1 << 14
+#: Half-width of the bracket, in standard deviations of a sample quantile's position (at most
+#: sqrt(SAMPLE_SIZE) / 2): 4 * 2 = 8 sigma, so random layouts essentially never fall back.
+SAMPLE_MARGIN = 4.0
 
 
 class Sparsifier(str, enum.Enum):
@@ -50,13 +59,44 @@ class Sparsifier(str, enum.Enum):
 
 
 # --------------------------------------------------------------------------------------------
-# Selection: masks of exactly-counted top entries, without sorting.
+# Selection: masks of exactly-counted top entries, without sorting the tensor.
 # --------------------------------------------------------------------------------------------
 
 
 def _selection_view(tensor: torch.Tensor) -> torch.Tensor:
     """Flat magnitudes to rank (one temporary; kthvalue works in every float dtype)."""
     return tensor.detach().abs().reshape(-1)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry (1-based) of the 1-D ``values``, as a 0-d tensor; ``1 <= k <= n``.
+
+    Equal to ``torch.kthvalue(values, n - k + 1).values``, but for large tensors much cheaper:
+    kthvalue copies and partitions the whole tensor, while here a sorted strided sample brackets
+    the answer in an interval [lo, hi], a count above hi and the entries within confirm that the
+    k-th largest lies in it, and kthvalue runs only on those few entries. When the bracket
+    misses (adversarial layouts, heavy ties) it falls back to kthvalue on everything, so the
+    answer is always exact.
+    NaNs are not supported (task vectors of finite models have none).
+    """
+    n = values.numel()
+    if n < SAMPLE_SELECT_MIN:
+        return torch.kthvalue(values, n - k + 1).values
+    sample = values[:: max(1, n // SAMPLE_SIZE)].sort().values
+    s = sample.numel()
+    position = s - k * s / n  # where the k-th largest falls in the ascending sample
+    margin = SAMPLE_MARGIN * s**0.5 + 2
+    lo = sample[max(0, int(position - margin))]
+    hi = sample[min(s - 1, int(position + margin))]
+    above_hi = int(torch.count_nonzero(values > hi))
+    if above_hi < k:
+        in_band = (values >= lo).logical_and_(values <= hi)
+        band = values.masked_select(in_band)
+        del in_band
+        rank = k - above_hi  # of the k-th largest, counted from the top of the band
+        if rank <= band.numel():  # else fewer than k entries are >= lo: lo is too high
+            return torch.kthvalue(band, band.numel() - rank + 1).values
+    return torch.kthvalue(values, n - k + 1).values
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,16 +111,14 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=values.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=values.device)
-    # The k-th largest is the (n - k + 1)-th smallest.
-    threshold = torch.kthvalue(values, n - k + 1).values
+    threshold = kth_largest(values, k)
+    mask = values >= threshold
+    if int(torch.count_nonzero(mask)) == k:  # the usual case: no surplus ties at the threshold
+        return mask
     mask = values > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        tied = values == threshold
-        if int(tied.sum()) == missing:  # the usual case: no surplus ties
-            mask |= tied
-        else:
-            mask[torch.nonzero(tied).reshape(-1)[:missing]] = True
+    missing = k - int(torch.count_nonzero(mask))
+    tied = torch.nonzero(values == threshold).reshape(-1)
+    mask[tied[:missing]] = True
     return mask
 
 
@@ -147,12 +185,11 @@ def random_work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _check_probability(name: str, p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ConfigError(
-            f"{name} must be within [0, 1] for random sparsification; got {p}. "
-            "mergekit would crash in torch.bernoulli on this value."
-        )
+def _uniform(tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One float32 uniform in [0, 1) per entry (float32 even for bfloat16: no coarse quantiles)."""
+    return torch.rand(
+        tensor.shape, generator=generator, device=tensor.device, dtype=torch.float32
+    )
 
 
 def bernoulli_mask(
@@ -160,15 +197,24 @@ def bernoulli_mask(
 ) -> torch.Tensor | None:
     """DARE's mask: each entry kept independently with probability ``density``; None keeps all.
 
-    Returned as 0/1 in :func:`random_work_dtype`, drawn exactly as mergekit draws it (bernoulli
-    over a full probability tensor), so the same seed gives the same mask on the same device.
-    Raises ConfigError for a density below 0, where mergekit crashes.
+    Raises ConfigError for a density below 0, where mergekit crashes in ``torch.bernoulli``.
     """
     if density >= 1:
         return None
-    _check_probability("density", density)
-    probs = torch.full_like(tensor, density, dtype=random_work_dtype(tensor))
-    return torch.bernoulli(probs, generator=generator)
+    if density < 0:
+        raise ConfigError(
+            f"density must be within [0, 1] for DARE; got {density} (mergekit would crash)."
+        )
+    return _uniform(tensor, generator) < density
+
+
+def _sortable(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Non-negative floats as same-width integers, whose order is theirs: CPU sorts ints ~1.5x
+    faster. (GPU sorts floats by radix already.)"""
+    if magnitudes.device.type != "cpu":
+        return magnitudes
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return magnitudes.view(ints[magnitudes.element_size()])
 
 
 def della_mask(
@@ -181,9 +227,10 @@ def della_mask(
 
     Rows are along dim 1 (1-D tensors are one row), as in mergekit. Within a row of n entries the
     entry of ascending magnitude rank r (0-based) is kept with probability
-    ``density - epsilon + 2 * epsilon * r / (n - 1)``. mergekit ranks with two argsorts; one
-    argsort and a scatter give the same ranks. Ties share no rank: which tied entry gets the
-    higher probability is arbitrary in mergekit too.
+    ``density - epsilon + 2 * epsilon * r / (n - 1)``, computed with mergekit's float steps in
+    its work dtype (bfloat16 rounds large ranks). mergekit ranks with two argsorts; one argsort
+    suffices here. Ties share no rank: which tied entry gets the higher probability is arbitrary
+    in mergekit too.
 
     Raises ConfigError where mergekit crashes: ``density +/- epsilon`` outside (0, 1), or rows of
     a single entry (mergekit's rank normalisation divides 0 by 0 there).
@@ -191,7 +238,7 @@ def della_mask(
     if density >= 1:
         return None
     if density <= 0:
-        return torch.zeros(tensor.shape, dtype=random_work_dtype(tensor), device=tensor.device)
+        return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ConfigError(
             f"della needs density - epsilon > 0 and density + epsilon < 1; got density={density}, "
@@ -205,19 +252,19 @@ def della_mask(
             f"della cannot rank a tensor of shape {tuple(tensor.shape)}: its rows have one entry "
             "(mergekit crashes on it). Use another method for this tensor (e.g. a filter)."
         )
-    order = rows.detach().abs().argsort(dim=1)
+    order = _sortable(rows.detach().abs()).argsort(dim=1)
+    # The keep probability of each rank, with mergekit's float steps (1-based ranks normalised by
+    # the rounded largest rank, in its work dtype). It depends on the rank only, so decide in
+    # sorted order (one uniform per entry, compared with its rank's probability) and scatter the
+    # decisions back: no per-entry rank or probability tensors.
+    ranks = torch.arange(n, device=rows.device).to(work_dtype).add_(1)
+    span = torch.tensor(n - 1, device=rows.device).to(work_dtype).add(1).sub(1)
+    probs = ranks.sub_(1).div_(span).clamp_(0, 1).mul_(2).mul_(epsilon).add_(density - epsilon)
     position_shape = [1] * rows.dim()
     position_shape[1] = n
-    positions = torch.arange(n, device=rows.device).reshape(position_shape).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions)
-    del order
-    # The same float steps as mergekit (1-based ranks, normalised by the rounded largest rank),
-    # so that equal seeds give equal masks even where bfloat16 cannot hold every rank exactly.
-    probs = ranks.to(work_dtype).add_(1)
-    del ranks
-    span = torch.tensor(n - 1, device=rows.device).to(work_dtype).add(1).sub(1)
-    probs.sub_(1).div_(span).clamp_(0, 1).mul_(2).mul_(epsilon).add_(density - epsilon)
-    return torch.bernoulli(probs, generator=generator).reshape(tensor.shape)
+    keep_sorted = _uniform(rows, generator) < probs.reshape(position_shape)
+    mask = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    return mask.reshape(tensor.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,26 +272,52 @@ def della_mask(
 # --------------------------------------------------------------------------------------------
 
 
+def work_dtype(method: Sparsifier, tensor: torch.Tensor) -> torch.dtype:
+    """The dtype mergekit masks and rescales ``tensor`` in, for sparsifier ``method``."""
+    if method in (Sparsifier.RANDOM, Sparsifier.DELLA_MAGPRUNE):
+        return random_work_dtype(tensor)
+    return tensor.dtype
+
+
+def mask_for(
+    tensor: torch.Tensor,
+    method: Sparsifier,
+    density: float,
+    *,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | None:
+    """The boolean keep-mask of sparsifier ``method`` for ``tensor``; None keeps everything."""
+    if method is Sparsifier.MAGNITUDE:
+        return magnitude_mask(tensor, density)
+    if method is Sparsifier.MAGNITUDE_OUTLIERS:
+        return magnitude_outliers_mask(tensor, density, gamma)
+    if method is Sparsifier.RANDOM:
+        return bernoulli_mask(tensor, density, generator)
+    return della_mask(tensor, density, epsilon, generator)
+
+
 def apply_mask(
     tensor: torch.Tensor,
     mask: torch.Tensor,
     rescale: bool,
     *,
+    dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``tensor * mask``, L1-rescaled to ``tensor``'s norm when ``rescale``.
 
-    The product is computed in ``tensor``'s dtype for a boolean mask and in the mask's dtype for a
-    0/1 float mask (a random mask's work dtype, as in mergekit), and written to ``out`` (cast to
-    its dtype) when given, which lets the task-vector merge fill its buffer without a temporary.
-    ``out`` may alias ``tensor`` (masking in place); otherwise ``tensor`` is not modified. The
-    rescale is skipped when either norm is below ``RESCALE_EPS``, as in mergekit.
+    Computed in ``dtype`` (default: ``tensor``'s; see :func:`work_dtype`) and written to ``out``
+    (cast to its dtype) when given, which lets the task-vector merge fill its buffer without a
+    temporary. ``out`` may alias ``tensor`` (masking in place); otherwise ``tensor`` is not
+    modified. The rescale is skipped when either norm is below ``RESCALE_EPS``, as in mergekit.
     """
-    work_dtype = tensor.dtype if mask.dtype == torch.bool else mask.dtype
-    work = tensor.to(work_dtype)
+    compute = tensor.dtype if dtype is None else dtype
+    work = tensor.to(compute)
     # Measured before masking: ``out`` may be ``tensor`` itself.
     before = work.abs().sum() if rescale else None
-    if out is not None and out.dtype == work_dtype:
+    if out is not None and out.dtype == compute:
         masked = torch.mul(work, mask, out=out)
     else:
         masked = work * mask
@@ -274,14 +347,8 @@ def sparsify(
     by della_magprune only, ``generator`` by the random methods only.
     """
     method = Sparsifier(method)
-    if method is Sparsifier.MAGNITUDE:
-        mask = magnitude_mask(tensor, density)
-    elif method is Sparsifier.MAGNITUDE_OUTLIERS:
-        mask = magnitude_outliers_mask(tensor, density, gamma)
-    elif method is Sparsifier.RANDOM:
-        mask = bernoulli_mask(tensor, density, generator)
-    else:
-        mask = della_mask(tensor, density, epsilon, generator)
+    mask = mask_for(tensor, method, density, gamma=gamma, epsilon=epsilon, generator=generator)
     if mask is None:
         return tensor
-    return apply_mask(tensor, mask, rescale).to(tensor.dtype)
+    masked = apply_mask(tensor, mask, rescale, dtype=work_dtype(method, tensor))
+    return masked.to(tensor.dtype)

@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evomerge.errors import ConfigError
 from evomerge.merge import sparsify as S
@@ -71,6 +73,38 @@ def test_magnitude_rescale_preserves_l1() -> None:
     out = S.sparsify(x, "magnitude", 0.3, rescale=True)
     assert torch.count_nonzero(out) == int(0.3 * 42)
     assert out.abs().sum().item() == pytest.approx(x.abs().sum().item(), rel=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    k_fraction=st.floats(0, 1),
+    levels=st.sampled_from([2, 7, 1000, 0]),  # 0: continuous values; else integer levels (ties)
+    layout=st.sampled_from(["random", "ascending", "descending", "blocks"]),
+    seed=st.integers(0, 2**31 - 1),
+    margin=st.sampled_from([0.0, 0.3, 4.0]),
+)
+def test_sampled_selection_equals_kthvalue(n, k_fraction, levels, layout, seed, margin) -> None:
+    """The sample-bracketed selection is exact, for any layout and any number of ties."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.rand(n, generator=g) if levels == 0 else torch.randint(0, levels, (n,), generator=g)
+    v = v.float()
+    if layout == "ascending":
+        v = v.sort().values
+    elif layout == "descending":
+        v = v.sort(descending=True).values
+    elif layout == "blocks":  # strided samples see one value per block only
+        v = v.reshape(-1, 1).expand(-1, 7).reshape(-1)[:n].contiguous()
+    k = max(1, min(n, round(k_fraction * n)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(S, "SAMPLE_SELECT_MIN", 16)
+        patch.setattr(S, "SAMPLE_SIZE", 64)
+        patch.setattr(S, "SAMPLE_MARGIN", margin)  # narrow brackets miss often: both paths run
+        assert torch.equal(S.kth_largest(v, k), torch.kthvalue(v, n - k + 1).values)
+        mask = S.top_k_mask(v, k)
+    assert int(mask.sum()) == k
+    if k < n:
+        assert v[mask].min() >= v[~mask].max()
 
 
 # ---------------------------------------------------------------- breadcrumbs ---------------
@@ -137,22 +171,40 @@ def test_deterministic_sparsifiers_match_mergekit(dtype: torch.dtype, rescale: b
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_random_sparsifiers_match_mergekit_for_one_seed(dtype: torch.dtype) -> None:
-    """On CPU, a generator seeded s draws what mergekit draws after torch.manual_seed(s)."""
+def test_random_sparsifiers_keep_mergekit_dtypes_and_rescale(dtype: torch.dtype) -> None:
     mk = pytest.importorskip("mergekit.sparsify")
     x = torch.randn(16, 24, generator=torch.Generator().manual_seed(6)).to(dtype)
-    torch.manual_seed(11)
-    theirs = mk.bernoulli(x, 0.4, mk.RescaleNorm.l1)
-    ours = S.sparsify(x, "random", 0.4, rescale=True, generator=torch.Generator().manual_seed(11))
-    assert ours.dtype == theirs.dtype
-    assert torch.equal(ours, theirs)
-    torch.manual_seed(12)
-    theirs = mk.della_magprune(x.float(), 0.5, 0.2, mk.RescaleNorm.l1)
-    ours = S.sparsify(
-        x.float(), "della_magprune", 0.5, rescale=True, epsilon=0.2,
-        generator=torch.Generator().manual_seed(12),
-    )
-    assert torch.equal(ours, theirs)
+    g = torch.Generator().manual_seed(11)
+    for ours, theirs in (
+        (S.sparsify(x, "random", 0.4, rescale=True, generator=g),
+         mk.bernoulli(x, 0.4, mk.RescaleNorm.l1)),
+        (S.sparsify(x, "della_magprune", 0.5, rescale=True, epsilon=0.2, generator=g),
+         mk.della_magprune(x, 0.5, 0.2, mk.RescaleNorm.l1)),
+    ):
+        assert ours.dtype == theirs.dtype == dtype
+        # Same L1 as the input (to the rounding of the work dtype), both ways.
+        for out in (ours, theirs):
+            assert out.float().abs().sum().item() == pytest.approx(
+                x.float().abs().sum().item(), rel=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+def test_della_matches_mergekit_keep_rate_per_rank() -> None:
+    """mergekit's global-RNG masks and ours keep each magnitude rank equally often."""
+    mk = pytest.importorskip("mergekit.sparsify")
+    rows, cols, d, eps = 3000, 4, 0.4, 0.3
+    g = torch.Generator().manual_seed(13)
+    mags = torch.stack([torch.randperm(cols, generator=g) + 1 for _ in range(rows)]).float()
+    torch.manual_seed(14)
+    theirs = mk.della_magprune(mags, d, eps)
+    ours = S.sparsify(mags, "della_magprune", d, epsilon=eps, generator=g)
+    for rank in range(cols):
+        at_rank = mags == rank + 1
+        p = d - eps + 2 * eps * rank / (cols - 1)
+        sigma = math.sqrt(rows * p * (1 - p))
+        a = int(torch.count_nonzero(ours[at_rank]))
+        b = int(torch.count_nonzero(theirs[at_rank]))
+        # Two independent binomials: their difference has standard deviation sqrt(2) sigma.
+        assert abs(a - b) <= FIVE_SIGMA * math.sqrt(2) * sigma, rank
 
 
 def test_dare_matches_mergekit_in_distribution() -> None:
