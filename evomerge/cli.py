@@ -50,6 +50,82 @@ def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrit
     click.echo(f"merged model written to {out}")
 
 
+@main.command()
+@click.argument("space", type=click.Path(path_type=Path))
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
+def search(space: Path, runs_dir: Path, ray_address: str | None) -> None:
+    """Search the merge space SPACE.yaml describes (resumes the run if it exists)."""
+    from .search import search_file
+
+    _run_with_display(lambda cb: search_file(space, runs_dir=runs_dir, ray_address=ray_address, on_progress=cb))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
+def resume(run_dir: Path, ray_address: str | None) -> None:
+    """Continue an interrupted run from its folder, e.g. runs/toy_ties."""
+    from .search import resume as resume_run
+
+    _run_with_display(lambda cb: resume_run(run_dir, ray_address=ray_address, on_progress=cb))
+
+
+def _run_with_display(start) -> None:
+    from .report import LiveDisplay, show
+    from .store import RunStore
+
+    try:
+        with LiveDisplay() as display:
+            path = start(display)
+    except KeyboardInterrupt:
+        click.secho("interrupted: every finished trial is recorded; run the same command to resume", fg="yellow", err=True)
+        sys.exit(130)
+    store = RunStore.open(path)
+    try:
+        show(store)
+    finally:
+        store.close()
+
+
+@main.command("show")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--top", default=5, show_default=True, help="How many best trials to list.")
+def show_cmd(run_dir: Path, top: int) -> None:
+    """Print a run's Pareto front, best trials and failures."""
+    from .report import show
+    from .store import RunStore
+
+    store = RunStore.open(run_dir)
+    try:
+        show(store, top=top)
+    finally:
+        store.close()
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--trial", type=int, default=None, help="Export this trial number.")
+@click.option("--best", "best", is_flag=True, help="Export the best trial by the weighted sum of objectives (default).")
+@click.option("--pareto", is_flag=True, help="Export every trial on the Pareto front.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="A .yaml file (one trial) or a folder; default RUN_DIR/exports/.")
+def export_cmd(run_dir: Path, trial: int | None, best: bool, pareto: bool, out: Path | None) -> None:
+    """Write chosen recipes as plain mergekit YAML."""
+    from .errors import EvomergeError
+    from .export import choose, export
+    from .store import RunStore
+
+    if sum([trial is not None, best, pareto]) > 1:
+        raise EvomergeError("give one of --trial N, --best, --pareto")
+    store = RunStore.open(run_dir)
+    try:
+        for path in export(store, choose(store, trial=trial, best=best, pareto=pareto), out):
+            click.echo(path)
+    finally:
+        store.close()
+
+
 @main.group()
 def toy() -> None:
     """The toy world: tiny models and tasks to search over, offline."""

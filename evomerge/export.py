@@ -1,0 +1,77 @@
+"""``evomerge export``: a trial's recipe as plain mergekit YAML.
+
+The recipe a trial stored is the complete mergekit config the worker merged (original model
+references, every parameter explicit, per-layer values as gradients of one value per layer), so
+export writes it out as it is: running ``mergekit-yaml`` or ``evomerge merge`` on the file gives
+the weights the search evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import EvomergeError
+from .recipe import Recipe
+
+
+def _header(run: str, record: Any, directions: Mapping[str, str]) -> str:
+    lines = [f"# evomerge run {run!r}, trial {record.number}"]
+    for name, value in (record.objectives or {}).items():
+        arrow = {"maximize": " (maximize)", "minimize": " (minimize)"}.get(directions.get(name, ""), "")
+        lines.append(f"#   {name} = {value:.6g}{arrow}")
+    recipe = Recipe.from_json(record.recipe_json)
+    seed = recipe.merge.random_seed
+    if seed is not None:
+        lines.append(f"# random method: reproduce with `mergekit-yaml THIS.yaml OUT --random-seed {seed}` (statistically)")
+        lines.append("# or exactly with `evomerge merge THIS.yaml OUT`, which reads random_seed below")
+    return "\n".join(lines) + "\n"
+
+
+def scalar_score(record: Any, directions: Mapping[str, str], weights: Mapping[str, float] | None = None) -> float:
+    """The weighted sum a single 'best' is chosen by (maximize counts up, minimize down)."""
+    total = 0.0
+    for name, direction in directions.items():
+        value = (record.objectives or {}).get(name)
+        if value is None:
+            return float("-inf")
+        w = (weights or {}).get(name, 1.0)
+        total += w * (value if direction == "maximize" else -value)
+    return total - 1e6 * getattr(record, "violation", 0.0)
+
+
+def choose(store: Any, *, trial: int | None, best: bool, pareto: bool, weights: Mapping[str, float] | None = None) -> list[Any]:
+    """The trials to export: one by number, the best by weighted score, or the whole front."""
+    records = [r for r in store.trials() if r.state == "complete" and r.recipe_json]
+    if not records:
+        raise EvomergeError(f"{store.path}: no completed trial to export yet")
+    if trial is not None:
+        found = [r for r in records if r.number == trial]
+        if not found:
+            numbers = ", ".join(str(r.number) for r in records[:20])
+            raise EvomergeError(f"{store.path}: trial {trial} is not a completed trial; completed: {numbers}")
+        return found
+    if pareto:
+        return sorted(store.pareto(), key=lambda r: r.number)
+    return [max(records, key=lambda r: scalar_score(r, store.directions, weights))]
+
+
+def export(store: Any, records: Sequence[Any], out: Path | None) -> list[Path]:
+    """Write each record's recipe; ``out`` is a file for one record, a folder for several."""
+    run = store.path.name
+    written: list[Path] = []
+    if out is None:
+        out = store.path / "exports"
+    for r in records:
+        text = _header(run, r, store.directions) + Recipe.from_json(r.recipe_json).merge.to_yaml()
+        if len(records) == 1 and out.suffix in (".yaml", ".yml"):
+            target = out
+        else:
+            target = out / f"trial_{r.number:05d}.yaml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        from .store import write_atomic
+
+        write_atomic(target, text)
+        written.append(target)
+    return written

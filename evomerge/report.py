@@ -1,0 +1,89 @@
+"""What a person sees: the live progress line during a search, and ``evomerge show``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .export import scalar_score
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+class LiveDisplay:
+    """A progress bar with trials done of budget, best value per objective, throughput and ETA."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[best]}"),
+            console=self.console, transient=False,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> LiveDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, state: Any, record: Any) -> None:
+        done = state.finished_before + state.finished
+        if self.task is None:
+            self.task = self.progress.add_task("search", total=state.budget, rate="", eta="", best="")
+        eta = state.eta_s()
+        best = "  ".join(f"{k.removeprefix('task:')}={v:.3g}" for k, v in state.best.items())
+        failed = f"  failed={state.failed}" if state.failed else ""
+        self.progress.update(
+            self.task, completed=done,
+            rate=f"{state.rate() * 60:.1f}/min", eta=f"ETA {eta:.0f}s" if eta is not None else "ETA -",
+            best=best + failed,
+        )
+
+
+def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, str]) -> Table:
+    table = Table(title=title)
+    table.add_column("trial", justify="right")
+    for name, direction in directions.items():
+        table.add_column(f"{name.removeprefix('task:')} {'↑' if direction == 'maximize' else '↓'}", justify="right")
+    table.add_column("merge s", justify="right")
+    table.add_column("eval s", justify="right")
+    for r in records:
+        row = [str(r.number)] + [_fmt((r.objectives or {}).get(n)) for n in directions]
+        row += [_fmt(r.timings.get("merge_s")), _fmt(r.timings.get("eval_s"))]
+        table.add_row(*row)
+    return table
+
+
+def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
+    """Print the run's counts, its Pareto front, its best trials, and every failure with its reason."""
+    console = console or Console()
+    records = store.trials()
+    counts = store.counts()
+    console.print(
+        f"[bold]{store.path}[/]: {counts.complete} complete, {counts.failed} failed, "
+        f"{counts.running} running, {counts.interrupted} interrupted (re-run)"
+    )
+    directions = store.directions
+    front = sorted(store.pareto(records), key=lambda r: r.number)
+    console.print(trials_table(f"Pareto front ({len(front)} trials)", front, directions))
+    complete = [r for r in records if r.state == "complete"]
+    best = sorted(complete, key=lambda r: scalar_score(r, directions), reverse=True)[:top]
+    console.print(trials_table(f"Best {len(best)} by the sum of objectives (maximize +, minimize -)", best, directions))
+    failed = [r for r in records if r.state == "failed" and not r.interrupted]
+    if failed:
+        table = Table(title=f"Failed trials ({len(failed)})")
+        table.add_column("trial", justify="right")
+        table.add_column("reason")
+        for r in failed:
+            table.add_row(str(r.number), r.error or "?")
+        console.print(table)

@@ -1,0 +1,347 @@
+"""``evomerge search``: the loop that asks drivers, dispatches to Ray workers, and records.
+
+It reads like Optuna's own ``optimize``: open (or create) the run, requeue what a crash left
+running, build the driver (which resumes from the log), then keep every worker busy: ask a
+candidate the moment a worker is free, record each result the moment it arrives. The loop owns
+no state of its own that a crash could lose: the run store is the memory.
+
+Everything a user can get wrong is checked before the run folder is created or touched: the
+space file, the models (open, same architecture, shapes and vocabulary, layer groups that divide
+the layers), the tasks and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, EvomergeError
+from .space_config import SpaceConfig, load_space_config, parse_space_config
+
+MAX_INFRA_RETRIES = 2  # a candidate whose worker dies is retried on another worker this often
+
+
+@dataclass
+class Prepared:
+    """What the checks before a run produce, so nothing is computed twice."""
+
+    config: SpaceConfig
+    space: Any  # SearchSpace
+    num_layers: int
+    samples: dict[str, list[int]] | None
+
+
+@dataclass
+class _Flight:
+    """A candidate out on a worker."""
+
+    number: int
+    recipe_json: str
+    worker: Any
+    started: float
+    generation: int | None
+    attempts: int = 1
+
+
+@dataclass
+class Progress:
+    """Numbers for the live display and the final summary."""
+
+    budget: int
+    finished_before: int
+    finished: int = 0
+    failed: int = 0
+    started_at: float = field(default_factory=time.perf_counter)
+    best: dict[str, float] = field(default_factory=dict)
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.started_at
+        return self.finished / elapsed if elapsed > 0 and self.finished else 0.0
+
+    def eta_s(self) -> float | None:
+        r = self.rate()
+        left = self.budget - self.finished_before - self.finished
+        return left / r if r > 0 else None
+
+
+def prepare(config: SpaceConfig) -> Prepared:
+    """Check a space against its models and tasks; nothing is written."""
+    from .evaluate import LmEvalScorer
+    from .merge.model_folder import ModelFolder
+    from .merge.plan import plan_merge
+    from .space import SearchSpace
+
+    refs = [config.models.base, *(d.model for d in config.models.donors)]
+    folders = {ref: ModelFolder(ref) for ref in refs}
+    num_layers = folders[config.models.base].num_layers
+    config.validate_against_models(num_layers, folders[config.models.base].tensor_names)
+    space = SearchSpace.from_config(config, num_layers)
+    # plan the initial candidate: refuses incompatible models (architecture, shapes, vocabulary)
+    plan_merge(space.decode(space.from_unit(space.initial_unit())).merge, folders)
+    _check_constraints(config)
+    scorer = LmEvalScorer(config.task_names(), **_scorer_paths(config))
+    known_metrics = scorer.metrics()
+    for i, obj in enumerate([*config.objectives, *config.constraints]):
+        if obj.task is None:
+            continue
+        metrics = known_metrics.get(obj.task, ())
+        if obj.metric not in metrics:
+            from .errors import close_matches
+
+            kind = "objectives" if i < len(config.objectives) else "constraints"
+            index = i if i < len(config.objectives) else i - len(config.objectives)
+            raise ConfigError(
+                f"task {obj.task!r} has no metric {obj.metric!r}.{close_matches(obj.metric, metrics)} "
+                f"Its metrics: {', '.join(metrics)}",
+                where=f"{config.source}: {kind}[{index}].metric",
+            )
+    samples: dict[str, list[int]] = {}
+    for task in config.task_names():
+        indices = config.evaluation.item_indices(task, scorer.num_docs(task))
+        if indices is not None:
+            samples[task] = indices
+    return Prepared(config, space, num_layers, samples or None)
+
+
+def _scorer_paths(config: SpaceConfig) -> dict[str, Any]:
+    paths = config.evaluation.include_path
+    return {"include_path": [Path(p) for p in paths]} if paths else {}
+
+
+def _check_constraints(config: SpaceConfig) -> None:
+    for i, c in enumerate(config.constraints):
+        if c.min is not None:
+            raise ConfigError(
+                "lower bounds (min:) on constraints are not supported yet; use max:, or make it an objective",
+                where=f"{config.source}: constraints[{i}].min",
+            )
+
+
+def _driver(prepared: Prepared, store: Any) -> Any:
+    from .drivers import ConstraintSpec, ObjectiveSpec, make_driver
+
+    cfg = prepared.config
+    space = prepared.space
+    return make_driver(
+        cfg.search.driver,
+        store,
+        distributions=space.optuna_distributions(),
+        objectives=[ObjectiveSpec(o.key, o.direction, o.weight) for o in cfg.objectives],
+        constraints=[ConstraintSpec(c.key, c.max) for c in cfg.constraints if c.max is not None],
+        seed=cfg.search.seed,
+        popsize=cfg.search.population or _default_popsize(space.unit_dimension, cfg.search.driver),
+        sigma0=cfg.search.sigma0 or 0.25,
+        x0=space.initial_unit(),
+        dim=space.unit_dimension,
+        from_unit=space.from_unit,
+    )
+
+
+def _default_popsize(dimension: int, driver: str) -> int | None:
+    if driver == "cma":
+        return 4 + int(3 * math.log(max(dimension, 1)))
+    return None
+
+
+def open_store(config: SpaceConfig, runs_dir: Path) -> Any:
+    from .store import RunStore
+
+    def diff(old_text: str, new_text: str) -> list[str]:
+        import yaml
+
+        old = parse_space_config(yaml.safe_load(old_text), source="the run's space.yaml", default_name=config.name)
+        return config.diff(old)
+
+    return RunStore.open_or_create(
+        runs_dir,
+        config.name,
+        config.to_yaml(),
+        config.config_hash(),
+        directions={o.key: o.direction for o in config.objectives},
+        constraints={c.key: c.max for c in config.constraints if c.max is not None},
+        storage_url=config.storage,
+        diff=diff,
+    )
+
+
+def _init_ray(config: SpaceConfig, address: str | None) -> None:
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if ray.is_initialized():
+        return
+    address = address or config.workers.ray_address
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(config.workers.cpus_per_worker)))}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        w = config.workers
+        ray.init(
+            num_cpus=max(1, math.ceil(w.count * w.cpus_per_worker)),
+            num_gpus=math.ceil(w.count * w.gpus_per_worker),
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env=runtime_env,
+        )
+
+
+def _worker_spec(prepared: Prepared) -> Any:
+    from .worker import EvalSettings, WorkerSpec
+
+    cfg = prepared.config
+    ev = cfg.evaluation
+    paths = [str(Path(p).resolve()) for p in ev.include_path]
+    settings = EvalSettings(
+        tasks=tuple(cfg.task_names()),
+        include_path=paths or None,
+        samples=prepared.samples,
+        batch_size=ev.batch_size if isinstance(ev.batch_size, int) else 32,
+        num_fewshot=ev.num_fewshot,
+        extra_args=dict(ev.lm_eval_args),
+    )
+    return WorkerSpec(
+        base=cfg.models.base,
+        donors=tuple(d.model for d in cfg.models.donors),
+        evaluation=settings,
+        dtype=cfg.merge.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+class _Pool:
+    """Ray actors, replaced when one dies (a lost node, an out-of-memory kill)."""
+
+    def __init__(self, spec: Any, count: int, cpus: float, gpus: float) -> None:
+        from .worker import start_workers
+
+        self._start = lambda n: start_workers(spec, count=n, cpus=cpus, gpus=gpus)
+        self.idle = list(self._start(count))
+
+    def replace(self, dead: Any) -> None:
+        import ray
+
+        try:
+            ray.kill(dead, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.idle.extend(self._start(1))
+
+
+def run_search(
+    config: SpaceConfig,
+    *,
+    runs_dir: Path = Path("runs"),
+    ray_address: str | None = None,
+    on_progress: Callable[[Progress, Any], None] | None = None,
+) -> Path:
+    """Run (or resume) the search ``config`` describes; returns the run folder."""
+    import ray
+
+    prepared = prepare(config)
+    store = open_store(config, runs_dir)
+    try:
+        store.requeue_interrupted()
+        driver = _driver(prepared, store)
+        budget = config.search.budget
+        progress = Progress(budget=budget, finished_before=store.counts().finished)
+        _refresh_best(progress, store, config)
+        if progress.finished_before >= budget:
+            return store.path
+        _init_ray(config, ray_address)
+        pool = _Pool(_worker_spec(prepared), config.workers.count, config.workers.cpus_per_worker, config.workers.gpus_per_worker)
+        flights: dict[Any, _Flight] = {}
+        exhausted = False
+        while True:
+            counts = store.counts()
+            # ask while a worker is free and the budget (finished + in flight) allows
+            while pool.idle and not exhausted and counts.finished + len(flights) < budget:
+                proposal = driver.ask()
+                if proposal is None:
+                    break  # CMA waits for its generation to come back
+                recipe = prepared.space.decode(proposal.values)
+                worker = pool.idle.pop()
+                ref = worker.evaluate.remote(recipe.to_json())
+                flights[ref] = _Flight(proposal.number, recipe.to_json(), worker, time.perf_counter(), proposal.generation)
+                store.annotate(proposal.number, {"recipe": recipe.to_json()})
+            if not flights:
+                break
+            done, _ = ray.wait(list(flights), num_returns=1)
+            ref = done[0]
+            flight = flights.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as err:
+                pool.replace(flight.worker)
+                if flight.attempts <= MAX_INFRA_RETRIES:
+                    worker = pool.idle.pop()
+                    new_ref = worker.evaluate.remote(flight.recipe_json)
+                    flights[new_ref] = _Flight(flight.number, flight.recipe_json, worker, time.perf_counter(),
+                                               flight.generation, flight.attempts + 1)
+                    continue
+                driver.tell(flight.number, None, failed_reason=f"worker lost {flight.attempts} times: {type(err).__name__}")
+                progress.failed += 1
+                progress.finished += 1
+                continue
+            except ray.exceptions.RayTaskError as err:
+                # an exception inside the evaluator that is not a candidate fault: a bug, kept as data
+                pool.idle.append(flight.worker)
+                driver.tell(flight.number, None, failed_reason=f"evaluation raised {err.cause!r}"[:2000])
+                progress.failed += 1
+                progress.finished += 1
+                continue
+            pool.idle.append(flight.worker)
+            attrs = {"timings": {"merge_s": result.merge_s, "eval_s": result.eval_s,
+                                 "wall_s": time.perf_counter() - flight.started},
+                     "worker": result.worker, "attempts": flight.attempts}
+            if flight.generation is not None:
+                attrs["generation"] = flight.generation
+            record = driver.tell(flight.number, result.objectives, failed_reason=result.error, attrs=attrs)
+            progress.finished += 1
+            if record.state != "complete":
+                progress.failed += 1
+            _refresh_best(progress, store, config, record)
+            if on_progress:
+                on_progress(progress, record)
+        return store.path
+    finally:
+        store.close()
+
+
+def _refresh_best(progress: Progress, store: Any, config: SpaceConfig, record: Any | None = None) -> None:
+    records = [record] if record is not None else store.trials()
+    for o in config.objectives:
+        for r in records:
+            if r.state != "complete" or not r.objectives or o.key not in r.objectives:
+                continue
+            value = r.objectives[o.key]
+            old = progress.best.get(o.key)
+            if old is None or (value > old if o.direction == "maximize" else value < old):
+                progress.best[o.key] = value
+
+
+def search_file(path: Path, **kwargs: Any) -> Path:
+    """``evomerge search SPACE.yaml``."""
+    return run_search(load_space_config(path), **kwargs)
+
+
+def resume(run_dir: Path, **kwargs: Any) -> Path:
+    """``evomerge resume runs/<name>``: the run's own frozen space file, same run folder."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    space_file = run_dir / "space.yaml"
+    if not space_file.is_file():
+        raise EvomergeError(f"{run_dir} is not an evomerge run folder (no space.yaml)")
+    data = yaml.safe_load(space_file.read_text(encoding="utf-8"))
+    config = parse_space_config(data, source=str(space_file), default_name=run_dir.name)
+    return run_search(config, runs_dir=run_dir.parent, **kwargs)
+
+
+def objectives_of(config: SpaceConfig) -> Mapping[str, str]:
+    return {o.key: o.direction for o in config.objectives}
