@@ -194,7 +194,8 @@ class RunStore:
 
     One process drives a run at a time (the search loop); workers never touch the store. Trials
     are started and finished only by the process that started them: a trial this process did not
-    start is either finished already or interrupted.
+    start is either finished already or interrupted. Other processes may read the run (a report,
+    optuna-dashboard) through their own store or Optuna directly.
     """
 
     def __init__(
@@ -219,6 +220,10 @@ class RunStore:
         self.directions: dict[str, str] = {n: d for n, d in spec["objectives"]}
         self.constraints: dict[str, float] = dict(spec.get("constraints", {}))
         self._live: dict[int, optuna.Trial] = {}
+        # Records of every trial, filled by one full read and then kept current by this store's
+        # own writes: reading every trial back through SQLAlchemy after each trial cost more than
+        # the trial itself in tests. Valid because one process writes a run (class docstring).
+        self._records: dict[int, TrialRecord] | None = None
 
     # ---- creating and opening -------------------------------------------------------------
 
@@ -367,23 +372,31 @@ class RunStore:
     ) -> int:
         """Record a RUNNING trial with the given parameter values; returns its number.
 
-        Goes through Optuna's own path for fixed parameters (``enqueue_trial`` then ``ask``), so
-        the trial is exactly what a sampler-proposed one looks like and, when ``study`` is an
-        Optuna driver's view, that sampler's bookkeeping (NSGA-II generations) sees it too.
+        Without ``study`` (CMA proposals) the trial is inserted whole, parameters and attributes in
+        one transaction: a crash leaves it complete or absent. With an Optuna driver's ``study``
+        (re-running an interrupted trial) it goes through Optuna's path for fixed parameters,
+        ``enqueue_trial`` then ``ask``, so that sampler's bookkeeping (NSGA-II generations) sees it.
         """
         if set(values) != set(distributions):
             raise ValueError(
                 f"values and distributions name different parameters: {sorted(set(values) ^ set(distributions))}"
             )
         fixed = {n: _fit_to(n, values[n], d) for n, d in distributions.items()}
-        study = study or self._study
         user_attrs = {k: _json_checked(k, v) for k, v in (attrs or {}).items()}
-        study.enqueue_trial(fixed, user_attrs=user_attrs)
-        trial = study.ask(dict(distributions))
-        if trial.params != fixed:
-            # Another enqueued trial was popped first: the log is being written by someone else.
-            raise RuntimeError(f"trial {trial.number} got params {trial.params}, expected {fixed}")
+        if study is None:
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING, params=fixed, distributions=dict(distributions), user_attrs=user_attrs
+            )
+            trial_id = self._storage.create_new_trial(self._study_id, template_trial=template)
+            trial = optuna.Trial(self._study, trial_id)  # the handle study.ask would have returned
+        else:
+            study.enqueue_trial(fixed, user_attrs=user_attrs)
+            trial = study.ask(dict(distributions))
+            if trial.params != fixed:
+                # Another enqueued trial was popped first: the log is being written by someone else.
+                raise RuntimeError(f"trial {trial.number} got params {trial.params}, expected {fixed}")
         self._live[trial.number] = trial
+        self.trial(trial.number)
         return trial.number
 
     def ask_trial(
@@ -397,6 +410,7 @@ class RunStore:
         for k, v in (attrs or {}).items():
             trial.set_user_attr(k, _json_checked(k, v))
         self._live[trial.number] = trial
+        self.trial(trial.number)
         return trial.number, dict(trial.params)
 
     def annotate(self, number: int, attrs: Mapping[str, Any]) -> None:
@@ -406,6 +420,8 @@ class RunStore:
             if k in _RESERVED:
                 raise ValueError(f"{k!r} is written by the store itself")
             trial.set_user_attr(k, _json_checked(k, v))
+        if attrs:
+            self.trial(number)
 
     # ---- finishing trials -----------------------------------------------------------------
 
@@ -446,8 +462,9 @@ class RunStore:
 
     def _finished(self, number: int) -> TrialRecord:
         del self._live[number]
+        record = self.trial(number)  # refreshes the cached record before the front is recomputed
         self.write_pareto()
-        return self.trial(number)
+        return record
 
     def _live_trial(self, number: int) -> optuna.Trial:
         try:
@@ -490,11 +507,24 @@ class RunStore:
 
     def trials(self) -> list[TrialRecord]:
         """Every trial in number order."""
-        return [self._record(ft) for ft in self._storage.get_all_trials(self._study_id, deepcopy=False)]
+        if self._records is None:
+            self.refresh()
+        assert self._records is not None
+        return [self._records[n] for n in sorted(self._records)]
 
     def trial(self, number: int) -> TrialRecord:
+        """Trial ``number`` read from the database now."""
         trial_id = self._storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
-        return self._record(self._storage.get_trial(trial_id))
+        record = self._record(self._storage.get_trial(trial_id))
+        if self._records is not None:
+            self._records[number] = record
+        return record
+
+    def refresh(self) -> None:
+        """Re-read every trial from the database (after someone else wrote to it)."""
+        self._records = {
+            ft.number: self._record(ft) for ft in self._storage.get_all_trials(self._study_id, deepcopy=False)
+        }
 
     def running_trials(self) -> list[TrialRecord]:
         return [t for t in self.trials() if t.state == "running"]

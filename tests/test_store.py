@@ -125,6 +125,7 @@ def test_interrupted_trials_are_found_on_reopen_and_do_not_count(tmp_path):
     assert (counts.finished, counts.interrupted, counts.running) == (1, 1, 0)
     assert _pareto(store)["counts"]["interrupted"] == 1
     assert store.requeue_interrupted() == []  # idempotent
+    assert store.trials() == RunStore.open(store.path).trials()  # the cached records match the database
 
 
 def test_open_or_create_resumes_the_same_config(tmp_path):
