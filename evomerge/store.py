@@ -332,8 +332,10 @@ class RunStore:
                 root, name, config_yaml_text, config_hash,
                 directions=directions, constraints=constraints, storage_url=storage_url,
             )
-        store = cls.open(path, storage_url=storage_url)
-        if store.config_hash != config_hash:
+        # Compare before opening the database, so a refused config touches nothing in the folder.
+        if not (path / HASH_FILE).is_file():
+            raise EvomergeError(f"{path} exists and is not an evomerge run folder; choose another run name")
+        if (path / HASH_FILE).read_text(encoding="utf-8").strip() != config_hash:
             old_text = (path / SPACE_FILE).read_text(encoding="utf-8")
             found = diff(old_text, config_yaml_text) if diff else config_differences(
                 yaml.safe_load(old_text), yaml.safe_load(config_yaml_text)
@@ -344,7 +346,9 @@ class RunStore:
                 f"Restore the original config to resume, or choose a new run name.",
                 where=str(path / SPACE_FILE),
             )
+        store = cls.open(path, storage_url=storage_url)
         if store.directions != dict(directions) or store.constraints != dict(constraints or {}):
+            store.close()
             raise ConfigError(
                 f"run {name!r} was created with objectives {store.directions} and constraints "
                 f"{store.constraints}, not {dict(directions)} and {dict(constraints or {})}",

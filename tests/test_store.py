@@ -137,7 +137,7 @@ def test_open_or_create_resumes_the_same_config(tmp_path):
 
 
 def test_a_different_config_under_the_same_name_is_refused_naming_the_field(tmp_path):
-    _create(tmp_path)
+    _create(tmp_path).close()
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").iterdir()}
     changed = CONFIG.replace("popsize: 8", "popsize: 16").replace("weight: 1.0", "weight: 2.0")
     with pytest.raises(ConfigError) as err:

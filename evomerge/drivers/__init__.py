@@ -9,7 +9,15 @@
 =========  ===============================================================================
 
 The search loop reads like Optuna's own ``optimize`` (DESIGN.md): open the store, requeue trials a
-crash left running, build the driver (which resumes from the log), then ask, evaluate, tell.
+crash left running, build the driver (which resumes from the log), then ask, evaluate, tell::
+
+    store = RunStore.open_or_create(runs, name, yaml_text, config_hash, directions=..., constraints=...)
+    store.requeue_interrupted()                       # trials a crash left RUNNING -> FAIL "interrupted"
+    driver = make_driver(cfg.driver, store, ...)      # CMA replays the log; Optuna reads the study
+    while store.counts().finished + len(out) < budget:  # finished counts every part of the run
+        proposal = driver.ask()                       # None: CMA waits for its generation
+        ...store.annotate(proposal.number, {"recipe": recipe.to_json(), "worker": w})...
+        driver.tell(number, objectives_or_None, failed_reason=..., attrs={"timings": {...}})
 """
 
 from __future__ import annotations
