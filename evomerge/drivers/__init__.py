@@ -1,0 +1,98 @@
+"""Drivers: proposal logic behind ask/tell. ``make_driver(name, store, ...)`` builds one.
+
+=========  ===============================================================================
+``cma``    CMA-ES from pycma on the unit cube, objectives scalarised (``cma_driver``)
+``tpe``    Optuna ``TPESampler(multivariate=True, constant_liar=True)``, multi-objective
+``nsga2``  Optuna ``NSGAIISampler(population_size=popsize)``, multi-objective
+``gp``     Optuna ``GPSampler``, multi-objective (log EHVI)
+``random`` Optuna ``RandomSampler``: the baseline every other driver must beat
+=========  ===============================================================================
+
+The search loop reads like Optuna's own ``optimize`` (DESIGN.md): open the store, requeue trials a
+crash left running, build the driver (which resumes from the log), then ask, evaluate, tell::
+
+    store = RunStore.open_or_create(runs, name, yaml_text, config_hash, directions=..., constraints=...)
+    store.requeue_interrupted()                       # trials a crash left RUNNING -> FAIL "interrupted"
+    driver = make_driver(cfg.driver, store, ...)      # CMA replays the log; Optuna reads the study
+    while store.counts().finished + len(out) < budget:  # finished counts every part of the run
+        proposal = driver.ask()                       # None: CMA waits for its generation
+        ...store.annotate(proposal.number, {"recipe": recipe.to_json(), "worker": w})...
+        driver.tell(number, objectives_or_None, failed_reason=..., attrs={"timings": {...}})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from optuna.distributions import BaseDistribution
+
+from evomerge.drivers.base import ConstraintSpec, Driver, ObjectiveSpec, Proposal, Value
+from evomerge.errors import ConfigError, close_matches
+from evomerge.store import RunStore
+
+DRIVER_NAMES: tuple[str, ...] = ("cma", "tpe", "nsga2", "gp", "random")
+
+__all__ = [
+    "DRIVER_NAMES",
+    "ConstraintSpec",
+    "Driver",
+    "ObjectiveSpec",
+    "Proposal",
+    "make_driver",
+]
+
+
+def make_driver(
+    name: str,
+    store: RunStore,
+    *,
+    distributions: Mapping[str, BaseDistribution],
+    objectives: Sequence[ObjectiveSpec],
+    constraints: Sequence[ConstraintSpec] = (),
+    seed: int = 0,
+    popsize: int | None = None,
+    sigma0: float = 0.2,
+    x0: Sequence[float] | None = None,
+    dim: int | None = None,
+    from_unit: Callable[[Sequence[float]], Mapping[str, Value]] | None = None,
+) -> Driver:
+    """Build driver ``name`` on ``store``; it resumes from whatever the store's log holds.
+
+    Every driver needs ``distributions`` (coordinate name -> Optuna distribution, the params
+    recorded for each trial) and the run's ``objectives``/``constraints``. CMA also needs
+    ``from_unit`` (unit vector -> named values), ``popsize``, and ``x0`` (or ``dim``, to start at
+    the centre of the cube). ``popsize`` is NSGA-II's population too. Call
+    ``store.requeue_interrupted()`` first on a reopened run.
+    """
+    if name == "cma":
+        if from_unit is None or popsize is None or (x0 is None and dim is None):
+            raise ValueError("the cma driver needs from_unit, popsize and x0 (or dim)")
+        from evomerge.drivers.cma_driver import CmaDriver  # pycma loads only when used
+
+        return CmaDriver(
+            store,
+            x0=list(x0) if x0 is not None else [0.5] * int(dim),  # type: ignore[arg-type]
+            sigma0=sigma0,
+            popsize=popsize,
+            seed=seed,
+            from_unit=from_unit,
+            distributions=distributions,
+            objectives=objectives,
+            constraints=constraints,
+        )
+    if name in DRIVER_NAMES:
+        from evomerge.drivers.optuna_driver import OptunaDriver
+
+        return OptunaDriver(
+            store,
+            name,
+            distributions=distributions,
+            objectives=objectives,
+            constraints=constraints,
+            seed=seed,
+            population=popsize,
+        )
+    raise ConfigError(
+        f"unknown driver {name!r}; choose one of {', '.join(DRIVER_NAMES)}.{close_matches(name, DRIVER_NAMES)}",
+        where="search.driver",
+    )
