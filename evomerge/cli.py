@@ -142,5 +142,14 @@ def toy_build(directory: Path, seed: int, force: bool) -> None:
     build_toy_world(directory, seed=seed, force=force)
 
 
+@toy.command("compare")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def toy_compare(run_dir: Path) -> None:
+    """Score a run's best recipe against 50/50 linear and default TIES on the held-out split."""
+    from .toy.compare import compare, print_comparison
+
+    print_comparison(compare(run_dir))
+
+
 if __name__ == "__main__":
     main()

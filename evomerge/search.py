@@ -330,8 +330,8 @@ def search_file(path: Path, **kwargs: Any) -> Path:
     return run_search(load_space_config(path), **kwargs)
 
 
-def resume(run_dir: Path, **kwargs: Any) -> Path:
-    """``evomerge resume runs/<name>``: the run's own frozen space file, same run folder."""
+def resume_config(run_dir: Path) -> SpaceConfig:
+    """The frozen space config a run folder was created with."""
     import yaml
 
     run_dir = Path(run_dir)
@@ -339,8 +339,12 @@ def resume(run_dir: Path, **kwargs: Any) -> Path:
     if not space_file.is_file():
         raise EvomergeError(f"{run_dir} is not an evomerge run folder (no space.yaml)")
     data = yaml.safe_load(space_file.read_text(encoding="utf-8"))
-    config = parse_space_config(data, source=str(space_file), default_name=run_dir.name)
-    return run_search(config, runs_dir=run_dir.parent, **kwargs)
+    return parse_space_config(data, source=str(space_file), default_name=run_dir.name)
+
+
+def resume(run_dir: Path, **kwargs: Any) -> Path:
+    """``evomerge resume runs/<name>``: the run's own frozen space file, same run folder."""
+    return run_search(resume_config(run_dir), runs_dir=Path(run_dir).parent, **kwargs)
 
 
 def objectives_of(config: SpaceConfig) -> Mapping[str, str]:
