@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Benchmark: seconds per candidate, evomerge's in-memory path against what a user would script.
+
+For one recipe and the same task items, measured side by side in one run:
+  (a) evomerge: merge into the worker's resident model in place, then score it with lm-eval;
+  (b) the scripted pipeline: `mergekit-yaml` to a folder, then the `lm_eval` command on it;
+  (c) the floor: lm-eval alone on a model already loaded in memory.
+Prints (b)/(a) (goal: at least 5) and (a)/(c) (goal: at most 1.2).
+
+    python scripts/bench_candidate.py [--toy-world toy_world] [--repeat 3] [--items 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--toy-world", type=Path, default=ROOT / "toy_world")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--items", type=int, default=64, help="items per task, the same in every path")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+    import yaml
+
+    from evomerge.evaluate import LmEvalScorer
+    from evomerge.merge.config import parse_merge_config
+    from evomerge.recipe import Recipe
+    from evomerge.toy.build import build_toy_world
+    from evomerge.worker import CandidateEvaluator, EvalSettings, WorkerSpec
+
+    world = build_toy_world(args.toy_world)
+    base = str(world.base)
+    donors = [str(p) for _, p in sorted(world.specialists.items())]
+    tasks = [f"toy_{name}" for name in sorted(world.specialists)]
+    include = ROOT / "eval_tasks"
+    config = {
+        "merge_method": "ties", "base_model": base, "dtype": "float32",
+        "models": [{"model": d, "parameters": {"weight": 0.8, "density": 0.6}} for d in donors],
+    }
+    samples = {t: list(range(args.items)) for t in tasks}
+    torch.set_num_threads(2)
+    spec = WorkerSpec(base=base, donors=tuple(donors), threads=2,
+                      evaluation=EvalSettings(tasks=tuple(tasks), include_path=str(include), samples=samples, batch_size=32))
+    evaluator = CandidateEvaluator(spec)
+    recipe = Recipe(merge=parse_merge_config(config), params={}).to_json()
+    evaluator.evaluate(recipe)  # warm-up: first-call costs (task loading) are paid once per worker
+
+    def timed(fn) -> list[float]:
+        out = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return out
+
+    a = timed(lambda: evaluator.evaluate(recipe))
+    scorer: LmEvalScorer = evaluator.scorer
+    c = timed(lambda: scorer.score(evaluator.model, evaluator.tokenizer))
+
+    mergekit = shutil.which("mergekit-yaml")
+    lm_eval = shutil.which("lm_eval") or shutil.which("lm-eval")
+    if not mergekit or not lm_eval:
+        raise SystemExit("needs mergekit-yaml and lm_eval on PATH: bash scripts/install.sh")
+    work = Path(tempfile.mkdtemp(prefix="bench_candidate_"))
+    cfg = work / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    limit_samples = json.dumps({t: list(range(args.items)) for t in tasks})
+
+    def pipeline() -> None:
+        out = work / "merged"
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([mergekit, str(cfg), str(out)], check=True, capture_output=True)
+        subprocess.run([lm_eval, "--model", "hf", "--model_args", f"pretrained={out},dtype=float32",
+                        "--tasks", ",".join(tasks), "--include_path", str(include), "--samples", limit_samples,
+                        "--batch_size", "32", "--bootstrap_iters", "0", "--device", "cpu"],
+                       check=True, capture_output=True)
+
+    b = timed(pipeline)
+    shutil.rmtree(work, ignore_errors=True)
+    ma, mb, mc = statistics.median(a), statistics.median(b), statistics.median(c)
+    print(f"recipe: ties over {len(donors)} toy specialists; tasks {', '.join(tasks)}, {args.items} items each; "
+          f"median of {args.repeat}")
+    print(f"(a) evomerge in-memory merge + lm-eval : {ma:8.2f} s/candidate")
+    print(f"(b) mergekit-yaml + lm_eval commands   : {mb:8.2f} s/candidate")
+    print(f"(c) lm-eval alone on a loaded model    : {mc:8.2f} s/candidate")
+    print(f"(b)/(a) = {mb / ma:.1f}   (goal: at least 5)")
+    print(f"(a)/(c) = {ma / mc:.2f}  (goal: at most 1.2)")
+
+
+if __name__ == "__main__":
+    main()
