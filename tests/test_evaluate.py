@@ -1,0 +1,85 @@
+"""LmEvalScorer: scores live models on local tasks without lm-eval's side effects."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.evaluate import LmEvalScorer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """An untrained toy-shaped model and its tokenizer, loaded as a user's folder would be."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.toy.tokenizer import build_tokenizer, save_tokenizer
+    from evomerge.toy.train import new_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    new_model(build_tokenizer(), seed=0).save_pretrained(str(folder))
+    save_tokenizer(folder)
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_unknown_task_names_close_matches() -> None:
+    with pytest.raises(ConfigError, match=r"unknown lm-eval task 'toy_arth'.*Did you mean 'toy_arith'"):
+        LmEvalScorer(["toy_arth"])
+
+
+def test_missing_task_folder_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        LmEvalScorer(["toy_arith"], include_path=tmp_path / "nope")
+
+
+def test_task_metadata() -> None:
+    scorer = LmEvalScorer(["toy_arith", "toy_reverse_heldout"])
+    assert scorer.metrics() == {"toy_arith": ("acc",), "toy_reverse_heldout": ("acc",)}
+    assert scorer.num_docs("toy_arith") == 200
+
+
+def test_score_names_objectives_and_leaves_global_rngs_alone(tiny) -> None:
+    model, tokenizer = tiny
+    scorer = LmEvalScorer(["toy_arith", "toy_reverse"], samples={"toy_arith": [0, 1, 2], "toy_reverse": [5, 6]})
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected_np, expected_torch = np.random.rand(), torch.rand(1)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    scores = scorer.score(model, tokenizer)
+    # lm-eval's default reseeds would make these draws repeat on every call: pycma would loop
+    assert np.random.rand() == expected_np
+    assert torch.equal(torch.rand(1), expected_torch)
+    assert set(scores) == {"task:toy_arith/acc", "task:toy_reverse/acc"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_score_is_repeatable_and_tracks_the_model(tiny) -> None:
+    """No response cache: changing the weights in place changes the answers."""
+    model, tokenizer = tiny
+    scorer = LmEvalScorer(["toy_arith"], limit=16)
+    first = scorer.score(model, tokenizer)
+    assert scorer.score(model, tokenizer) == first
+    # make the model answer every item right: boost the logit of each target's next character
+    from transformers import LlamaForCausalLM
+
+    assert isinstance(model, LlamaForCausalLM)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+        # all-zero logits: every token ties, and greedy picks the lowest id (PAD), never a digit
+        assert scorer.score(model, tokenizer)["task:toy_arith/acc"] == 0.0
+    finally:
+        model.load_state_dict(state)
+    assert scorer.score(model, tokenizer) == first
+
+
+def test_samples_and_limit_are_exclusive() -> None:
+    with pytest.raises(ConfigError, match="either samples or limit"):
+        LmEvalScorer(["toy_arith"], samples={"toy_arith": [0]}, limit=3)
