@@ -199,7 +199,7 @@ def _worker_spec(prepared: Prepared) -> Any:
     paths = [str(Path(p).resolve()) for p in ev.include_path]
     settings = EvalSettings(
         tasks=tuple(cfg.task_names()),
-        include_path=paths or None,
+        include_path=tuple(paths) or None,
         samples=prepared.samples,
         batch_size=ev.batch_size if isinstance(ev.batch_size, int) else 32,
         num_fewshot=ev.num_fewshot,

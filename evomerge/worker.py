@@ -27,7 +27,7 @@ class EvalSettings:
     """What every candidate is scored on: the same tasks and items for every trial."""
 
     tasks: tuple[str, ...]
-    include_path: str | None = None
+    include_path: tuple[str, ...] | None = None  # task folders; None: the project's eval_tasks/
     samples: Mapping[str, Sequence[int]] | None = None
     limit: int | None = None
     batch_size: int = 32
@@ -94,7 +94,7 @@ class CandidateEvaluator:
         options: dict[str, Any] = dict(samples=ev.samples, limit=ev.limit, batch_size=ev.batch_size,
                                        num_fewshot=ev.num_fewshot, extra_args=dict(ev.extra_args))
         if ev.include_path:
-            options["include_path"] = Path(ev.include_path)
+            options["include_path"] = [Path(p) for p in ev.include_path]
         self.scorer = LmEvalScorer(ev.tasks, **options)
         self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
 

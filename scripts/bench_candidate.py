@@ -56,7 +56,7 @@ def main() -> None:
     samples = {t: list(range(args.items)) for t in tasks}
     torch.set_num_threads(2)
     spec = WorkerSpec(base=base, donors=tuple(donors), threads=2,
-                      evaluation=EvalSettings(tasks=tuple(tasks), include_path=str(include), samples=samples, batch_size=32))
+                      evaluation=EvalSettings(tasks=tuple(tasks), include_path=(str(include),), samples=samples, batch_size=32))
     evaluator = CandidateEvaluator(spec)
     recipe = Recipe(merge=parse_merge_config(config), params={}).to_json()
     evaluator.evaluate(recipe)  # warm-up: first-call costs (task loading) are paid once per worker

@@ -52,7 +52,7 @@ def compare(run_dir: Path, *, include_path: Path | None = None) -> dict[str, dic
     spec = WorkerSpec(
         base=config.models.base,
         donors=tuple(d.model for d in config.models.donors),
-        evaluation=EvalSettings(tasks=tasks, include_path=paths or None, batch_size=64),
+        evaluation=EvalSettings(tasks=tasks, include_path=tuple(paths) or None, batch_size=64),
     )
     evaluator = CandidateEvaluator(spec)
     rows: dict[str, dict[str, float]] = {}
