@@ -156,7 +156,9 @@ def open_store(config: SpaceConfig, runs_dir: Path) -> Any:
         old = parse_space_config(yaml.safe_load(old_text), source="the run's space.yaml", default_name=config.name)
         return config.diff(old)
 
-    return RunStore.open_or_create(
+    from .store import SPACE_FILE, write_atomic
+
+    store = RunStore.open_or_create(
         runs_dir,
         config.name,
         config.to_yaml(),
@@ -166,28 +168,36 @@ def open_store(config: SpaceConfig, runs_dir: Path) -> Any:
         storage_url=config.storage,
         diff=diff,
     )
+    # Same run, other settings outside its identity (a bigger budget, other workers): the folder
+    # keeps the latest, so `evomerge resume` carries on with what the user last asked for.
+    space_file = store.path / SPACE_FILE
+    if space_file.read_text(encoding="utf-8") != config.to_yaml():
+        write_atomic(space_file, config.to_yaml())
+    return store
 
 
 def _init_ray(config: SpaceConfig, address: str | None) -> None:
+    import logging
     import os
 
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     if ray.is_initialized():
         return
     address = address or config.workers.ray_address
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(config.workers.cpus_per_worker)))}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address=address, runtime_env=runtime_env, **quiet)
     else:
         w = config.workers
         ray.init(
             num_cpus=max(1, math.ceil(w.count * w.cpus_per_worker)),
             num_gpus=math.ceil(w.count * w.gpus_per_worker),
             include_dashboard=False,
-            log_to_driver=False,
             runtime_env=runtime_env,
+            **quiet,
         )
 
 
@@ -243,6 +253,9 @@ def run_search(
     """Run (or resume) the search ``config`` describes; returns the run folder."""
     import ray
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
     prepared = prepare(config)
     store = open_store(config, runs_dir)
     try:
