@@ -211,7 +211,7 @@ def _worker_spec(prepared: Prepared) -> Any:
         tasks=tuple(cfg.task_names()),
         include_path=tuple(paths) or None,
         samples=prepared.samples,
-        batch_size=ev.batch_size if isinstance(ev.batch_size, int) else 32,
+        batch_size=ev.batch_size,  # an int, or lm-eval's "auto"
         num_fewshot=ev.num_fewshot,
         extra_args=dict(ev.lm_eval_args),
     )

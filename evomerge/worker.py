@@ -30,7 +30,7 @@ class EvalSettings:
     include_path: tuple[str, ...] | None = None  # task folders; None: the project's eval_tasks/
     samples: Mapping[str, Sequence[int]] | None = None
     limit: int | None = None
-    batch_size: int = 32
+    batch_size: int | str = 32  # or "auto", passed to lm-eval
     num_fewshot: int | None = None
     extra_args: Mapping[str, Any] = field(default_factory=dict)
 
