@@ -25,7 +25,7 @@ from ..errors import ConfigError, EvomergeError, ModelError
 from .config import MergeConfig, load_merge_config, parse_merge_config
 from .model_folder import TOKENIZER_FILES, ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge
-from .safetensors_io import PlannedTensor, ShardedWriter
+from .safetensors_io import BufferPool, PlannedTensor, ShardedWriter
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 
@@ -131,8 +131,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def _stream(plan: MergePlan, models: Mapping[str, ModelFolder]) -> Iterator[tuple[TensorTask, torch.Tensor]]:
     """Yield (task, merged tensor) in plan order, reading the next task's inputs meanwhile."""
 
+    buffers = BufferPool()
+
     def load(task: TensorTask) -> list[torch.Tensor]:
-        return [models[m].read(n) for m, n in task.sources]
+        return [models[m].read(n, buffers) for m, n in task.sources]
 
     tasks = plan.tasks
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as pool:
@@ -141,8 +143,20 @@ def _stream(plan: MergePlan, models: Mapping[str, ModelFolder]) -> Iterator[tupl
             assert pending is not None
             inputs = pending.result()
             pending = pool.submit(load, tasks[i + 1]) if i + 1 < len(tasks) else None
-            yield task, compute_task(plan, task, inputs)
+            result = compute_task(plan, task, inputs)
+            _recycle(buffers, inputs, result)
             del inputs
+            yield task, result
+            del result
+
+
+def _recycle(buffers: BufferPool, inputs: list[torch.Tensor], result: torch.Tensor) -> None:
+    """Give the inputs' buffers back for the next reads, except one the result still uses
+    (passthrough returns its input itself)."""
+    kept = result.untyped_storage().data_ptr()
+    for x in inputs:
+        if x.untyped_storage().data_ptr() != kept:
+            buffers.give(x)
 
 
 def _write_all(writer: ShardedWriter, merged: Iterator[tuple[TensorTask, torch.Tensor]]) -> None:
