@@ -128,10 +128,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _stream(plan: MergePlan, models: Mapping[str, ModelFolder]) -> Iterator[tuple[TensorTask, torch.Tensor]]:
-    """Yield (task, merged tensor) in plan order, reading the next task's inputs meanwhile."""
-
-    buffers = BufferPool()
+def _stream(
+    plan: MergePlan, models: Mapping[str, ModelFolder], buffers: BufferPool | None = None
+) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """Yield (task, merged tensor) in plan order, reading the next task's inputs meanwhile
+    (into buffers from ``buffers``, to which the merged inputs return)."""
+    if buffers is None:
+        buffers = BufferPool()
 
     def load(task: TensorTask) -> list[torch.Tensor]:
         return [models[m].read(n, buffers) for m, n in task.sources]
@@ -159,20 +162,30 @@ def _recycle(buffers: BufferPool, inputs: list[torch.Tensor], result: torch.Tens
             buffers.give(x)
 
 
-def _write_all(writer: ShardedWriter, merged: Iterator[tuple[TensorTask, torch.Tensor]]) -> None:
+def _write_all(
+    writer: ShardedWriter, merged: Iterator[tuple[TensorTask, torch.Tensor]], buffers: BufferPool | None = None
+) -> None:
     """Write each merged tensor on a background thread while the next one is computed.
 
     File writes release the GIL, so writing tensor i overlaps computing tensor i + 1 (about a
     third of a plain merge's time is writing). At most one write is in flight, so memory holds
     one extra output tensor at most; a failed write is raised here, before the next one starts.
+    A written tensor's buffer goes to ``buffers`` for the next reads (``merged`` must hold no
+    other reference to it, as :func:`_stream` does not).
     """
+
+    def write(name: str, tensor: torch.Tensor) -> None:
+        writer.write(name, tensor)
+        if buffers is not None:
+            buffers.give(tensor)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-write") as pool:
         pending = None
         try:
             for task, tensor in merged:
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(writer.write, task.name, tensor)
+                pending = pool.submit(write, task.name, tensor)
                 del tensor
             if pending is not None:
                 pending.result()
@@ -256,7 +269,8 @@ def merge_config(
         writer = ShardedWriter(staging, planned, max_shard_bytes=max_shard)
         try:
             with _torch_threads(_pipeline_threads()):
-                _write_all(writer, _stream(plan, models))
+                buffers = BufferPool(max_per_size=max((len(t.sources) for t in plan.tasks), default=1))
+                _write_all(writer, _stream(plan, models, buffers), buffers)
             writer.close()
         finally:
             writer.abort()

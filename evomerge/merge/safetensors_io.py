@@ -95,13 +95,15 @@ class BufferPool:
     A fresh buffer of a large tensor is a fresh mapping that the kernel fills page by page on
     first touch; reading every input of a merge into fresh buffers cost about as much system
     time as the merge's arithmetic. The layers repeat a handful of shapes, so buffers keyed by
-    exact size are reused as soon as the tensors they held are merged. At most ``max_idle_bytes``
-    wait unused (the oldest go first), so the pool never holds much beyond one task's inputs.
-    Thread-safe: the reader thread takes while the merging thread gives.
+    exact size are reused as soon as the tensors they held are merged (or written). At most
+    ``max_per_size`` buffers of one size wait (one task reads that many at most: more would
+    never be taken before the next ones come back), and at most ``max_idle_bytes`` in all, the
+    oldest dropped first. Thread-safe: the reader thread takes while others give.
     """
 
-    def __init__(self, max_idle_bytes: int = 512 << 20) -> None:
+    def __init__(self, max_idle_bytes: int = 512 << 20, max_per_size: int = 4) -> None:
         self.max_idle_bytes = max_idle_bytes
+        self.max_per_size = max_per_size
         self._idle: dict[int, list[torch.Tensor]] = {}
         self._order: list[torch.Tensor] = []  # idle buffers, oldest first
         self._bytes = 0
@@ -126,7 +128,10 @@ class BufferPool:
             return
         buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
         with self._lock:
-            self._idle.setdefault(nbytes, []).append(buf)
+            same = self._idle.setdefault(nbytes, [])
+            if len(same) >= self.max_per_size:
+                return
+            same.append(buf)
             self._order.append(buf)
             self._bytes += nbytes
             while self._bytes > self.max_idle_bytes:

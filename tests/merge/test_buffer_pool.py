@@ -37,3 +37,10 @@ def test_the_result_s_own_buffer_is_not_recycled():
     _recycle(pool, [a, b], a.reshape(10, 10))  # passthrough returns its input
     assert pool.take(400).untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     assert pool.take(400).untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+
+
+def test_no_more_buffers_of_one_size_wait_than_one_task_reads():
+    pool = BufferPool(max_per_size=2)
+    for b in [pool.take(64) for _ in range(3)]:
+        pool.give(b)
+    assert len(pool._idle[64]) == 2 and pool._bytes == 128
