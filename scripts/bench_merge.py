@@ -175,7 +175,10 @@ def main() -> None:
         ):
             best = None
             for _ in range(args.repeat):
-                shutil.rmtree(args.workdir / f"out_mk_{method}", ignore_errors=True)
+                # both tools start with no output folder (evomerge's --overwrite would otherwise
+                # spend its timed run deleting the previous output)
+                for prefix in ("out_mk_", "out_evo_"):
+                    shutil.rmtree(args.workdir / f"{prefix}{method}", ignore_errors=True)
                 seconds, rss = timed(cmd)
                 best = (seconds, rss) if best is None or seconds < best[0] else best
             results[tool] = best

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from .safetensors_io import TensorInfo, read_header, read_tensor
+from .safetensors_io import BufferPool, TensorInfo, read_header, read_tensor
 
 # "<prefix>.<index>.<rest>" where prefix is the decoder's layer container, e.g. "model.layers".
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -168,10 +168,11 @@ class ModelFolder:
             return self._index[real].dtype
         return self._pickled[real].dtype
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """Tensor ``name`` in memory of its own (its buffer from ``pool`` when given)."""
         real = self._require(name)
         if real in self._index:
-            return read_tensor(self._index[real])
+            return read_tensor(self._index[real], pool)
         return self._pickled[real].clone()
 
     def _require(self, name: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +89,69 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor into memory it owns (no mmap: see the module docstring)."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+class BufferPool:
+    """Byte buffers of finished tensors, kept for the next tensors of the same size.
+
+    A fresh buffer of a large tensor is a fresh mapping that the kernel fills page by page on
+    first touch; reading every input of a merge into fresh buffers cost about as much system
+    time as the merge's arithmetic. The layers repeat a handful of shapes, so buffers keyed by
+    exact size are reused as soon as the tensors they held are merged (or written). At most
+    ``max_per_size`` buffers of one size wait (one task reads that many at most: more would
+    never be taken before the next ones come back), and at most ``max_idle_bytes`` in all, the
+    oldest dropped first. Thread-safe: the reader thread takes while others give.
+    """
+
+    def __init__(self, max_idle_bytes: int = 512 << 20, max_per_size: int = 4) -> None:
+        self.max_idle_bytes = max_idle_bytes
+        self.max_per_size = max_per_size
+        self._idle: dict[int, list[torch.Tensor]] = {}
+        self._order: list[torch.Tensor] = []  # idle buffers, oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of ``nbytes`` (reused when one is idle, else new; contents undefined)."""
+        with self._lock:
+            same = self._idle.get(nbytes)
+            if same:
+                buf = same.pop()
+                self._order.pop(self._index(buf))
+                self._bytes -= nbytes
+                return buf
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        """Return the buffer under ``tensor`` (which must own all of it and be dropped after)."""
+        storage = tensor.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes == 0 or nbytes > self.max_idle_bytes or tensor.device.type != "cpu":
+            return
+        buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+        with self._lock:
+            same = self._idle.setdefault(nbytes, [])
+            if len(same) >= self.max_per_size:
+                return
+            same.append(buf)
+            self._order.append(buf)
+            self._bytes += nbytes
+            while self._bytes > self.max_idle_bytes:
+                old = self._order.pop(0)
+                size = old.untyped_storage().nbytes()
+                self._idle[size].pop(self._index_in(self._idle[size], old))
+                self._bytes -= size
+
+    def _index(self, buf: torch.Tensor) -> int:
+        return self._index_in(self._order, buf)
+
+    @staticmethod
+    def _index_in(items: list[torch.Tensor], buf: torch.Tensor) -> int:
+        return next(i for i, b in enumerate(items) if b is buf)
+
+
+def read_tensor(info: TensorInfo, pool: BufferPool | None = None) -> torch.Tensor:
+    """Read one tensor into memory it owns (no mmap: see the module docstring), from ``pool``
+    when given."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8) if pool is None else pool.take(info.nbytes)
     with open(info.path, "rb", buffering=0) as f:
         f.seek(info.start)
         view = memoryview(buf.numpy())

@@ -63,9 +63,10 @@ class Sparsifier(str, enum.Enum):
 # --------------------------------------------------------------------------------------------
 
 
-def _selection_view(tensor: torch.Tensor) -> torch.Tensor:
-    """Flat magnitudes to rank (one temporary; kthvalue works in every float dtype)."""
-    return tensor.detach().abs().reshape(-1)
+def _selection_view(tensor: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+    """Flat magnitudes to rank (one temporary, none when the caller passes magnitudes already;
+    kthvalue works in every float dtype)."""
+    return tensor.detach().reshape(-1) if nonnegative else tensor.detach().abs().reshape(-1)
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,7 +92,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     above_hi = int(torch.count_nonzero(values > hi))
     if above_hi < k:
         in_band = (values >= lo).logical_and_(values <= hi)
-        band = values.masked_select(in_band)
+        band = values[in_band]  # boolean indexing: ~3x faster than masked_select on CPU
         del in_band
         rank = k - above_hi  # of the k-th largest, counted from the top of the band
         if rank <= band.numel():  # else fewer than k entries are >= lo: lo is too high
@@ -130,7 +131,7 @@ def _descending_band_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tenso
     return mask
 
 
-def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor | None:
+def magnitude_mask(tensor: torch.Tensor, density: float, *, nonnegative: bool = False) -> torch.Tensor | None:
     """Mask keeping the ``max(1, int(density * numel))`` largest ``|tensor|``; None keeps all.
 
     Mirrors mergekit: density >= 1 keeps everything; density <= 0 (or an empty tensor) keeps
@@ -143,11 +144,11 @@ def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor | None:
     if density <= 0 or numel == 0:
         return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
     k = max(1, int(density * numel))
-    return top_k_mask(_selection_view(tensor), k).reshape(tensor.shape)
+    return top_k_mask(_selection_view(tensor, nonnegative), k).reshape(tensor.shape)
 
 
 def magnitude_outliers_mask(
-    tensor: torch.Tensor, density: float, gamma: float
+    tensor: torch.Tensor, density: float, gamma: float, *, nonnegative: bool = False
 ) -> torch.Tensor | None:
     """Breadcrumbs: drop the ``int(gamma * numel)`` largest, keep ``int(density * numel)`` below.
 
@@ -169,7 +170,7 @@ def magnitude_outliers_mask(
     if len(kept) == 0:
         return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
     # Ascending ranks [a, b) are descending ranks [numel - b, numel - a).
-    mask = _descending_band_mask(_selection_view(tensor), numel - kept.stop, numel - kept.start)
+    mask = _descending_band_mask(_selection_view(tensor, nonnegative), numel - kept.stop, numel - kept.start)
     return mask.reshape(tensor.shape)
 
 
@@ -287,12 +288,17 @@ def mask_for(
     gamma: float = 0.01,
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
+    nonnegative: bool = False,
 ) -> torch.Tensor | None:
-    """The boolean keep-mask of sparsifier ``method`` for ``tensor``; None keeps everything."""
+    """The boolean keep-mask of sparsifier ``method`` for ``tensor``; None keeps everything.
+
+    ``nonnegative`` says ``tensor`` holds magnitudes already (every sparsifier ranks |tensor|),
+    which saves the magnitude sparsifiers a tensor-sized temporary.
+    """
     if method is Sparsifier.MAGNITUDE:
-        return magnitude_mask(tensor, density)
+        return magnitude_mask(tensor, density, nonnegative=nonnegative)
     if method is Sparsifier.MAGNITUDE_OUTLIERS:
-        return magnitude_outliers_mask(tensor, density, gamma)
+        return magnitude_outliers_mask(tensor, density, gamma, nonnegative=nonnegative)
     if method is Sparsifier.RANDOM:
         return bernoulli_mask(tensor, density, generator)
     return della_mask(tensor, density, epsilon, generator)

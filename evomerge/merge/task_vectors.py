@@ -16,6 +16,12 @@ consensus. For base b and donors x_i with weight w_i:
 Everything runs in the base's dtype (mergekit aligns all inputs to their promoted dtype first and
 does not widen bfloat16 here, unlike linear and slerp), and the op order follows mergekit's so
 that float32 results agree to rounding and low-precision results round alike.
+
+On CPU the merge runs in row chunks that fit in cache (:func:`_merge_in_chunks`): every step
+above is elementwise except the sparsifiers' masks and L1 sums, which need the whole tensor and
+are computed first. The chunks repeat the whole-tensor ops on slices, so the result is the same
+bit for bit, in a few passes over memory instead of some thirty, and with one output-sized
+buffer instead of ``count + 3`` of them.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from collections.abc import Sequence
 import torch
 
 from evomerge.merge.methods import require_floating
-from evomerge.merge.sparsify import Sparsifier, apply_mask, mask_for, work_dtype
+from evomerge.merge.sparsify import RESCALE_EPS, Sparsifier, apply_mask, mask_for, work_dtype
 
 #: Below this |sum of weights| a non-consensus divisor is taken as 1, as in mergekit.
 DIVISOR_EPS = 1e-8
+#: Entries per chunk of the chunked CPU merge: each donor's slice of the terms is 256 KiB in
+#: float32, so a chunk's terms and temporaries stay in L2 and below glibc's mmap threshold.
+CHUNK = 1 << 16
 
 
 def task_vector_merge(
@@ -60,6 +69,46 @@ def task_vector_merge(
     if count == 0:
         return base
     require_floating("task-vector merging", base)
+    if _chunkable(base, sparsifier):
+        return _merge_in_chunks(
+            base, donors, weights, sparsifier=sparsifier, consensus=consensus, normalize=normalize,
+            rescale=rescale, lambda_=lambda_, densities=densities, gammas=gammas, epsilons=epsilons,
+            deltas=deltas, generator=generator,
+        )
+    return _merge_whole(
+        base, donors, weights, sparsifier=sparsifier, consensus=consensus, normalize=normalize,
+        rescale=rescale, lambda_=lambda_, densities=densities, gammas=gammas, epsilons=epsilons,
+        deltas=deltas, generator=generator,
+    )
+
+
+def _chunkable(base: torch.Tensor, sparsifier: Sparsifier | None) -> bool:
+    """Chunk on CPU (on a GPU the whole-tensor ops are already fast, and chunks cost launches),
+    for tensors larger than a chunk, when the sparsifier masks in the tensor's own dtype (the
+    random ones widen float16 to float32 on CPU; that rare case keeps the whole-tensor path)."""
+    if base.device.type != "cpu" or base.numel() <= CHUNK:
+        return False
+    return sparsifier is None or work_dtype(sparsifier, base) == base.dtype
+
+
+def _merge_whole(
+    base: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sparsifier: Sparsifier | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    densities: Sequence[float] | None,
+    gammas: Sequence[float] | None,
+    epsilons: Sequence[float] | None,
+    deltas: Sequence[torch.Tensor] | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The merge on whole tensors, in mergekit's op order: the reference the chunks reproduce."""
+    count = len(weights)
     dtype, device = base.dtype, base.device
     w = torch.tensor(list(weights), dtype=dtype, device=device)
     terms = torch.empty((count, *base.shape), dtype=dtype, device=device)
@@ -112,3 +161,155 @@ def task_vector_merge(
     if lambda_ != 1:
         mixed.mul_(lambda_)
     return mixed.add_(base)
+
+
+def _delta(
+    j: int, base: torch.Tensor, donors: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor] | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Donor j's task vector (or a slice of it, for slices of the inputs) written into ``out``."""
+    if deltas is not None:
+        return out.copy_(deltas[j])
+    return torch.sub(donors[j], base, out=out)
+
+
+def _masks_and_scales(
+    base: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    count: int,
+    *,
+    sparsifier: Sparsifier,
+    rescale: bool,
+    densities: Sequence[float] | None,
+    gammas: Sequence[float] | None,
+    epsilons: Sequence[float] | None,
+    deltas: Sequence[torch.Tensor] | None,
+    generator: torch.Generator | None,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """First pass: each donor's keep-mask and L1 rescale factor, which need the whole tensor.
+
+    One buffer holds |delta_j| for each donor in turn: every sparsifier ranks magnitudes only
+    (the random one ignores values), so the masks are those of the deltas themselves, drawn in
+    the same donor order from the generator. The L1 sums are the same full-tensor sums as in
+    :func:`~evomerge.merge.sparsify.apply_mask` (|delta * mask| is |delta| * mask exactly), so
+    the factors agree bit for bit.
+    """
+    magnitudes = torch.empty_like(base)
+    masks: list[torch.Tensor | None] = []
+    factors: list[torch.Tensor | None] = []
+    for j in range(count):
+        _delta(j, base, donors, deltas, magnitudes).abs_()
+        mask = mask_for(
+            magnitudes,
+            sparsifier,
+            1.0 if densities is None else densities[j],
+            gamma=0.0 if gammas is None else gammas[j],
+            epsilon=0.0 if epsilons is None else epsilons[j],
+            generator=generator,
+            nonnegative=True,
+        )
+        factor = None
+        if mask is not None and rescale:
+            before = magnitudes.sum()
+            after = torch.mul(magnitudes, mask, out=magnitudes).sum()
+            if not (before < RESCALE_EPS or after < RESCALE_EPS):
+                factor = before / after
+        masks.append(mask)
+        factors.append(factor)
+    return masks, factors
+
+
+def _merge_in_chunks(
+    base: torch.Tensor,
+    donors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sparsifier: Sparsifier | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    densities: Sequence[float] | None,
+    gammas: Sequence[float] | None,
+    epsilons: Sequence[float] | None,
+    deltas: Sequence[torch.Tensor] | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """:func:`_merge_whole`, bit for bit, computed chunk by chunk of the flattened tensors.
+
+    Masks and rescale factors come first (:func:`_masks_and_scales`); then each chunk of
+    ``CHUNK`` entries runs the whole-tensor ops on slices, so the terms of all donors for that
+    chunk never leave the cache. Elementwise ops round per entry whatever the slice, and the one
+    reduction in a chunk (the sum over donors) runs over the same axis in the same order.
+    """
+    count = len(weights)
+    dtype = base.dtype
+    flat_base = base.reshape(-1)
+    flat_donors = None if deltas is not None else [d.reshape(-1) for d in donors]
+    flat_deltas = None if deltas is None else [d.reshape(-1) for d in deltas]
+    masks: list[torch.Tensor | None] = [None] * count
+    factors: list[torch.Tensor | None] = [None] * count
+    if sparsifier is not None:
+        # in the tensors' own shapes: della ranks within rows
+        masks, factors = _masks_and_scales(
+            base, donors, count, sparsifier=sparsifier, rescale=rescale,
+            densities=densities, gammas=gammas, epsilons=epsilons, deltas=deltas, generator=generator,
+        )
+        masks = [None if m is None else m.reshape(-1) for m in masks]
+    w = torch.tensor(list(weights), dtype=dtype)
+    weight_column = w.reshape(count, 1)
+    divisor_all = None
+    if not consensus:
+        divisor_all = w.sum()
+        if divisor_all.abs() < DIVISOR_EPS:
+            divisor_all = torch.ones_like(divisor_all)
+    out = torch.empty_like(flat_base)
+    n = flat_base.numel()
+    scratch = torch.empty((count, min(CHUNK, n)), dtype=dtype)
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        terms = scratch[:, : stop - start]
+        b = flat_base[start:stop]
+        for j in range(count):
+            row = terms[j]
+            if flat_deltas is not None:
+                row.copy_(flat_deltas[j][start:stop])
+            else:
+                torch.sub(flat_donors[j][start:stop], b, out=row)
+            mask = masks[j]
+            if mask is not None:
+                row.mul_(mask[start:stop])
+                if factors[j] is not None:
+                    row.mul_(factors[j])
+            row.mul_(w[j])
+        _combine(terms, b, weight_column, divisor_all, consensus=consensus, normalize=normalize,
+                 lambda_=lambda_, out=out[start:stop])
+    return out.reshape(base.shape)
+
+
+def _combine(
+    terms: torch.Tensor,
+    base: torch.Tensor,
+    weight_column: torch.Tensor,
+    divisor_all: torch.Tensor | None,
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    out: torch.Tensor,
+) -> None:
+    """Steps 3 to 5 of the module docstring for one chunk of weighted terms, into ``out``."""
+    if consensus:
+        elected = (terms.sum(dim=0) >= 0).to(terms.dtype).mul_(2).sub_(1)
+        flipped = terms.mul_(elected).clamp_(min=0)
+        divisor = torch.sign(flipped).mul_(weight_column).sum(dim=0)
+        divisor.masked_fill_(divisor == 0, 1)
+        torch.sum(flipped, dim=0, out=out).mul_(elected)
+    else:
+        torch.sum(terms, dim=0, out=out)
+        divisor = divisor_all
+    if normalize:
+        out.div_(divisor)
+    if lambda_ != 1:
+        out.mul_(lambda_)
+    out.add_(base)
