@@ -9,7 +9,7 @@ seed and thread count it is deterministic.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING
@@ -36,7 +36,7 @@ class TrainSettings:
 
 
 def new_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
-    """A freshly initialised tiny Llama (about 0.5M parameters), seeded."""
+    """A freshly initialised tiny Llama (about 0.7M parameters), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -81,9 +81,12 @@ def train(
     settings: TrainSettings,
     *,
     seed: int,
-    on_step=None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> float:
-    """Trains ``model`` in place on ``settings.steps`` batches from ``stream``; returns the last loss."""
+    """Trains ``model`` in place on ``settings.steps`` batches from ``stream``; returns the last loss.
+
+    ``on_step(step, loss)`` is called after every step (progress reports, tuning experiments).
+    """
     torch.manual_seed(seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.98))
