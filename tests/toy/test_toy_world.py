@@ -154,8 +154,9 @@ def test_manifest_records_the_weights_it_describes(toy_world) -> None:
     assert manifest["seed"] == 0
     for name, rel in manifest["models"].items():
         assert _sha256(toy_world.directory / rel / "model.safetensors") == manifest["sha256"][name]
-    # no scratch merge folders or temp files are left in the world
+    # no scratch merge folders or temp files are left in the world, nor staging folders beside it
     assert sorted(p.name for p in toy_world.directory.iterdir()) == sorted([*manifest["models"], "manifest.json"])
+    assert not list(toy_world.directory.parent.glob(f".{toy_world.directory.name}.*"))
 
 
 @pytest.mark.slow
