@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +64,6 @@ def test_score_is_repeatable_and_tracks_the_model(tiny) -> None:
     scorer = LmEvalScorer(["toy_arith"], limit=16)
     first = scorer.score(model, tokenizer)
     assert scorer.score(model, tokenizer) == first
-    # make the model answer every item right: boost the logit of each target's next character
-    from transformers import LlamaForCausalLM
-
-    assert isinstance(model, LlamaForCausalLM)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         with torch.no_grad():
