@@ -77,6 +77,8 @@ class CandidateEvaluator:
         from .evaluate import LmEvalScorer
         from .merge.inmemory import ResidentModels, state_view
 
+        # lm-eval and datasets draw progress bars per call; a search prints its own progress
+        os.environ.setdefault("TQDM_DISABLE", "1")
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec

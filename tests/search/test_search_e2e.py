@@ -175,3 +175,52 @@ def test_changed_config_under_existing_name_is_refused_and_names_the_field(toy_w
     assert result.returncode == 2
     assert "search.seed" in result.stderr and "Traceback" not in result.stderr
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "e2e").iterdir()} == before
+
+
+def test_killed_search_resumes_without_losing_or_repeating_trials(toy_world, tmp_path):
+    """kill -9 while candidates are out on workers; the same command finishes the run."""
+    import os
+    import signal
+    import time
+
+    from evomerge.store import RunStore
+
+    cfg = write(tmp_path, space(toy_world, budget=10))
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--runs-dir", str(tmp_path / "runs")],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = tmp_path / "runs" / "e2e"
+    deadline = time.time() + 300
+    done_before: dict[int, dict] = {}
+    try:
+        while time.time() < deadline:
+            time.sleep(1.0)
+            if (run / "trials.db").exists():
+                store = RunStore.open(run)
+                records = store.trials()
+                store.close()
+                complete = [r for r in records if r.state == "complete"]
+                if len(complete) >= 3 and any(r.state == "running" for r in records):
+                    done_before = {r.number: dict(r.objectives) for r in complete}
+                    break
+        assert done_before, "the search never had finished and running trials at once"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+    again = evomerge("search", str(cfg), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    store = RunStore.open(run)
+    records = store.trials()
+    counts = store.counts()
+    store.close()
+    assert counts.complete == 10 and counts.running == 0
+    # the trials completed before the kill kept their results and were not evaluated again
+    for number, objectives in done_before.items():
+        assert next(r for r in records if r.number == number).objectives == objectives
+    interrupted = [r for r in records if r.interrupted]
+    assert interrupted, "the kill left trials running; they must be marked interrupted and re-run"
+    # every interrupted candidate was asked again with the same parameters
+    rerun_params = [r.params for r in records if r.state == "complete"]
+    for r in interrupted:
+        assert r.params in rerun_params
