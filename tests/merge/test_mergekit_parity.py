@@ -155,3 +155,32 @@ def test_random_methods_match_mergekit_in_distribution(method, density, tiny_mod
     # the merged deltas: same variance within 10%, means both near zero relative to their spread
     assert var_o == pytest.approx(var_t, rel=0.1)
     assert abs(mean_o - mean_t) < 6 * math.sqrt((var_o + var_t) / n)
+
+
+def toy_configs(world) -> dict[str, dict]:
+    """Configs over the toy world's trained models (real task vectors, a real tokenizer)."""
+    base = str(world.base)
+    a, b = (str(p) for _, p in sorted(world.specialists.items()))
+    donors = lambda **p: [{"model": a, "parameters": dict(p)}, {"model": b, "parameters": dict(p)}]  # noqa: E731
+    return {
+        "linear": {"merge_method": "linear", "models": donors(weight=0.5)},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": donors(weight=[1.0, 0.6])},
+        "ties": {"merge_method": "ties", "base_model": base, "models": donors(weight=0.8, density=0.5)},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": base, "models": donors(weight=0.8, density=0.7)},
+        "slerp": {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.4},
+                  "slices": [{"sources": [{"model": base, "layer_range": [0, 4]}, {"model": a, "layer_range": [0, 4]}]}]},
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": donors()},
+        "passthrough": {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 3]}]},
+                                                                  {"sources": [{"model": b, "layer_range": [2, 4]}]}]},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp", "model_stock", "passthrough"])
+def test_toy_world_merges_match_mergekit(name, toy_world, tmp_path):
+    config = toy_configs(toy_world)[name]
+    ours = evomerge_merge(config, tmp_path / "evo")
+    theirs = mergekit_merge(config, tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+    assert worst <= 1e-6, f"max |diff| {worst:.3g}"
