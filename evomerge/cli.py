@@ -146,6 +146,9 @@ def toy_build(directory: Path, seed: int, force: bool) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def toy_compare(run_dir: Path) -> None:
     """Score a run's best recipe against 50/50 linear and default TIES on the held-out split."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before lm-eval and datasets import tqdm
     from .toy.compare import compare, print_comparison
 
     print_comparison(compare(run_dir))

@@ -187,7 +187,7 @@ def _init_ray(config: SpaceConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or config.workers.ray_address
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(config.workers.cpus_per_worker)))}}
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(max(1, int(config.workers.cpus_per_worker)))}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, **quiet)
     else:

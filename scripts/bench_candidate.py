@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64, help="items per task, the same in every path")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
     import torch
     import yaml
@@ -88,7 +89,7 @@ def main() -> None:
         subprocess.run([mergekit, str(cfg), str(out)], check=True, capture_output=True)
         subprocess.run([lm_eval, "--model", "hf", "--model_args", f"pretrained={out},dtype=float32",
                         "--tasks", ",".join(tasks), "--include_path", str(include), "--samples", limit_samples,
-                        "--batch_size", "32", "--bootstrap_iters", "0", "--device", "cpu"],
+                        "--batch_size", "32", "--device", "cpu"],
                        check=True, capture_output=True)
 
     b = timed(pipeline)
