@@ -358,7 +358,3 @@ def resume_config(run_dir: Path) -> SpaceConfig:
 def resume(run_dir: Path, **kwargs: Any) -> Path:
     """``evomerge resume runs/<name>``: the run's own frozen space file, same run folder."""
     return run_search(resume_config(run_dir), runs_dir=Path(run_dir).parent, **kwargs)
-
-
-def objectives_of(config: SpaceConfig) -> Mapping[str, str]:
-    return {o.key: o.direction for o in config.objectives}

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError, close_matches
 from .merge.config import DTYPES
-from .merge.registry import MergeMethod, Param, get_method, method_names
+from .merge.registry import MergeMethod, Param, get_method
 
 DRIVERS = ("cma", "tpe", "nsga2", "gp", "random")
 DIRECTIONS = ("maximize", "minimize")
