@@ -30,15 +30,16 @@ def _header(run: str, record: Any, directions: Mapping[str, str]) -> str:
 
 
 def scalar_score(record: Any, directions: Mapping[str, str], weights: Mapping[str, float] | None = None) -> float:
-    """The weighted sum a single 'best' is chosen by (maximize counts up, minimize down)."""
-    total = 0.0
-    for name, direction in directions.items():
-        value = (record.objectives or {}).get(name)
-        if value is None:
-            return float("-inf")
-        w = (weights or {}).get(name, 1.0)
-        total += w * (value if direction == "maximize" else -value)
-    return total - 1e6 * getattr(record, "violation", 0.0)
+    """The weighted sum a single 'best' is chosen by: CMA-ES's own scalarisation of the objectives,
+    with any broken constraint ranking a trial below every feasible one."""
+    from .drivers.base import ObjectiveSpec
+    from .drivers.cma_driver import scalarize
+
+    measured = record.objectives or {}
+    if any(name not in measured for name in directions):
+        return float("-inf")
+    specs = [ObjectiveSpec(name, d, (weights or {}).get(name, 1.0)) for name, d in directions.items()]
+    return scalarize(measured, specs) - 1e6 * getattr(record, "violation", 0.0)
 
 
 def choose(store: Any, *, trial: int | None, best: bool, pareto: bool, weights: Mapping[str, float] | None = None) -> list[Any]:
