@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ def start_workers(spec: WorkerSpec, *, count: int, cpus: float, gpus: float) -> 
 
     actor = ray.remote(CandidateEvaluator)
     threads = spec.threads or max(1, int(cpus))
-    spec = WorkerSpec(**{**asdict(spec), "evaluation": spec.evaluation, "threads": threads})
+    spec = replace(spec, threads=threads)
     return [
         actor.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=1).remote(spec)
         for _ in range(count)
