@@ -270,6 +270,15 @@ def run_search(
         pool = _Pool(_worker_spec(prepared), config.workers.count, config.workers.cpus_per_worker, config.workers.gpus_per_worker)
         flights: dict[Any, _Flight] = {}
         exhausted = False
+
+        def recorded(record: Any) -> None:
+            """Count a told trial, whatever its outcome, and show it."""
+            progress.finished += 1
+            if record.state != "complete":
+                progress.failed += 1
+            _refresh_best(progress, store, config, record)
+            if on_progress:
+                on_progress(progress, record)
         while True:
             counts = store.counts()
             # ask while a worker is free and the budget (finished + in flight) allows
@@ -297,16 +306,13 @@ def run_search(
                     flights[new_ref] = _Flight(flight.number, flight.recipe_json, worker, time.perf_counter(),
                                                flight.generation, flight.attempts + 1)
                     continue
-                driver.tell(flight.number, None, failed_reason=f"worker lost {flight.attempts} times: {type(err).__name__}")
-                progress.failed += 1
-                progress.finished += 1
+                recorded(driver.tell(flight.number, None,
+                                     failed_reason=f"worker lost {flight.attempts} times: {type(err).__name__}"))
                 continue
             except ray.exceptions.RayTaskError as err:
                 # an exception inside the evaluator that is not a candidate fault: a bug, kept as data
                 pool.idle.append(flight.worker)
-                driver.tell(flight.number, None, failed_reason=f"evaluation raised {err.cause!r}"[:2000])
-                progress.failed += 1
-                progress.finished += 1
+                recorded(driver.tell(flight.number, None, failed_reason=f"evaluation raised {err.cause!r}"[:2000]))
                 continue
             pool.idle.append(flight.worker)
             attrs = {"timings": {"merge_s": result.merge_s, "eval_s": result.eval_s,
@@ -314,13 +320,7 @@ def run_search(
                      "worker": result.worker, "attempts": flight.attempts}
             if flight.generation is not None:
                 attrs["generation"] = flight.generation
-            record = driver.tell(flight.number, result.objectives, failed_reason=result.error, attrs=attrs)
-            progress.finished += 1
-            if record.state != "complete":
-                progress.failed += 1
-            _refresh_best(progress, store, config, record)
-            if on_progress:
-                on_progress(progress, record)
+            recorded(driver.tell(flight.number, result.objectives, failed_reason=result.error, attrs=attrs))
         return store.path
     finally:
         store.close()
