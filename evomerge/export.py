@@ -3,7 +3,9 @@
 The recipe a trial stored is the complete mergekit config the worker merged (original model
 references, every parameter explicit, per-layer values as gradients of one value per layer), so
 export writes it out as it is: running ``mergekit-yaml`` or ``evomerge merge`` on the file gives
-the weights the search evaluated.
+the weights the search evaluated. A routed recipe is a ``passthrough`` config in ``slices:``
+form; one that routes over its own parameter merge is a multi-stage file (``mergekit-multi``'s
+format: the merge named ``merged``, then the route that names it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ def _header(run: str, record: Any, directions: Mapping[str, str]) -> str:
         arrow = {"maximize": " (maximize)", "minimize": " (minimize)"}.get(directions.get(name, ""), "")
         lines.append(f"#   {name} = {value:.6g}{arrow}")
     recipe = Recipe.from_json(record.recipe_json)
-    seed = recipe.merge.random_seed
+    seed = recipe.merge.random_seed if recipe.merge is not None else None
+    if len(recipe.stages()) > 1:
+        lines.append("# a parameter merge, then a layer route over it: run with `mergekit-multi THIS.yaml "
+                     "--intermediate-dir DIR --out-path OUT` or `evomerge merge THIS.yaml OUT`")
     if seed is not None:
         lines.append(f"# random method: reproduce with `mergekit-yaml THIS.yaml OUT --random-seed {seed}` (statistically)")
         lines.append("# or exactly with `evomerge merge THIS.yaml OUT`, which reads random_seed below")
@@ -65,7 +70,7 @@ def export(store: Any, records: Sequence[Any], out: Path | None) -> list[Path]:
     if out is None:
         out = store.path / "exports"
     for r in records:
-        text = _header(run, r, store.directions) + Recipe.from_json(r.recipe_json).merge.to_yaml()
+        text = _header(run, r, store.directions) + Recipe.from_json(r.recipe_json).to_yaml()
         if len(records) == 1 and out.suffix in (".yaml", ".yml"):
             target = out
         else:

@@ -18,25 +18,42 @@ from .errors import ConfigError
 from .merge.config import MergeConfig, parse_merge_config
 
 
+#: The stage name a routed recipe's parameter merge gets in an exported multi-stage file; the
+#: route names its layers from it (``mergekit-multi`` substitutes the stage's output folder).
+MERGED_STAGE = "merged"
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A merge candidate.
+    """A merge candidate: a parameter merge, a layer route, or a route over a parameter merge.
 
     ``merge`` names the models by their original references (as the space file wrote them) and
     sets every parameter explicitly, so the exported YAML does not depend on evomerge's
-    defaults. ``params`` are the coordinate values the merge was decoded from, after repair,
-    restricted to those that shaped it (see :meth:`evomerge.space.SearchSpace.decode`).
+    defaults. ``route`` is a mergekit ``passthrough`` config in ``slices:`` form whose layers
+    come from the base, the donors, or (as model ``merged``) the parameter merge; see
+    :mod:`evomerge.merge.routing`. ``params`` are the coordinate values the recipe was decoded
+    from, after repair, restricted to those that shaped it (see
+    :meth:`evomerge.space.SearchSpace.decode`).
     """
 
-    merge: MergeConfig
+    merge: MergeConfig | None
     params: Mapping[str, float | str] = field(default_factory=dict)
+    route: MergeConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.merge is None and self.route is None:
+            raise ValueError("a recipe needs a merge, a route, or both")
         # frozen all the way down: a recipe is shared between the log, workers and export
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     def to_data(self) -> dict[str, Any]:
-        return {"merge": self.merge.model_dump(mode="json", exclude_none=True), "params": dict(self.params)}
+        data: dict[str, Any] = {
+            "merge": self.merge.model_dump(mode="json", exclude_none=True) if self.merge is not None else None,
+            "params": dict(self.params),
+        }
+        if self.route is not None:
+            data["route"] = self.route.model_dump(mode="json", exclude_none=True)
+        return data
 
     def to_json(self) -> str:
         """Compact JSON with sorted keys: equal recipes give equal strings."""
@@ -44,16 +61,20 @@ class Recipe:
 
     @classmethod
     def from_data(cls, data: Any, *, source: str = "recipe") -> Recipe:
-        if not isinstance(data, Mapping) or set(data) != {"merge", "params"}:
-            raise ConfigError("a recipe is a mapping with exactly 'merge' and 'params'", where=source)
+        if not isinstance(data, Mapping) or not {"merge", "params"} <= set(data) <= {"merge", "params", "route"}:
+            raise ConfigError("a recipe is a mapping with 'merge' and 'params' (and 'route' when routed)", where=source)
         params = data["params"]
         plain = (int, float, str)
         if not isinstance(params, Mapping) or not all(
             isinstance(k, str) and isinstance(v, plain) and not isinstance(v, bool) for k, v in params.items()
         ):
             raise ConfigError("'params' must map coordinate names to numbers or text", where=source)
-        merge = parse_merge_config(data["merge"], source=f"{source}: merge")
-        return cls(merge=merge, params={k: (float(v) if isinstance(v, int) else v) for k, v in params.items()})
+        merge = parse_merge_config(data["merge"], source=f"{source}: merge") if data["merge"] is not None else None
+        route = parse_merge_config(data["route"], source=f"{source}: route") if data.get("route") is not None else None
+        if merge is None and route is None:
+            raise ConfigError("a recipe needs a merge, a route, or both", where=source)
+        return cls(merge=merge, params={k: (float(v) if isinstance(v, int) else v) for k, v in params.items()},
+                   route=route)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "recipe") -> Recipe:
@@ -63,6 +84,17 @@ class Recipe:
             raise ConfigError(f"not valid JSON: {err}", where=source) from None
         return cls.from_data(data, source=source)
 
+    def stages(self) -> list[tuple[str | None, MergeConfig]]:
+        """The merges to run in order, named as in a ``mergekit-multi`` file (None: the final one)."""
+        if self.route is None:
+            assert self.merge is not None
+            return [(None, self.merge)]
+        if self.merge is None:
+            return [(None, self.route)]
+        return [(MERGED_STAGE, self.merge), (None, self.route)]
+
     def to_yaml(self) -> str:
-        """The mergekit YAML this recipe exports to."""
-        return self.merge.to_yaml()
+        """The mergekit YAML this recipe exports to: one config, or a multi-stage file
+        (``mergekit-multi``, or ``evomerge merge``) when a route follows a parameter merge."""
+        docs = [(f"name: {name}\n" if name else "") + config.to_yaml() for name, config in self.stages()]
+        return "---\n".join(docs)

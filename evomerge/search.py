@@ -81,7 +81,11 @@ def prepare(config: SpaceConfig) -> Prepared:
     config.validate_against_models(num_layers, folders[config.models.base].tensor_names)
     space = SearchSpace.from_config(config, num_layers)
     # plan the initial candidate: refuses incompatible models (architecture, shapes, vocabulary)
-    plan_merge(space.decode(space.from_unit(space.initial_unit())).merge, folders)
+    initial = space.decode(space.from_unit(space.initial_unit()))
+    if initial.merge is not None:
+        plan_merge(initial.merge, folders)
+    if config.route is not None:
+        _check_route_models(config, folders)
     _check_constraints(config)
     scorer = LmEvalScorer(config.task_names(), **_scorer_paths(config))
     known_metrics = scorer.metrics()
@@ -105,6 +109,35 @@ def prepare(config: SpaceConfig) -> Prepared:
         if indices is not None:
             samples[task] = indices
     return Prepared(config, space, num_layers, samples or None)
+
+
+def _check_route_models(config: SpaceConfig, folders: dict[str, Any]) -> None:
+    """A route stacks layers of every pool model into one model: they must agree in kind, width
+    and depth (the slots assume one layer count), and ``scale`` needs the output projections it
+    multiplies."""
+    from .merge.routing import RESIDUAL_OUTPUTS
+    from .space_config import BASE_NAME, MERGED_NAME
+
+    route = config.route
+    assert route is not None
+    refs = {BASE_NAME: config.models.base, **{d.name: d.model for d in config.models.donors}}
+    base = folders[config.models.base]
+    want = (base.config.get("model_type"), base.config.get("hidden_size"), base.num_layers)
+    for i, entry in enumerate(route.pool):
+        folder = folders[refs.get(entry, config.models.base)]  # merged: a merge of these models
+        got = (folder.config.get("model_type"), folder.config.get("hidden_size"), folder.num_layers)
+        if got != want and entry != MERGED_NAME:
+            raise ConfigError(
+                f"{refs[entry]!r} is a {got[0]} with hidden size {got[1]} and {got[2]} layers, the base a {want[0]} "
+                f"with hidden size {want[1]} and {want[2]} layers; a route stacks layers of models of one shape",
+                where=f"{config.source}: route.pool[{i}]",
+            )
+    scale = route.scale
+    if scale is not None and not all(any(name in t for t in base.tensor_names) for name in RESIDUAL_OUTPUTS):
+        raise ConfigError(
+            f"this architecture has no {' / '.join(RESIDUAL_OUTPUTS)} tensors for a layer scale to multiply; remove it",
+            where=f"{config.source}: route.scale",
+        )
 
 
 def _scorer_paths(config: SpaceConfig) -> dict[str, Any]:
@@ -219,7 +252,7 @@ def _worker_spec(prepared: Prepared) -> Any:
         base=cfg.models.base,
         donors=tuple(d.model for d in cfg.models.donors),
         evaluation=settings,
-        dtype=cfg.merge.dtype,
+        dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
     )
 
@@ -255,7 +288,10 @@ def run_search(
 
     import optuna
 
+    from .route_space import resolve_merged
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
+    config = resolve_merged(config)
     prepared = prepare(config)
     store = open_store(config, runs_dir)
     try:

@@ -34,10 +34,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .merge.config import MergeConfig
+from .merge.config import MergeConfig, parse_merge_config
 from .merge.registry import get_method
-from .recipe import Recipe
-from .space_config import BASE_NAME, ResolvedParam, SpaceConfig
+from .merge.routing import route_to_config
+from .recipe import MERGED_STAGE, Recipe
+from .route_space import RouteEncoding
+from .space_config import BASE_NAME, MERGED_NAME, ResolvedParam, SpaceConfig, plain_data
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -131,7 +133,7 @@ class SearchSpace:
         self.num_layers = num_layers
         self.params = {p.name: p for p in config.parameters()}
         coords: list[Coordinate] = []
-        if len(config.merge.method) > 1:
+        if config.merge is not None and len(config.merge.method) > 1:
             coords.append(Coordinate(METHOD, choices=config.merge.method))
         self._slots: dict[str, _Slot] = {}
         donors = [d.name for d in config.models.donors]
@@ -159,6 +161,12 @@ class SearchSpace:
                     grid.append(tuple(row))
                 names[who] = tuple(grid)
             self._slots[p.name] = _Slot(p, filters, names)
+        self.route: RouteEncoding | None = None
+        if config.route is not None:
+            references = {BASE_NAME: config.models.base, MERGED_NAME: MERGED_STAGE}
+            references.update({d.name: d.model for d in config.models.donors})
+            self.route = RouteEncoding(config.route, num_layers, references, source=config.source)
+            coords.extend(self.route.coordinates())
         self.coordinates: tuple[Coordinate, ...] = tuple(coords)
         self._by_name = {c.name: c for c in coords}
 
@@ -232,13 +240,16 @@ class SearchSpace:
     # -- decoding -------------------------------------------------------------------------------
 
     def method_of(self, values: Mapping[str, Any]) -> str:
+        assert self.config.merge is not None, "a route-only space has no merge method"
         if len(self.config.merge.method) == 1:
             return self.config.merge.method[0]
         return str(self._by_name[METHOD].repair(values.get(METHOD)))
 
-    def used_names(self, method: str) -> list[str]:
-        """The coordinates that shape a merge with ``method``."""
+    def used_names(self, method: str | None) -> list[str]:
+        """The coordinates that shape a merge with ``method`` (None: no parameter merge), and the route's."""
         used = [METHOD] if METHOD in self._by_name else []
+        if self.route is not None:
+            used.extend(self.route.names())
         for slot in self._slots.values():
             if method in slot.param.searched_by:
                 for who, grid in slot.names.items():
@@ -252,15 +263,32 @@ class SearchSpace:
         missing used coordinate, an unknown name or an unknown choice is an error (a bug in the
         caller, or a trial log from another space)."""
         self._check_names(values, require_all=False)
-        method_name = self.method_of(values)
+        method_name = self.method_of(values) if self.config.merge is not None else None
         used = self.used_names(method_name)
         missing = [n for n in used if n not in values]
         if missing:
             raise ValueError(f"values lack coordinates {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         repaired = {n: self._by_name[n].repair(values[n]) for n in used}
+        merge = self._decode_merge(method_name, repaired) if method_name is not None else self._fixed_merge()
+        route = None
+        if self.route is not None:
+            route = route_to_config(self.route.decode(repaired), dtype=self.config.dtype)
+        return Recipe(merge=merge, params=repaired, route=route)
 
+    def _fixed_merge(self) -> MergeConfig | None:
+        """A two-stage route's parameter merge: the config ``route.merged`` resolved to (see
+        :func:`evomerge.route_space.resolve_merged`)."""
+        route = self.config.route
+        if route is None or route.merged is None:
+            return None
+        if not isinstance(route.merged, Mapping):
+            raise ValueError("route.merged must be resolved to a merge config before decoding")
+        return parse_merge_config(plain_data(route.merged), source=f"{self.config.source}: route.merged")
+
+    def _decode_merge(self, method_name: str, repaired: Mapping[str, Any]) -> MergeConfig:
         method = get_method(method_name)
         cfg = self.config
+        assert cfg.merge is not None
         base_params: dict[str, Any] = {}
         donor_params: dict[str, dict[str, Any]] = {d.name: {} for d in cfg.models.donors}
         shared: dict[str, Any] = {}
@@ -295,7 +323,7 @@ class SearchSpace:
                 "random_seed": cfg.merge.random_seed if method.stochastic else None,
             }
         )
-        return Recipe(merge=merge, params=repaired)
+        return merge
 
     def _fixed(self, resolved: ResolvedParam, default: Any) -> Any:
         if resolved.mode == "fixed":

@@ -649,12 +649,115 @@ class Workers(_Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0)
 
 
+# ------------------------------------------------------------------------------------------------
+# route:
+# ------------------------------------------------------------------------------------------------
+
+#: The pool entry that stands for this recipe's parameter merge (also the stage name in exports).
+MERGED_NAME = "merged"
+#: Scales the route may put on a layer's residual-branch outputs: above 0 (0 is skipping the
+#: layer, which the route already expresses) and at most 2 (beyond, a layer's update dominates
+#: the residual stream and the model diverges: not a useful region to spend trials on).
+SCALE_LIMITS = (0.0, 2.0)
+
+
+class ScaleSpec(_Strict):
+    """Per-included-layer scale on the layer's output projections: a number pins it, a range searches it."""
+
+    value: float | None = None
+    range: tuple[float, float] | None = None
+    init: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return {"value": float(data)}
+        return data
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> ScaleSpec:
+        low, high = SCALE_LIMITS
+        if (self.value is None) == (self.range is None):
+            raise ValueError("write scale as a number (pinned) or as {range: [low, high]} (searched)")
+        checks = [((), self.value)] if self.value is not None else []
+        if self.range is not None:
+            lo, hi = self.range
+            if lo > hi:
+                raise FieldError(("range",), f"low {lo} is above high {hi}; write [low, high]")
+            checks += [(("range",), lo), (("range",), hi)]
+            if self.init is not None:
+                if not lo <= self.init <= hi:
+                    raise FieldError(("init",), f"init {self.init} is outside range [{lo}, {hi}]")
+        for path, v in checks:
+            if not (math.isfinite(v) and low < v <= high):
+                raise FieldError(path, f"scale {v} is outside ({low:g}, {high:g}]; a layer's output scale must be "
+                                       f"above {low:g} (skip the layer instead) and at most {high:g}")
+        return self
+
+    @property
+    def searched(self) -> bool:
+        return self.range is not None
+
+
+class RouteSection(_Strict):
+    """Layer routing (frankenmerges): which layers, from which models, in which order.
+
+    The pool's layers in order, repeated ``repeats`` times, are the route's slots (T = M x r for
+    M pool layers); a candidate includes some slots, in slot order, between ``depth[0]`` and
+    ``depth[1]`` of them. See :mod:`evomerge.route_space` for the encoding the drivers search.
+    """
+
+    pool: tuple[str, ...] = Field(min_length=1)
+    repeats: int = Field(default=1, ge=1, le=16)
+    depth: tuple[int, int]
+    scale: ScaleSpec | None = None
+    init: tuple[tuple[str, int], ...] | None = None
+    merged: str | dict[str, Any] | None = None
+    dtype: str | None = None  # a route-only space's load and output dtype; with merge: it is merge.dtype
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}.{close_matches(value, DTYPES)}")
+        return value
+
+    @field_validator("depth")
+    @classmethod
+    def _depth(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1:
+            raise ValueError(f"the shallowest route needs at least 1 layer, got {low}")
+        if low > high:
+            raise ValueError(f"min {low} is above max {high}; write [min, max]")
+        return value
+
+    @field_validator("pool")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, name in enumerate(value):
+            if name in value[:i]:
+                raise FieldError((i,), f"{name!r} is listed twice; list each pool model once (repeats: repeats them)")
+        return value
+
+    @field_validator("merged")
+    @classmethod
+    def _merged(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("give a run folder (runs/<name>: its best trial) or a mergekit YAML file")
+        return value
+
+    def slots_per_repeat(self, num_layers: int) -> int:
+        return len(self.pool) * num_layers
+
+
 class SpaceConfig(_Strict):
     """A validated, frozen space file."""
 
     name: str
     models: Models
-    merge: MergeSection
+    merge: MergeSection | None = None
     objectives: tuple[Objective, ...] = Field(min_length=1)
     constraints: tuple[Constraint, ...] = ()
     evaluation: Evaluation = Evaluation()
@@ -662,16 +765,9 @@ class SpaceConfig(_Strict):
     workers: Workers = Workers()
     storage: str | None = None
     trust_remote_code: bool = False
-    route: None = None  # reserved: layer routing (frankenmerges) arrives in its own issue
+    route: RouteSection | None = None
 
     _source: str = PrivateAttr(default="space config")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reserved(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and data.get("route") is not None:
-            raise FieldError(("route",), "layer routing is not supported yet; remove the route: section")
-        return data
 
     @field_validator("name")
     @classmethod
@@ -694,7 +790,8 @@ class SpaceConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> SpaceConfig:
-        for i, m in enumerate(self.merge.methods()):
+        self._check_route()
+        for i, m in enumerate(self.merge.methods() if self.merge is not None else ()):
             try:
                 m.check_inputs(len(self.models.donors) + 1, has_base=True)
             except ConfigError as err:
@@ -714,6 +811,55 @@ class SpaceConfig(_Strict):
                 )
         return self
 
+    def _check_route(self) -> None:
+        route = self.route
+        if route is None:
+            if self.merge is None:
+                raise FieldError(("merge",), "missing; a space searches a merge (merge:), a layer route (route:), or both")
+            return
+        names = [BASE_NAME, *(d.name for d in self.models.donors)]
+        for i, entry in enumerate(route.pool):
+            if entry != MERGED_NAME and entry not in names:
+                known = [MERGED_NAME, *names]
+                raise FieldError(("route", "pool", i), f"{entry!r} is not a pool model.{close_matches(entry, known)} "
+                                 f"Use {', '.join(known)} ({MERGED_NAME}: this recipe's parameter merge)")
+        uses_merged = MERGED_NAME in route.pool
+        if uses_merged and self.merge is None and route.merged is None:
+            raise FieldError(("route", "pool"), f"'{MERGED_NAME}' needs a parameter merge: add a merge: section to "
+                             "search it jointly with the route, or route.merged: (a finished run folder or a mergekit "
+                             "YAML) to route over a merge found before")
+        if self.merge is not None and route.dtype is not None and route.dtype != self.merge.dtype:
+            raise FieldError(("route", "dtype"), f"differs from merge.dtype {self.merge.dtype!r}; a joint search has "
+                             "one dtype: remove route.dtype")
+        if self.merge is not None and route.merged is not None:
+            raise FieldError(("route", "merged"), "give either merge: (searched jointly) or route.merged: (fixed), not both")
+        if not uses_merged and (self.merge is not None or route.merged is not None):
+            field = ("merge",) if self.merge is not None else ("route", "merged")
+            raise FieldError(field, f"the route never uses the parameter merge; add '{MERGED_NAME}' to route.pool "
+                             "or remove this")
+        for i, (entry, _layer) in enumerate(route.init or ()):
+            if entry not in route.pool:
+                raise FieldError(("route", "init", i), f"{entry!r} is not in route.pool ({', '.join(route.pool)})")
+        if route.init is not None and not route.depth[0] <= len(route.init) <= route.depth[1]:
+            raise FieldError(("route", "init"), f"the initial route has {len(route.init)} layers, outside route.depth "
+                             f"{list(route.depth)}; shorten it or widen depth")
+        for kind, items in (("objectives", self.objectives), ("constraints", self.constraints)):
+            for i, m in enumerate(items):
+                if m.measure == "l2_from_base":
+                    raise FieldError((kind, i), "l2_from_base compares each tensor with the base's and is not defined "
+                                     "for a routed model (other layers, other depth); remove it or the route: section")
+
+    @property
+    def dtype(self) -> str:
+        """The dtype candidates are merged and evaluated in."""
+        if self.merge is not None:
+            return self.merge.dtype
+        return (self.route.dtype if self.route is not None else None) or "float32"
+
+    def searches_parameters(self) -> bool:
+        """Whether the drivers search merge parameters (``merge:``), not only a route."""
+        return self.merge is not None
+
     # -- what other modules ask of a config ------------------------------------------------------
 
     @property
@@ -732,12 +878,17 @@ class SpaceConfig(_Strict):
         return list(dict.fromkeys(keys))
 
     def parameters(self) -> tuple[ResolvedParam, ...]:
-        """The registry applied to ``merge.parameters`` (see :func:`resolve_parameters`)."""
-        return resolve_parameters(self.merge)
+        """The registry applied to ``merge.parameters`` (see :func:`resolve_parameters`); none for a route-only space."""
+        return resolve_parameters(self.merge) if self.merge is not None else ()
 
     def validate_against_models(self, num_layers: int, tensor_names: Sequence[str] | None = None) -> None:
         """Checks that need the opened models: layer groups divide the layer count, and (given
-        the tensor names) every filter matches some tensor, so a typo is not a silent no-op."""
+        the tensor names) every filter matches some tensor, so a typo is not a silent no-op; a
+        route's depth fits its slots and its initial layers exist."""
+        if self.route is not None:
+            self._check_route_layers(num_layers)
+        if self.merge is None:
+            return
         checks = [(("merge", "layer_groups"), self.merge.layer_groups)]
         checks += [
             (("merge", "parameters", name, "layer_groups"), spec.layer_groups)
@@ -769,6 +920,21 @@ class SpaceConfig(_Strict):
                         where=f"{self.source}: {_dotted((*path, i))}",
                     )
 
+    def _check_route_layers(self, num_layers: int) -> None:
+        route = self.route
+        assert route is not None
+        slots = route.slots_per_repeat(num_layers) * route.repeats
+        if route.depth[1] > slots:
+            raise ConfigError(
+                f"max depth {route.depth[1]} is more than the route's {slots} slots ({len(route.pool)} pool models x "
+                f"{num_layers} layers x {route.repeats} repeats); lower it or raise route.repeats",
+                where=f"{self.source}: route.depth",
+            )
+        for i, (_entry, layer) in enumerate(route.init or ()):
+            if not 0 <= layer < num_layers:
+                raise ConfigError(f"layer {layer} does not exist; the models have layers 0..{num_layers - 1}",
+                                  where=f"{self.source}: route.init[{i}]")
+
     def to_data(self) -> dict[str, Any]:
         """The normalised config as plain data (defaults explicit, unset options left out); it loads
         back to an equal config."""
@@ -791,7 +957,8 @@ class SpaceConfig(_Strict):
         default ranges changed since the run started is a different run.
         """
         data = self.to_data()
-        data["merge"]["parameters"] = {p.name: _resolved_data(p) for p in self.parameters()}
+        if self.merge is not None:
+            data["merge"]["parameters"] = {p.name: _resolved_data(p) for p in self.parameters()}
         for field in NON_IDENTITY_FIELDS:
             *parents, last = field.split(".")
             node = data
@@ -879,6 +1046,15 @@ _KIND_WORDS = {
 _TYPE_TAGS = {"float", "bool", "int", "str", "tuple", "dict", "none", "literal['auto']"}
 
 
+def plain_data(data: Any) -> Any:
+    """Undo the loader's lists-to-tuples (see :func:`_tupled`) for data handed to other parsers."""
+    if isinstance(data, Mapping):
+        return {k: plain_data(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [plain_data(v) for v in data]
+    return data
+
+
 def _member_tag(part: Any) -> bool:
     """Union-member and validator tags pydantic puts in locations, which are not fields."""
     if not isinstance(part, str):
@@ -951,7 +1127,7 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
 
 
 _MODELS = {m.__name__ for m in (Donor, Models, ParamSpec, MergeSection, Objective, Constraint, TaskEvaluation,
-                                Evaluation, Search, Workers, SpaceConfig)}
+                                Evaluation, Search, Workers, ScaleSpec, RouteSection, SpaceConfig)}
 
 
 def parse_space_config(data: Any, *, source: str = "space config", default_name: str | None = None) -> SpaceConfig:

@@ -99,29 +99,49 @@ class CandidateEvaluator:
             options["include_path"] = [Path(p) for p in ev.include_path]
         self.scorer = LmEvalScorer(ev.tasks, **options)
         self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
+        self._pool_modules: dict[str, Any] | None = None  # routing: modules over the resident tensors
 
     def evaluate(self, recipe_json: str) -> EvalResult:
         """Merge and score one candidate; candidate faults come back as ``error``."""
-        from .merge.config import parse_merge_config
         from .recipe import Recipe
 
         start = time.perf_counter()
+        model = self.model
+        measured: dict[str, float] = {}
         try:
             recipe = Recipe.from_json(recipe_json)
-            config = recipe.merge if not isinstance(recipe.merge, Mapping) else parse_merge_config(recipe.merge)
-            plan = self.resident.plan(config)
-            outcome = self.resident.merge_into(plan, self.params)
+            if recipe.merge is not None:
+                plan = self.resident.plan(recipe.merge)
+                outcome = self.resident.merge_into(plan, self.params)
+                if recipe.route is None:  # a routed model has other layers: no per-tensor distance
+                    measured["l2_from_base"] = outcome.l2_from_base
+            if recipe.route is not None:
+                model = self._routed(recipe.route)
         except EvomergeError as err:
             return EvalResult(None, error=f"merge failed: {err}", merge_s=time.perf_counter() - start, worker=self.name)
         merged = time.perf_counter()
-        scores = self.scorer.score(self.model, self.tokenizer)
+        scores = self.scorer.score(model, self.tokenizer)
         done = time.perf_counter()
-        objectives = {**scores, "l2_from_base": outcome.l2_from_base}
+        objectives = {**scores, **measured}
         bad = [k for k, v in objectives.items() if not math.isfinite(v)]
         if bad:
             return EvalResult(None, error=f"non-finite objective(s): {', '.join(bad)}", merge_s=merged - start,
                               eval_s=done - merged, worker=self.name)
         return EvalResult(objectives, merge_s=merged - start, eval_s=done - merged, worker=self.name)
+
+    def _routed(self, route_config: Any) -> Any:
+        """The candidate's routed model: layers of the resident models (and of this candidate's
+        parameter merge, ``merged``), shared, not copied; built per candidate in milliseconds."""
+        from .merge.routing import build_routed_model, module_over_tensors, route_from_config
+        from .recipe import MERGED_STAGE
+
+        if self._pool_modules is None:
+            modules: dict[str, Any] = {MERGED_STAGE: self.model}
+            for ref in (self.spec.base, *self.spec.donors):
+                modules[ref] = module_over_tensors(self.resident.folders[ref].path, self.resident.tensors[ref],
+                                                   trust_remote_code=self.spec.trust_remote_code)
+            self._pool_modules = modules
+        return build_routed_model(route_from_config(route_config), self._pool_modules)
 
     def ping(self) -> str:
         return self.name
