@@ -38,11 +38,26 @@ def main() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Also read pickled .bin weights (runs no code; tensors only).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--random-seed", type=int, default=None, help="Seed for DARE/DELLA (overrides the config's random_seed).")
-def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrite: bool, random_seed: int | None) -> None:
-    """Merge models as a mergekit CONFIG describes, into the folder OUT."""
+@click.option("--intermediate-dir", type=click.Path(path_type=Path), default=None,
+              help="Multi-stage files: keep each named stage's model in this folder "
+                   "(default: a hidden sibling of OUT, removed when done).")
+def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrite: bool, random_seed: int | None,
+          intermediate_dir: Path | None) -> None:
+    """Merge models as a mergekit CONFIG describes, into the folder OUT.
+
+    A CONFIG of several YAML documents is a multi-stage file, as mergekit-multi reads: each named
+    document is merged first, and later documents use it by its name; the unnamed one is OUT.
+    """
     from .merge.config import load_merge_config
+    from .merge.multi import is_multi_stage, load_stages, merge_stages
     from .merge.run import merge_config
 
+    if is_multi_stage(config):
+        stages = load_stages(config)
+        out = merge_stages(stages, out, intermediate_dir=intermediate_dir, overwrite=overwrite, random_seed=random_seed,
+                           shard_size=shard_size, allow_pickle=allow_pickle)
+        click.echo(f"merged model written to {out} ({len(stages)} stages)")
+        return
     parsed = load_merge_config(config)
     if random_seed is not None:
         parsed = parsed.model_copy(update={"random_seed": random_seed})

@@ -248,8 +248,14 @@ def merge_config(
     shard_size: str | int = "2GB",
     allow_pickle: bool = False,
     overwrite: bool = False,
+    recipe_yaml: str | None = None,
 ) -> Path:
-    """Merge as ``config`` says into the folder ``out``; nothing is left at ``out`` on failure."""
+    """Merge as ``config`` says into the folder ``out``; nothing is left at ``out`` on failure.
+
+    The output's ``mergekit_config.yml`` is ``recipe_yaml`` when given (a multi-stage file writes
+    all its stages there, since the final stage alone names intermediates that may be gone), else
+    ``config`` itself.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise EvomergeError(f"output folder {out} already exists; choose another or pass --overwrite")
@@ -276,7 +282,7 @@ def merge_config(
             writer.abort()
         (staging / "config.json").write_text(json.dumps(output_config(plan, config, models), indent=2) + "\n")
         _copy_tokenizer(tokenizer_from, staging)
-        (staging / "mergekit_config.yml").write_text(config.to_yaml())
+        (staging / "mergekit_config.yml").write_text(recipe_yaml if recipe_yaml is not None else config.to_yaml())
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
