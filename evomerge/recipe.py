@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .merge.config import MergeConfig, parse_merge_config
+from .merge.multi import Stage, stages_to_yaml
 
 
 #: The stage name a routed recipe's parameter merge gets in an exported multi-stage file; the
@@ -84,17 +85,16 @@ class Recipe:
             raise ConfigError(f"not valid JSON: {err}", where=source) from None
         return cls.from_data(data, source=source)
 
-    def stages(self) -> list[tuple[str | None, MergeConfig]]:
+    def stages(self) -> list[Stage]:
         """The merges to run in order, named as in a ``mergekit-multi`` file (None: the final one)."""
         if self.route is None:
             assert self.merge is not None
-            return [(None, self.merge)]
+            return [Stage(None, self.merge)]
         if self.merge is None:
-            return [(None, self.route)]
-        return [(MERGED_STAGE, self.merge), (None, self.route)]
+            return [Stage(None, self.route)]
+        return [Stage(MERGED_STAGE, self.merge), Stage(None, self.route)]
 
     def to_yaml(self) -> str:
         """The mergekit YAML this recipe exports to: one config, or a multi-stage file
         (``mergekit-multi``, or ``evomerge merge``) when a route follows a parameter merge."""
-        docs = [(f"name: {name}\n" if name else "") + config.to_yaml() for name, config in self.stages()]
-        return "---\n".join(docs)
+        return stages_to_yaml(self.stages())

@@ -45,8 +45,8 @@ def test_exported_yaml_is_the_same_merge() -> None:
     ("text", "match"),
     [
         ("{", "not valid JSON"),
-        ("[]", "exactly 'merge' and 'params'"),
-        ('{"merge": {}, "params": {}, "extra": 1}', "exactly 'merge' and 'params'"),
+        ("[]", "with 'merge' and 'params'"),
+        ('{"merge": {}, "params": {}, "extra": 1}', "with 'merge' and 'params'"),
         ('{"merge": {"merge_method": "ties"}, "params": {}}', r"recipe: merge: invalid merge config"),
         ('{"merge": {"merge_method": "ties", "models": [{"model": "a"}]}, "params": {"x": [1]}}', "'params' must map"),
     ],

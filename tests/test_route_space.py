@@ -57,8 +57,8 @@ def refused(data: dict, *, layers: int | None = None) -> str:
 @pytest.mark.parametrize(
     ("change", "where", "hint"),
     [
-        (dict(pool=["arith", "revrese"]), "route.pool.1", "reverse"),
-        (dict(pool=["arith", "arith"]), "route.pool.1", "listed twice"),
+        (dict(pool=["arith", "revrese"]), "route.pool[1]", "reverse"),
+        (dict(pool=["arith", "arith"]), "route.pool[1]", "listed twice"),
         (dict(pool=["merged", "arith"]), "route.pool", "merge:"),
         (dict(depth=[5, 2]), "route.depth", "write [min, max]"),
         (dict(depth=[0, 2]), "route.depth", "at least 1"),
@@ -67,7 +67,7 @@ def refused(data: dict, *, layers: int | None = None) -> str:
         (dict(scale={"range": [0.5, 2.5]}), "route.scale.range", "(0, 2]"),
         (dict(scale={"range": [1.5, 0.5]}), "route.scale.range", "write [low, high]"),
         (dict(scale={"range": [0.5, 1.5], "init": 1.8}), "route.scale.init", "outside range"),
-        (dict(init=[["arith", 0], ["base", 1], ["arith", 2]]), "route.init.1", "not in route.pool"),
+        (dict(init=[["arith", 0], ["base", 1], ["arith", 2]]), "route.init[1]", "not in route.pool"),
         (dict(init=[["arith", l] for l in range(4)] * 2), "route.init", "outside route.depth"),
         (dict(repeats=0), "route.repeats", ""),
         (dict(dtype="float8"), "route.dtype", "float32"),
@@ -98,7 +98,7 @@ def test_whole_space_mistakes_are_refused():
     assert "route.merged" in refused(both)
     l2 = route_space()
     l2["objectives"].append({"measure": "l2_from_base", "direction": "minimize"})
-    assert "objectives.1" in refused(l2) and "routed model" in refused(l2)
+    assert "objectives[1]" in refused(l2) and "routed model" in refused(l2)
     clash = joint_space(dtype="bfloat16")
     assert "route.dtype" in refused(clash)
 
