@@ -186,3 +186,40 @@ def test_optuna_sees_the_same_coordinates():
     dists = space.optuna_distributions()
     assert set(dists) == set(space.names)
     assert dists["route/depth"].low == 4 and dists["route/depth"].high == 6
+
+
+def test_route_merged_from_a_run_folder_is_its_best_trial_written_inline(tmp_path):
+    """Two stages: route.merged names a run of parameter merges; the route run gets the best
+    trial's merge (as `export --best` picks it) copied into its own config, not the path."""
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.route_space import resolve_merged
+    from evomerge.store import RunStore
+
+    stage1 = build(joint_space())  # its merge part decodes parameter merges over m/base, m/arith
+    store = RunStore.create(tmp_path, "stage1", "x: 1\n", "0" * 64, directions={"task:toy_arith/acc": "maximize"})
+    merges = {}
+    for number, (weight, score) in enumerate([(0.2, 0.1), (0.9, 0.8), (0.5, 0.4)]):
+        values = {n: 0.5 for n in stage1.names} | {"g0/*/arith/weight": weight}
+        merge = stage1.decode(values).merge
+        recipe = Recipe(merge=merge, params={})
+        t = store.start_trial({"w": weight}, {"w": FloatDistribution(0, 1)}, {"recipe": recipe.to_json()})
+        store.complete_trial(t, {"task:toy_arith/acc": score})
+        merges[number] = merge
+    store.close()
+
+    data = route_space(pool=["merged", "arith"], merged=str(tmp_path / "stage1"))
+    config = resolve_merged(parse_space_config(data, source="s.yaml"))
+    assert isinstance(config.route.merged, dict)
+    space = SearchSpace(config, LAYERS)
+    assert space.decode(space.from_unit(space.initial_unit())).merge == merges[1]
+    # what is written to the run folder loads back to the same config
+    assert parse_space_config(yaml.safe_load(config.to_yaml()), source="again") == config
+
+    # a merge over models the space does not list cannot be held by the workers
+    other = route_space(pool=["merged", "arith"], merged=str(tmp_path / "stage1"))
+    other["models"]["base"] = "m/other"
+    with pytest.raises(ConfigError, match="route.merged"):
+        resolve_merged(parse_space_config(other, source="s.yaml"))
+    with pytest.raises(ConfigError, match="neither a run folder"):
+        resolve_merged(parse_space_config(route_space(pool=["merged"], merged=str(tmp_path / "nope")), source="s.yaml"))
