@@ -18,7 +18,13 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.merge.inmemory import ResidentModels, state_view
 from evomerge.merge.multi import Stage, merge_stages, parse_stages, stages_to_yaml
-from evomerge.merge.routing import RoutedLayer, build_routed_model, module_over_tensors, route_from_config, route_to_config
+from evomerge.merge.routing import (
+    RoutedLayer,
+    build_routed_model,
+    module_over_tensors,
+    route_from_config,
+    route_to_config,
+)
 
 from .test_merge_command import load_folder, run_merge
 from .test_routing import LOGITS_ATOL, logits, token_batch
@@ -83,7 +89,7 @@ def test_multi_stage_merge_equals_the_in_memory_route(toy_world, tmp_path):
 
 
 def test_intermediate_dir_keeps_each_stage(toy_world, tmp_path):
-    text, refs = stage_file(toy_world)
+    text, _ = stage_file(toy_world)
     stages = parse_stages(text)
     result = run_merge(text, tmp_path / "out", "--intermediate-dir", str(tmp_path / "stages"))
     assert result.returncode == 0, result.stderr
