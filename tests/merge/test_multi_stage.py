@@ -42,6 +42,7 @@ def stage_file(world) -> tuple[str, dict[str, str]]:
     return text, refs
 
 
+@pytest.mark.slow
 def test_multi_stage_merge_equals_mergekit_multi(toy_world, tmp_path):
     exe = shutil.which("mergekit-multi")
     if exe is None:

@@ -317,3 +317,32 @@ def test_build_routed_model_refuses_what_it_cannot_build(world):
         hollow = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(refs["base"]))
     with pytest.raises(ModelError, match="meta device"):
         build_routed_model([RoutedLayer("hollow", 0)], {"hollow": hollow})
+
+
+def test_module_over_tensors_refuses_missing_and_foreign_tensors(world):
+    refs, resident, _ = world
+    tensors = dict(resident.tensors[refs["base"]])
+    missing = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
+    with pytest.raises(ModelError, match=r"meta device\): model\.norm\.weight"):
+        module_over_tensors(refs["base"], missing)
+    with pytest.raises(ModelError, match="does not have: model.extra.weight"):
+        module_over_tensors(refs["base"], {**tensors, "model.extra.weight": torch.zeros(2)})
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_a_routed_model_as_the_model_it_routes(world):
+    """The worker's path: lm-eval's HFLM over a live routed model. A specialist's identity route
+    scores exactly as the specialist does, and scoring leaves the source modules unchanged."""
+    from transformers import AutoTokenizer
+
+    from evomerge.evaluate import LmEvalScorer
+
+    refs, _, modules = world
+    tokenizer = AutoTokenizer.from_pretrained(refs["base"])
+    scorer = LmEvalScorer(["toy_arith", "toy_reverse"], limit=20)
+    identity = build_routed_model([RoutedLayer(refs["arith"], i) for i in range(4)], modules)
+    expected = scorer.score(modules[refs["arith"]], tokenizer)
+    assert expected["task:toy_arith/acc"] == 1.0  # the specialist solves its skill
+    assert scorer.score(identity, tokenizer) == expected
+    scorer.score(build_routed_model(example_route(refs), modules), tokenizer)
+    assert all(m.config.num_hidden_layers == 4 and len(m.model.layers) == 4 for m in modules.values())
