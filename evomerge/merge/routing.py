@@ -41,6 +41,8 @@ from .plan import _PRE_MARKERS
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+    from .inmemory import ResidentModels
+
 # The residual-branch output projections that ``scale`` multiplies (Llama, Mistral, Qwen naming).
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
@@ -241,6 +243,12 @@ def module_over_tensors(
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def resident_module(resident: ResidentModels, reference: str, *, trust_remote_code: bool = False) -> nn.Module:
+    """A CausalLM over a worker's resident tensors for ``reference`` (no copy), for routing."""
+    return module_over_tensors(resident.folders[reference].path, resident.tensors[reference],
+                               trust_remote_code=trust_remote_code)
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
