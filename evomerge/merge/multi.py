@@ -27,6 +27,9 @@ from ..errors import ConfigError, EvomergeError, close_matches
 from .config import MergeConfig, parse_merge_config
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# tokenizer_source keywords: mergekit-multi replaces every string equal to a stage name, so a
+# stage with one of these names would turn ``tokenizer_source: base`` into that stage
+_RESERVED_NAMES = ("base", "union")
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ def parse_stages(text: str, *, source: str = "merge config", check_references: b
                     f"name: {name!r} is not a stage name; use letters, digits, '_', '-' or '.' (it becomes a folder name)",
                     where=here,
                 )
+            if name in _RESERVED_NAMES:
+                raise ConfigError(f"name: {name!r} is a tokenizer_source keyword; choose another stage name", where=here)
         if name in where:
             if name is None:
                 raise ConfigError(f"a second unnamed document; only the final stage is unnamed (the first is {where[None]})",
@@ -180,9 +185,10 @@ def substitute(config: MergeConfig, paths: Mapping[str, str]) -> MergeConfig:
         return paths.get(ref, ref) if isinstance(ref, str) else ref
 
     data = config.model_dump(mode="python", exclude_none=True)
-    for key in ("base_model", "tokenizer_source"):
-        if key in data:
-            data[key] = swap(data[key])
+    if "base_model" in data:
+        data["base_model"] = swap(data["base_model"])
+    if data.get("tokenizer_source") not in (None, *_RESERVED_NAMES):
+        data["tokenizer_source"] = swap(data["tokenizer_source"])
     for m in data.get("models", []):
         m["model"] = swap(m["model"])
     for s in data.get("slices", []):

@@ -34,10 +34,14 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from .config import Conditional, MergeConfig, Parameters, parse_merge_config
 from .model_folder import split_layer_name
-from .plan import _PRE_MARKERS  # the same split into "pre" and "post" tensors as the merge plan
+
+# the merge plan's split of non-layer tensors: "pre" from the first slice, the rest from the last
+from .plan import _PRE_MARKERS
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+    from .inmemory import ResidentModels
 
 # The residual-branch output projections that ``scale`` multiplies (Llama, Mistral, Qwen naming).
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
@@ -241,6 +245,12 @@ def module_over_tensors(
     return model
 
 
+def resident_module(resident: ResidentModels, reference: str, *, trust_remote_code: bool = False) -> nn.Module:
+    """A CausalLM over a worker's resident tensors for ``reference`` (no copy), for routing."""
+    return module_over_tensors(resident.folders[reference].path, resident.tensors[reference],
+                               trust_remote_code=trust_remote_code)
+
+
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Compute the buffers left on the meta device, as transformers' loading does.
 
@@ -280,10 +290,10 @@ def _clone(module: nn.Module, keep: frozenset[int] = frozenset()) -> nn.Module:
     original untouched; the tensors themselves are shared. Submodules whose ``id`` is in ``keep``
     are referenced, not cloned (the caller replaces them).
     """
-    clone = copy.copy(module)
-    for key, value in module.__dict__.items():
-        if isinstance(value, (dict, set, list)):
-            clone.__dict__[key] = copy.copy(value)
+    clone = module.__class__.__new__(module.__class__)
+    clone.__dict__.update(
+        {key: value.copy() if isinstance(value, (dict, set, list)) else value for key, value in module.__dict__.items()}
+    )
     for name, child in module._modules.items():
         if child is not None and id(child) not in keep:
             clone._modules[name] = _clone(child, keep)
@@ -374,7 +384,7 @@ def build_routed_model(route: Sequence[RoutedLayer], modules: Mapping[str, nn.Mo
     _check_compatible(route, modules)
     first, last = modules[route[0].model], modules[route[-1].model]
     path = layer_list_path(first)
-    layer_lists = {ref: modules[ref].get_submodule(layer_list_path(modules[ref])) for ref in {s.model for s in route}}
+    layer_lists = {ref: modules[ref].get_submodule(path) for ref in {s.model for s in route}}  # one architecture
     for i, step in enumerate(route):
         count = len(layer_lists[step.model])
         if step.layer >= count:
@@ -402,6 +412,8 @@ def build_routed_model(route: Sequence[RoutedLayer], modules: Mapping[str, nn.Mo
     for sub in routed.modules():
         if sub.__dict__.get("config") is first.config:
             sub.config = config
+    if getattr(first, "generation_config", None) is not None:
+        routed.generation_config = copy.deepcopy(first.generation_config)  # callers may edit it per run
     _refuse_meta(routed, "the routed model")
     return routed
 

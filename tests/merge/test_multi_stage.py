@@ -18,7 +18,14 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.merge.inmemory import ResidentModels, state_view
 from evomerge.merge.multi import Stage, merge_stages, parse_stages, stages_to_yaml
-from evomerge.merge.routing import RoutedLayer, build_routed_model, module_over_tensors, route_from_config, route_to_config
+from evomerge.merge.routing import (
+    RoutedLayer,
+    build_routed_model,
+    module_over_tensors,
+    resident_module,
+    route_from_config,
+    route_to_config,
+)
 
 from .test_merge_command import load_folder, run_merge
 from .test_routing import LOGITS_ATOL, logits, token_batch
@@ -36,6 +43,7 @@ def stage_file(world) -> tuple[str, dict[str, str]]:
     return text, refs
 
 
+@pytest.mark.slow
 def test_multi_stage_merge_equals_mergekit_multi(toy_world, tmp_path):
     exe = shutil.which("mergekit-multi")
     if exe is None:
@@ -73,7 +81,7 @@ def test_multi_stage_merge_equals_the_in_memory_route(toy_world, tmp_path):
     resident = ResidentModels(list(refs.values()), refs["base"])
     merged = module_over_tensors(refs["base"], {k: v.clone() for k, v in resident.tensors[refs["base"]].items()})
     resident.merge_into(resident.plan(stages[0].config), state_view(merged))
-    modules = {"merged": merged, **{ref: module_over_tensors(ref, resident.tensors[ref]) for ref in refs.values()}}
+    modules = {"merged": merged, **{ref: resident_module(resident, ref) for ref in refs.values()}}
     routed = build_routed_model(route_from_config(stages[1].config), modules)
 
     assert run_merge(text, tmp_path / "evo").returncode == 0
@@ -83,7 +91,7 @@ def test_multi_stage_merge_equals_the_in_memory_route(toy_world, tmp_path):
 
 
 def test_intermediate_dir_keeps_each_stage(toy_world, tmp_path):
-    text, refs = stage_file(toy_world)
+    text, _ = stage_file(toy_world)
     stages = parse_stages(text)
     result = run_merge(text, tmp_path / "out", "--intermediate-dir", str(tmp_path / "stages"))
     assert result.returncode == 0, result.stderr
@@ -126,6 +134,8 @@ _LINEAR = "merge_method: linear\nmodels: [{model: %s, parameters: {weight: 1}}]\
      r"no final stage: exactly one document must have no 'name:'"),
     ("name: ../up\n" + _LINEAR % "{base}" + "---\n" + _LINEAR % "{base}",
      r"document 1 \(name: \.\./up\): name: '\.\./up' is not a stage name"),
+    ("name: base\n" + _LINEAR % "{base}" + "---\n" + _LINEAR % "base",
+     r"document 1 \(name: base\): name: 'base' is a tokenizer_source keyword"),
     ("name: m\nmerge_method: linear\nmodel: [{model: x}]\n---\n" + _LINEAR % "m",
      r"(?s)document 1 \(name: m\): invalid merge config:.*model: unknown field"),
 ])

@@ -7,6 +7,8 @@ what that rests on: the config round trip, no weight copied, a KV cache slot per
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import yaml
@@ -26,7 +28,7 @@ from evomerge.merge.routing import (
     supports_scale,
 )
 
-from .test_merge_command import run_merge
+from .test_merge_command import load_folder, run_merge
 from .tiny_models import write_tiny_llama
 
 # float32 logits of the in-memory model against a merged folder: the only difference is scaling
@@ -58,7 +60,7 @@ def test_route_round_trips_through_config_and_yaml(route):
     # slices are maximal: no two neighbours could have been one slice
     spans = [(s.sources[0].model, *s.sources[0].layer_range, route_from_config(
         config.model_copy(update={"slices": [s]}))[0].scale) for s in config.slices]
-    for (m0, _, end0, s0), (m1, start1, _, s1) in zip(spans, spans[1:]):
+    for (m0, _, end0, s0), (m1, start1, _, s1) in itertools.pairwise(spans):
         assert not (m0 == m1 and end0 == start1 and s0 == s1)
 
 
@@ -206,11 +208,16 @@ def test_routed_logits_equal_evomerge_merge_and_mergekit(world, tmp_path):
     mergekit_run(MergeConfiguration.model_validate(yaml.safe_load(config.to_yaml())), str(tmp_path / "mk"),
                  MergeOptions(copy_tokenizer=False, quiet=True))
 
+    # the filtered scale resolves alike in both engines: every tensor is equal, bit for bit
+    ours_tensors, theirs_tensors = load_folder(tmp_path / "evo"), load_folder(tmp_path / "mk")
+    assert set(ours_tensors) == set(theirs_tensors) and len(ours_tensors) == 3 + 6 * 9
+    assert all(torch.equal(ours_tensors[k], theirs_tensors[k]) for k in theirs_tensors)
+
     ids = token_batch()
     in_memory = logits(build_routed_model(route, modules), ids)
     ours = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "evo", dtype=torch.float32), ids)
     theirs = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32), ids)
-    assert torch.equal(ours, theirs)  # same tensors, bit for bit, so the same logits
+    assert torch.equal(ours, theirs)
     assert (in_memory - ours).abs().max().item() <= LOGITS_ATOL
     # and the route matters: the scales alone move the logits far beyond that tolerance
     unscaled = [RoutedLayer(s.model, s.layer) for s in route]
@@ -269,6 +276,33 @@ def test_tied_heads_follow_the_first_models_embeddings(tmp_path):
     assert (logits(routed, ids) - logits(merged, ids)).abs().max().item() <= LOGITS_ATOL
 
 
+def test_per_layer_config_lists_follow_the_route(tmp_path):
+    """A Qwen2 with sliding-window layers: each routed layer keeps its source's attention type,
+    in memory and in the merged folder's config, and the cache works across both kinds.
+
+    (mergekit 0.1.5 cannot write this merge with transformers 5: it keeps the source's 4
+    ``layer_types`` for 6 layers, which the config refuses on save.)"""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=3,
+                         max_window_layers=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    ref = str(tmp_path / "qwen")
+    resident = ResidentModels([ref], ref)
+    route = [RoutedLayer(ref, 2), RoutedLayer(ref, 0), RoutedLayer(ref, 2, 0.7), RoutedLayer(ref, 3), RoutedLayer(ref, 1)]
+    routed = build_routed_model(route, {ref: module_over_tensors(ref, resident.tensors[ref])})
+    kinds = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    assert routed.config.layer_types == kinds
+    assert run_merge(route_to_config(route, dtype="float32").to_yaml(), tmp_path / "evo").returncode == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "evo", dtype=torch.float32)
+    assert merged.config.layer_types == kinds
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))  # longer than the window
+    assert (logits(routed, ids) - logits(merged, ids)).abs().max().item() <= LOGITS_ATOL
+    assert _cached_step_error(routed, ids) <= LOGITS_ATOL
+
+
 def test_build_routed_model_refuses_what_it_cannot_build(world):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -283,3 +317,32 @@ def test_build_routed_model_refuses_what_it_cannot_build(world):
         hollow = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(refs["base"]))
     with pytest.raises(ModelError, match="meta device"):
         build_routed_model([RoutedLayer("hollow", 0)], {"hollow": hollow})
+
+
+def test_module_over_tensors_refuses_missing_and_foreign_tensors(world):
+    refs, resident, _ = world
+    tensors = dict(resident.tensors[refs["base"]])
+    missing = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
+    with pytest.raises(ModelError, match=r"meta device\): model\.norm\.weight"):
+        module_over_tensors(refs["base"], missing)
+    with pytest.raises(ModelError, match="does not have: model.extra.weight"):
+        module_over_tensors(refs["base"], {**tensors, "model.extra.weight": torch.zeros(2)})
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_a_routed_model_as_the_model_it_routes(world):
+    """The worker's path: lm-eval's HFLM over a live routed model. A specialist's identity route
+    scores exactly as the specialist does, and scoring leaves the source modules unchanged."""
+    from transformers import AutoTokenizer
+
+    from evomerge.evaluate import LmEvalScorer
+
+    refs, _, modules = world
+    tokenizer = AutoTokenizer.from_pretrained(refs["base"])
+    scorer = LmEvalScorer(["toy_arith", "toy_reverse"], limit=20)
+    identity = build_routed_model([RoutedLayer(refs["arith"], i) for i in range(4)], modules)
+    expected = scorer.score(modules[refs["arith"]], tokenizer)
+    assert expected["task:toy_arith/acc"] == 1.0  # the specialist solves its skill
+    assert scorer.score(identity, tokenizer) == expected
+    scorer.score(build_routed_model(example_route(refs), modules), tokenizer)
+    assert all(m.config.num_hidden_layers == 4 and len(m.model.layers) == 4 for m in modules.values())
