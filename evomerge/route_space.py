@@ -185,6 +185,13 @@ def resolve_merged(config: Any) -> Any:
     if strangers:
         raise ConfigError(f"the merge uses {', '.join(map(repr, strangers))}, which models: does not list; the workers "
                           "hold only the base and the donors", where=where)
+    dtypes = {d for d in (merge.dtype, merge.out_dtype) if d is not None}
+    if dtypes - {config.dtype}:
+        # the worker holds the merge in the route's dtype; a stage written in another one would be
+        # rounded differently on disk than in memory, and the export would not be what was scored
+        raise ConfigError(f"the merge is computed or written in {', '.join(sorted(dtypes))}, the route in "
+                          f"{config.dtype}; set route.dtype: {next(iter(dtypes))} (or the merge's dtype to match)",
+                          where=where)
     data = merge.model_dump(mode="json", exclude_none=True)
     resolved = config.model_copy(update={"route": route.model_copy(update={"merged": data})})
     resolved._source = config.source

@@ -115,7 +115,7 @@ def _check_route_models(config: SpaceConfig, folders: dict[str, Any]) -> None:
     """A route stacks layers of every pool model into one model: they must agree in kind, width
     and depth (the slots assume one layer count), and ``scale`` needs the output projections it
     multiplies."""
-    from .merge.routing import RESIDUAL_OUTPUTS
+    from .merge.routing import RESIDUAL_OUTPUTS, supports_scale
     from .space_config import BASE_NAME, MERGED_NAME
 
     route = config.route
@@ -132,8 +132,7 @@ def _check_route_models(config: SpaceConfig, folders: dict[str, Any]) -> None:
                 f"with hidden size {want[1]} and {want[2]} layers; a route stacks layers of models of one shape",
                 where=f"{config.source}: route.pool[{i}]",
             )
-    scale = route.scale
-    if scale is not None and not all(any(name in t for t in base.tensor_names) for name in RESIDUAL_OUTPUTS):
+    if route.scale is not None and not supports_scale(base.tensor_names):
         raise ConfigError(
             f"this architecture has no {' / '.join(RESIDUAL_OUTPUTS)} tensors for a layer scale to multiply; remove it",
             where=f"{config.source}: route.scale",

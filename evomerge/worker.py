@@ -132,14 +132,13 @@ class CandidateEvaluator:
     def _routed(self, route_config: Any) -> Any:
         """The candidate's routed model: layers of the resident models (and of this candidate's
         parameter merge, ``merged``), shared, not copied; built per candidate in milliseconds."""
-        from .merge.routing import build_routed_model, module_over_tensors, route_from_config
+        from .merge.routing import build_routed_model, resident_module, route_from_config
         from .recipe import MERGED_STAGE
 
         if self._pool_modules is None:
             modules: dict[str, Any] = {MERGED_STAGE: self.model}
             for ref in (self.spec.base, *self.spec.donors):
-                modules[ref] = module_over_tensors(self.resident.folders[ref].path, self.resident.tensors[ref],
-                                                   trust_remote_code=self.spec.trust_remote_code)
+                modules[ref] = resident_module(self.resident, ref, trust_remote_code=self.spec.trust_remote_code)
             self._pool_modules = modules
         return build_routed_model(route_from_config(route_config), self._pool_modules)
 
