@@ -18,6 +18,7 @@ interruption and finished runs are not redone.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TQDM_DISABLE", "1")  # before lm-eval imports tqdm: its bars read this once
 
 
 def space_copy(source: str, name: str, budget: int, folder: Path, **route: object) -> Path:
@@ -84,7 +86,8 @@ def main() -> None:
         number = int(best_name.split("trial ")[1].rstrip(")"))
         searched = store.trial(number).objectives
         store.close()
-        search_mean = sum(searched.values()) / len(searched)
+        tasks = [v for k, v in searched.items() if k.startswith("task:")]
+        search_mean = sum(tasks) / len(tasks)
         arith = next(v for k, v in held.items() if "arith" in k)
         reverse = next(v for k, v in held.items() if "reverse" in k)
         print(f"| {setting} | {b} | {seconds[setting]:.0f} | {search_mean:.3f} | {arith:.3f} | {reverse:.3f} | "

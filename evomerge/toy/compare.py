@@ -60,13 +60,29 @@ def compare(run_dir: Path, *, include_path: Path | None = None) -> dict[str, dic
     for name, cfg in baselines(config.models.base, list(spec.donors)).items():
         candidates[name] = Recipe(merge=parse_merge_config(cfg), params={})
     for name, recipe in candidates.items():
-        result = evaluator.evaluate(recipe.to_json())
+        result = _quietly(evaluator.evaluate, recipe.to_json())
         if result.objectives is None:
             raise EvomergeError(f"{name}: {result.error}")
         scores = {k: v for k, v in result.objectives.items() if k.startswith("task:")}
         scores["mean"] = sum(scores.values()) / len(scores)
         rows[name] = scores
     return rows
+
+
+def _quietly(function: Any, *args: Any) -> Any:
+    """Call ``function`` with stderr captured: lm-eval draws its progress bars with ``disable=False``
+    passed explicitly, so TQDM_DISABLE cannot silence them. On an exception the capture is shown."""
+    import contextlib
+    import io
+    import sys
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return function(*args)
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
 
 
 def print_comparison(rows: dict[str, dict[str, float]]) -> None:
