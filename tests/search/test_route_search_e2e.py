@@ -13,11 +13,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
-from tests.search.test_search_e2e import ROOT, evomerge, search_tasks, write
+from tests.search.test_search_e2e import ROOT, assert_rescores_as, evomerge, search_tasks, write
 
 
 def route_space(toy_world, *, budget: int, name: str = "joint", merged: str | None = None) -> dict:
@@ -92,19 +91,7 @@ def test_joint_route_search_exports_what_it_evaluated(toy_world, tmp_path):
     torch.testing.assert_close(logits(tmp_path / "evo", ids), logits(tmp_path / "mk", ids), atol=1e-5, rtol=0)
 
     # re-scoring the folder gives the trial's scores: the worker evaluated exactly this model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.evaluate import LmEvalScorer
-    from evomerge.space_config import load_space_config
-
-    config = load_space_config(cfg)
-    scorer = LmEvalScorer(config.task_names(), include_path=[ROOT / "eval_tasks"])
-    samples = {t: config.evaluation.item_indices(t, scorer.num_docs(t)) for t in config.task_names()}
-    scorer = LmEvalScorer(config.task_names(), include_path=[ROOT / "eval_tasks"], samples=samples, batch_size=16)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "evo")
-    scores = scorer.score(model, AutoTokenizer.from_pretrained(tmp_path / "evo"))
-    for key, value in scores.items():
-        assert value == pytest.approx(best.objectives[key], abs=1e-9), key
+    assert_rescores_as(tmp_path / "evo", cfg, best)
 
     # two stages: a route over a merge found before, fixed. A run of routed trials is not one...
     cfg2 = write(tmp_path, route_space(toy_world, budget=4, name="stage2", merged=str(run)), "stage2.yaml")

@@ -48,6 +48,24 @@ def evomerge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
+def assert_rescores_as(folder: Path, space_file: Path, trial) -> None:
+    """Scoring a merged folder from disk on the space's items gives the trial's recorded scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate import LmEvalScorer
+    from evomerge.space_config import load_space_config
+
+    config = load_space_config(space_file)
+    scorer = LmEvalScorer(config.task_names(), include_path=[ROOT / "eval_tasks"])
+    samples = {t: config.evaluation.item_indices(t, scorer.num_docs(t)) for t in config.task_names()}
+    scorer = LmEvalScorer(config.task_names(), include_path=[ROOT / "eval_tasks"], samples=samples,
+                          batch_size=config.evaluation.batch_size)
+    scores = scorer.score(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+    assert scores
+    for key, value in scores.items():
+        assert value == pytest.approx(trial.objectives[key], abs=1e-9), key
+
+
 def write(tmp_path: Path, data: dict, name: str = "space.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -124,19 +142,7 @@ def test_search_records_resumes_and_exports(toy_world, tmp_path):
         for name, tensor in evaluated.items():
             assert torch.allclose(merged[name], tensor, atol=1e-6, rtol=0), (folder, name)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.evaluate import LmEvalScorer
-    from evomerge.space_config import load_space_config
-
-    config = load_space_config(cfg)
-    scorer = LmEvalScorer(config.task_names(), include_path=[ROOT / "eval_tasks"])
-    samples = {t: config.evaluation.item_indices(t, scorer.num_docs(t)) for t in config.task_names()}
-    scorer = LmEvalScorer(config.task_names(), include_path=[ROOT / "eval_tasks"], samples=samples, batch_size=24)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "evo_merged")
-    scores = scorer.score(model, AutoTokenizer.from_pretrained(tmp_path / "evo_merged"))
-    for key, value in scores.items():
-        assert value == pytest.approx(best.objectives[key], abs=1e-9), key
+    assert_rescores_as(tmp_path / "evo_merged", cfg, best)
 
     shown = evomerge("show", str(run), cwd=tmp_path)
     assert shown.returncode == 0 and "Pareto front" in shown.stdout
