@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import failpoints
 from .errors import EvomergeError
 
 
@@ -106,6 +107,7 @@ class CandidateEvaluator:
         from .recipe import Recipe
 
         start = time.perf_counter()
+        failpoints.hit("worker.evaluate", context=_digest(recipe_json))
         try:
             recipe = Recipe.from_json(recipe_json)
             config = recipe.merge if not isinstance(recipe.merge, Mapping) else parse_merge_config(recipe.merge)
@@ -113,7 +115,17 @@ class CandidateEvaluator:
             outcome = self.resident.merge_into(plan, self.params)
         except EvomergeError as err:
             return EvalResult(None, error=f"merge failed: {err}", merge_s=time.perf_counter() - start, worker=self.name)
+        merged_names = [task.name for task in plan.tasks]
+        poison = failpoints.hit("worker.after_merge", context=_digest(recipe_json))
+        if poison:
+            _poison(self.params, merged_names, poison)
+        broken = nonfinite_tensors(self.params, merged_names)
         merged = time.perf_counter()
+        if broken:
+            # before scoring: lm-eval on NaN weights scores garbage (or 0) rather than failing
+            return EvalResult(None, error=f"merge produced non-finite weights in {len(broken)} tensor(s): "
+                              f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}",
+                              merge_s=merged - start, worker=self.name)
         scores = self.scorer.score(self.model, self.tokenizer)
         done = time.perf_counter()
         objectives = {**scores, "l2_from_base": outcome.l2_from_base}
@@ -125,6 +137,32 @@ class CandidateEvaluator:
 
     def ping(self) -> str:
         return self.name
+
+
+def nonfinite_tensors(params: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """The merged floating-point tensors holding a NaN or an infinity, by name.
+
+    A merge can overflow without any error (large weights in float16 reach inf), and a NaN in one
+    weight spreads to every logit; the candidate is refused before it is scored.
+    """
+    import torch
+
+    return [n for n in names if params[n].is_floating_point() and not bool(torch.isfinite(params[n]).all())]
+
+
+def _poison(params: Mapping[str, Any], names: Sequence[str], kind: str) -> None:
+    """Failpoint ``nan``/``inf``: corrupt one element of the first merged floating tensor."""
+    import torch
+
+    name = next(n for n in names if params[n].is_floating_point())
+    with torch.no_grad():
+        params[name].view(-1)[0] = float(kind)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def start_workers(spec: WorkerSpec, *, count: int, cpus: float, gpus: float) -> list[Any]:
