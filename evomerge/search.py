@@ -332,10 +332,21 @@ def run_search(
         flights: dict[Any, _Flight] = {}
         retries: deque[_Flight] = deque()  # candidates whose worker failed, waiting for another
 
-        def dispatch(flight: _Flight) -> None:
-            worker = pool.idle.pop()
+        def dispatch(flight: _Flight, worker: Any = None) -> None:
+            worker = worker if worker is not None else pool.idle.pop()
             flight.worker, flight.started = worker, time.perf_counter()
             flights[worker.evaluate.remote(flight.recipe_json)] = flight
+
+        def dispatch_retries() -> None:
+            """Each retry goes to an idle worker other than the one it failed on, unless there is no other."""
+            alone = len(pool.idle) + len(pool.starting) + len(flights) <= 1
+            for flight in list(retries):
+                others = [w for w in pool.idle if w is not flight.worker]
+                worker = others[-1] if others else (pool.idle[-1] if pool.idle and alone else None)
+                if worker is not None:
+                    pool.idle.remove(worker)
+                    retries.remove(flight)
+                    dispatch(flight, worker)
 
         def recorded(record: Any) -> None:
             """Count a told trial, whatever its outcome, and show it."""
@@ -346,9 +357,17 @@ def run_search(
             if on_progress:
                 on_progress(progress, record)
 
-        def infra_fault(flight: _Flight, reason: str) -> None:
-            """Replace the worker; retry the candidate elsewhere, or record it failed after too many."""
-            pool.replace(flight.worker)
+        def infra_fault(flight: _Flight, reason: str, *, worker_alive: bool = False) -> None:
+            """Retry the candidate on another worker, or record it failed after too many tries.
+
+            A dead worker is replaced; one that only failed an allocation is healthy (the failed
+            allocation freed everything and the next merge overwrites every merged tensor) and goes
+            back to work, on other candidates.
+            """
+            if worker_alive:
+                pool.idle.append(flight.worker)
+            else:
+                pool.replace(flight.worker)
             if flight.attempts <= MAX_INFRA_RETRIES:
                 flight.attempts += 1
                 retries.append(flight)
@@ -357,8 +376,7 @@ def run_search(
                                  attrs=_fail_attrs(flight)))
 
         while True:
-            while pool.idle and retries:
-                dispatch(retries.popleft())
+            dispatch_retries()
             # ask while a worker is free and the budget (finished + in flight) allows
             wanted = budget - store.counts().finished - len(flights) - len(retries)
             while pool.idle and wanted > 0:
@@ -399,7 +417,7 @@ def run_search(
                 continue
             except ray.exceptions.RayTaskError as err:
                 if _out_of_memory(err):
-                    infra_fault(flight, f"out of memory: {str(err.cause)[:300]}")
+                    infra_fault(flight, f"out of memory: {str(err.cause)[:300]}", worker_alive=True)
                     continue
                 # an exception inside the evaluator that is not a candidate fault: a bug, kept as data
                 pool.idle.append(flight.worker)

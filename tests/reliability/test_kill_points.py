@@ -108,7 +108,7 @@ def test_sigkill_at_every_moment_then_resume_matches_an_uninterrupted_run(toy_wo
                     fired.append(name)
                     if name == "store.before_replace.pareto.json":  # the kill left the temp file, not a torn file
                         assert list(run.glob(".pareto.json.*.tmp"))
-            lingered.append(reap_session(proc.pid, grace_s=5.0))
+            lingered.append(reap_session(proc.pid, grace_s=2.0))
             exits.append(rc)
             if (run / "pareto.json").exists():
                 json.loads((run / "pareto.json").read_text())  # old or new, never torn, right after the kill
