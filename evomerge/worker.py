@@ -3,10 +3,13 @@
 :class:`CandidateEvaluator` is a plain class (tests use it directly); :func:`start_workers` runs
 it as Ray actors. Each evaluator loads the base and donors once, keeps them resident (on its GPU
 when it has one), builds one model whose parameters every candidate overwrites in place, and
-builds lm-eval's task index once. A candidate that cannot be merged or scores NaN comes back as
-an :class:`EvalResult` with ``error`` set: a candidate fault is data for the trial log, not a
-crash. Infrastructure faults (a dead actor) surface as Ray errors to the dispatcher, which
-retries them elsewhere.
+builds lm-eval's task index once. A candidate that cannot be merged, merges to NaN or infinite
+weights (checked on the model's own tensors before scoring: a float32 merge copied into a float16
+model can overflow after the merge engine's own check), or scores NaN comes back as an
+:class:`EvalResult` with ``error`` set: a candidate fault is data for the trial log, not a crash.
+Infrastructure faults (a dead actor, an allocation that fails) surface as Ray errors to the
+dispatcher, which retries them elsewhere. ``worker.evaluate`` and ``worker.after_merge`` are
+failpoints (see :mod:`evomerge.failpoints`), for the reliability tests.
 """
 
 from __future__ import annotations
