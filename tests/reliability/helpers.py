@@ -60,9 +60,9 @@ def env_with(failpoints: str | None = None, counter_dir: Path | None = None) -> 
 
 def start(args: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     """``python -m evomerge.cli ARGS`` in a new session (its Ray processes share that session id)."""
-    out = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], cwd=cwd, env=env,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "evomerge.cli", *args], cwd=cwd, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def session_processes(sid: int) -> list[psutil.Process]:

@@ -36,7 +36,7 @@ def test_unset_failpoints_do_nothing():
 
 
 def _child(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_counters_in_a_folder_are_shared_by_processes_and_kill_is_a_real_sigkill(tmp_path):
@@ -62,7 +62,7 @@ def test_kill_inside_an_atomic_write_leaves_the_old_file_and_a_temp_that_a_resum
     code = ("from evomerge.store import RunStore; import sys; s = RunStore.open(sys.argv[1]); "
             "s.write_pareto()")
     killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], capture_output=True, text=True,
-                            env=env_with("store.before_replace.pareto.json=kill"), timeout=120)
+                            env=env_with("store.before_replace.pareto.json=kill"), timeout=120, check=False)
     assert killed.returncode == -9
     assert (tmp_path / "r" / "pareto.json").read_text() == before  # the old file, whole
     temps = list((tmp_path / "r").glob(".pareto.json.*.tmp"))

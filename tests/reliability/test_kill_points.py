@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
+import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -98,13 +99,13 @@ def test_sigkill_at_every_moment_then_resume_matches_an_uninterrupted_run(toy_wo
                          log=kill_dir / f"log{launch}.txt")
             try:
                 rc = proc.wait(timeout=timer_s if timed else 600)
-            except Exception:  # the timer ran out first: kill -9 the search process alone
-                proc.send_signal(9)
+            except subprocess.TimeoutExpired:  # the timer ran out first: kill -9 the search process alone
+                proc.send_signal(signal.SIGKILL)
                 rc = proc.wait()
                 fired.append("timer")
             else:
                 if rc == -9:
-                    name, n, _, _ = [h for h in failpoints.read_hits(counters) if h[0] in KILL_POINTS][-1]
+                    name = [h for h in failpoints.read_hits(counters) if h[0] in KILL_POINTS][-1][0]
                     fired.append(name)
                     if name == "store.before_replace.pareto.json":  # the kill left the temp file, not a torn file
                         assert list(run.glob(".pareto.json.*.tmp"))
