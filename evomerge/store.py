@@ -18,7 +18,8 @@ Optuna's RDB storage keeps everything as JSON; nothing here pickles or unpickles
 
 Every file is written to a temporary name and ``os.replace``d; a run folder is built under a
 temporary sibling name and renamed into place, so a crash or a refused config never leaves half a
-run behind.
+run behind. A process killed inside a write leaves the old file whole and its temporary beside it,
+which the next process to drive the run deletes (:meth:`RunStore.remove_stale_temp_files`).
 
 Resume: a process that dies leaves its trials RUNNING, and Optuna's heartbeat does not cover
 ask/tell. :meth:`RunStore.requeue_interrupted` (called once when a run is reopened, before any

@@ -69,3 +69,34 @@ def test_kill_inside_an_atomic_write_leaves_the_old_file_and_a_temp_that_a_resum
     assert len(temps) == 1 and json.loads(temps[0].read_text())["run"] == "r"  # the new one, complete but unnamed
     assert run.remove_stale_temp_files() == temps and not list(Path(tmp_path / "r").glob(".*"))
     run.close()
+
+
+@pytest.mark.parametrize("driver_name", ["tpe", "nsga2", "gp", "random"])
+def test_optuna_drivers_get_failed_trials_as_fail_and_go_on(tmp_path, driver_name):
+    """What the search tells a driver for a failed candidate reaches Optuna as FAIL with no values
+    (not a filled-in number), the reason is in the log, and the sampler keeps proposing."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.drivers import ObjectiveSpec, make_driver
+    from evomerge.store import RunStore
+
+    store = RunStore.create(tmp_path, "run", "seed: 1\n", "h", directions={"loss": "minimize"})
+    driver = make_driver(driver_name, store, distributions={"a": FloatDistribution(0.0, 1.0)},
+                         objectives=[ObjectiveSpec("loss", "minimize")], seed=0, popsize=4)
+    outcomes = {}
+    for i in range(6):
+        proposal = driver.ask()
+        if i % 2:
+            outcomes[proposal.number] = driver.tell(proposal.number, None, failed_reason="timed out after 9s")
+        else:
+            outcomes[proposal.number] = driver.tell(proposal.number, {"loss": float(proposal.values["a"])})
+    study = optuna.load_study(study_name="run", storage=f"sqlite:///{tmp_path / 'run' / 'trials.db'}")
+    for number, record in outcomes.items():
+        trial = study.trials[number]
+        if number % 2:
+            assert record.state == "failed" and record.error == "timed out after 9s"
+            assert trial.state == optuna.trial.TrialState.FAIL and trial.values is None
+        else:
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+    store.close()
