@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .export import scalar_score
 
@@ -85,5 +86,7 @@ def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
         table.add_column("trial", justify="right")
         table.add_column("reason")
         for r in failed:
-            table.add_row(str(r.number), r.error or "?")
+            # Text, not a str: reasons quote exceptions ("[enforce fail at ...]"), which rich would
+            # otherwise read as markup and drop
+            table.add_row(str(r.number), Text(r.error or "?"))
         console.print(table)

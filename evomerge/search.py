@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import failpoints
 from .errors import ConfigError, EvomergeError
 from .space_config import SpaceConfig, load_space_config, parse_space_config
 
-MAX_INFRA_RETRIES = 2  # a candidate whose worker dies is retried on another worker this often
+MAX_INFRA_RETRIES = 2  # a candidate whose worker dies or runs out of memory is retried on another worker this often
+MAX_START_FAILURES = 3  # workers failing to start in a row before the search gives up
 
 
 @dataclass
@@ -220,6 +223,9 @@ def _init_ray(config: SpaceConfig, address: str | None) -> None:
         return
     address = address or config.workers.ray_address
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(max(1, int(config.workers.cpus_per_worker)))}}
+    for name in (failpoints.ENV, failpoints.DIR_ENV):  # a testing aid reaches the workers too
+        if os.environ.get(name):
+            runtime_env["env_vars"][name] = os.environ[name]
     if address:
         ray.init(address=address, runtime_env=runtime_env, **quiet)
     else:
@@ -257,13 +263,37 @@ def _worker_spec(prepared: Prepared) -> Any:
 
 
 class _Pool:
-    """Ray actors, replaced when one dies (a lost node, an out-of-memory kill)."""
+    """Ray actors: ready ones wait in ``idle``; new ones (at start, or replacing a dead one) are
+    ``starting`` until their ``ping`` returns, so a candidate's clock starts when a worker takes it."""
 
     def __init__(self, spec: Any, count: int, cpus: float, gpus: float) -> None:
         from .worker import start_workers
 
         self._start = lambda n: start_workers(spec, count=n, cpus=cpus, gpus=gpus)
-        self.idle = list(self._start(count))
+        self.idle: list[Any] = []
+        self.starting: dict[Any, Any] = {}  # ping ref -> actor
+        self._failed_starts = 0
+        self._launch(count)
+
+    def _launch(self, n: int) -> None:
+        for actor in self._start(n):
+            self.starting[actor.ping.remote()] = actor
+
+    def started(self, ref: Any) -> None:
+        """A ``ping`` came back: the actor is ready, or it failed to start and is replaced."""
+        import ray
+
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:
+            self._failed_starts += 1
+            if self._failed_starts > MAX_START_FAILURES:
+                raise EvomergeError(f"workers keep failing to start ({self._failed_starts} times); last: {err}") from None
+            self.replace(actor)
+            return
+        self._failed_starts = 0
+        self.idle.append(actor)
 
     def replace(self, dead: Any) -> None:
         import ray
@@ -272,7 +302,27 @@ class _Pool:
             ray.kill(dead, no_restart=True)
         except Exception:  # already gone
             pass
-        self.idle.extend(self._start(1))
+        self._launch(1)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether an evaluation failed for lack of memory: an infrastructure fault, not the candidate's."""
+    import ray
+
+    if isinstance(err, ray.exceptions.OutOfMemoryError):  # Ray's memory monitor killed the worker
+        return True
+    cause = getattr(err, "cause", err)
+    if isinstance(cause, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(cause, torch.OutOfMemoryError):  # CUDA
+            return True
+    except (ImportError, AttributeError):
+        pass
+    # torch's CPU allocator raises a plain RuntimeError
+    return isinstance(cause, RuntimeError) and "can't allocate memory" in str(cause)
 
 
 def run_search(
@@ -282,7 +332,15 @@ def run_search(
     ray_address: str | None = None,
     on_progress: Callable[[Progress, Any], None] | None = None,
 ) -> Path:
-    """Run (or resume) the search ``config`` describes; returns the run folder."""
+    """Run (or resume) the search ``config`` describes; returns the run folder.
+
+    Faults while evaluating (see the README's "Workers"): a worker that dies or runs out of
+    memory is replaced and the candidate retried on another worker, ``MAX_INFRA_RETRIES`` times at
+    most, then recorded as failed; a candidate that cannot be merged, merges to non-finite weights,
+    scores NaN, or takes longer than ``workers.timeout_s`` (its worker is killed and replaced; not
+    retried) is a failed trial with its reason. Every failure is told to the driver, which gives it
+    a defined penalty, and the search goes on.
+    """
     import ray
 
     import optuna
@@ -294,9 +352,12 @@ def run_search(
     prepared = prepare(config)
     store = open_store(config, runs_dir)
     try:
+        store.remove_stale_temp_files()
         store.requeue_interrupted()
+        store.write_pareto()  # a process killed between a trial's record and this file left it stale
         driver = _driver(prepared, store)
         budget = config.search.budget
+        timeout_s = config.workers.timeout_s
         progress = Progress(budget=budget, finished_before=store.counts().finished)
         _refresh_best(progress, store, config)
         if progress.finished_before >= budget:
@@ -304,7 +365,23 @@ def run_search(
         _init_ray(config, ray_address)
         pool = _Pool(_worker_spec(prepared), config.workers.count, config.workers.cpus_per_worker, config.workers.gpus_per_worker)
         flights: dict[Any, _Flight] = {}
-        exhausted = False
+        retries: deque[_Flight] = deque()  # candidates whose worker failed, waiting for another
+
+        def dispatch(flight: _Flight, worker: Any = None) -> None:
+            worker = worker if worker is not None else pool.idle.pop()
+            flight.worker, flight.started = worker, time.perf_counter()
+            flights[worker.evaluate.remote(flight.recipe_json)] = flight
+
+        def dispatch_retries() -> None:
+            """Each retry goes to an idle worker other than the one it failed on, unless there is no other."""
+            alone = len(pool.idle) + len(pool.starting) + len(flights) <= 1
+            for flight in list(retries):
+                others = [w for w in pool.idle if w is not flight.worker]
+                worker = others[-1] if others else (pool.idle[-1] if pool.idle and alone else None)
+                if worker is not None:
+                    pool.idle.remove(worker)
+                    retries.remove(flight)
+                    dispatch(flight, worker)
 
         def recorded(record: Any) -> None:
             """Count a told trial, whatever its outcome, and show it."""
@@ -314,40 +391,73 @@ def run_search(
             _refresh_best(progress, store, config, record)
             if on_progress:
                 on_progress(progress, record)
+
+        def infra_fault(flight: _Flight, reason: str, *, worker_alive: bool = False) -> None:
+            """Retry the candidate on another worker, or record it failed after too many tries.
+
+            A dead worker is replaced; one that only failed an allocation is healthy (the failed
+            allocation freed everything and the next merge overwrites every merged tensor) and goes
+            back to work, on other candidates.
+            """
+            if worker_alive:
+                pool.idle.append(flight.worker)
+            else:
+                pool.replace(flight.worker)
+            if flight.attempts <= MAX_INFRA_RETRIES:
+                flight.attempts += 1
+                retries.append(flight)
+                return
+            recorded(driver.tell(flight.number, None, failed_reason=f"{reason} ({flight.attempts} attempts on different workers)",
+                                 attrs=_fail_attrs(flight)))
+
         while True:
-            counts = store.counts()
+            dispatch_retries()
             # ask while a worker is free and the budget (finished + in flight) allows
-            while pool.idle and not exhausted and counts.finished + len(flights) < budget:
+            wanted = budget - store.counts().finished - len(flights) - len(retries)
+            while pool.idle and wanted > 0:
                 proposal = driver.ask()
                 if proposal is None:
                     break  # CMA waits for its generation to come back
-                recipe = prepared.space.decode(proposal.values)
-                worker = pool.idle.pop()
-                ref = worker.evaluate.remote(recipe.to_json())
-                flights[ref] = _Flight(proposal.number, recipe.to_json(), worker, time.perf_counter(), proposal.generation)
-                store.annotate(proposal.number, {"recipe": recipe.to_json()})
-            if not flights:
-                break
-            done, _ = ray.wait(list(flights), num_returns=1)
+                recipe_json = prepared.space.decode(proposal.values).to_json()
+                store.annotate(proposal.number, {"recipe": recipe_json})
+                dispatch(_Flight(proposal.number, recipe_json, None, 0.0, proposal.generation))
+                wanted -= 1
+                failpoints.hit("search.after_dispatch")  # candidates are out on workers
+            if not flights and not retries and (wanted <= 0 or pool.idle):
+                break  # done: nothing out, nothing to retry, nothing more to ask
+            waiting = [*flights, *pool.starting]
+            wait_s = None
+            if timeout_s is not None and flights:
+                wait_s = max(0.0, min(f.started for f in flights.values()) + timeout_s - time.perf_counter())
+            done, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
+            if not done:  # the oldest candidate ran out of time
+                now = time.perf_counter()
+                for ref, flight in list(flights.items()):
+                    if now - flight.started >= timeout_s:
+                        del flights[ref]
+                        pool.replace(flight.worker)
+                        recorded(driver.tell(flight.number, None, failed_reason=f"timed out after {timeout_s:g}s",
+                                             attrs=_fail_attrs(flight)))
+                continue
             ref = done[0]
+            if ref in pool.starting:
+                pool.started(ref)
+                continue
             flight = flights.pop(ref)
             try:
                 result = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as err:
-                pool.replace(flight.worker)
-                if flight.attempts <= MAX_INFRA_RETRIES:
-                    worker = pool.idle.pop()
-                    new_ref = worker.evaluate.remote(flight.recipe_json)
-                    flights[new_ref] = _Flight(flight.number, flight.recipe_json, worker, time.perf_counter(),
-                                               flight.generation, flight.attempts + 1)
-                    continue
-                recorded(driver.tell(flight.number, None,
-                                     failed_reason=f"worker lost {flight.attempts} times: {type(err).__name__}"))
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
+                    ray.exceptions.OutOfMemoryError) as err:
+                infra_fault(flight, f"worker lost: {type(err).__name__}" if not _out_of_memory(err) else "out of memory")
                 continue
             except ray.exceptions.RayTaskError as err:
+                if _out_of_memory(err):
+                    infra_fault(flight, f"out of memory: {str(err.cause)[:300]}", worker_alive=True)
+                    continue
                 # an exception inside the evaluator that is not a candidate fault: a bug, kept as data
                 pool.idle.append(flight.worker)
-                recorded(driver.tell(flight.number, None, failed_reason=f"evaluation raised {err.cause!r}"[:2000]))
+                recorded(driver.tell(flight.number, None, failed_reason=f"evaluation raised {err.cause!r}"[:2000],
+                                     attrs=_fail_attrs(flight)))
                 continue
             pool.idle.append(flight.worker)
             attrs = {"timings": {"merge_s": result.merge_s, "eval_s": result.eval_s,
@@ -355,10 +465,19 @@ def run_search(
                      "worker": result.worker, "attempts": flight.attempts}
             if flight.generation is not None:
                 attrs["generation"] = flight.generation
+            failpoints.hit("search.before_tell")  # a result is here and not yet recorded
             recorded(driver.tell(flight.number, result.objectives, failed_reason=result.error, attrs=attrs))
+            failpoints.hit("search.after_tell")
         return store.path
     finally:
         store.close()
+
+
+def _fail_attrs(flight: _Flight) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"attempts": flight.attempts, "timings": {"wall_s": time.perf_counter() - flight.started}}
+    if flight.generation is not None:
+        attrs["generation"] = flight.generation
+    return attrs
 
 
 def _refresh_best(progress: Progress, store: Any, config: SpaceConfig, record: Any | None = None) -> None:

@@ -647,6 +647,9 @@ class Workers(_Strict):
     count: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0.0, ge=0)
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    # Seconds one candidate may take on a worker before the worker is killed and replaced and the
+    # trial fails "timed out" (not retried: a slow candidate is as slow elsewhere). None: no limit.
+    timeout_s: float | None = Field(default=None, gt=0)
 
 
 # ------------------------------------------------------------------------------------------------

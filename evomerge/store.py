@@ -18,7 +18,8 @@ Optuna's RDB storage keeps everything as JSON; nothing here pickles or unpickles
 
 Every file is written to a temporary name and ``os.replace``d; a run folder is built under a
 temporary sibling name and renamed into place, so a crash or a refused config never leaves half a
-run behind.
+run behind. A process killed inside a write leaves the old file whole and its temporary beside it,
+which the next process to drive the run deletes (:meth:`RunStore.remove_stale_temp_files`).
 
 Resume: a process that dies leaves its trials RUNNING, and Optuna's heartbeat does not cover
 ask/tell. :meth:`RunStore.requeue_interrupted` (called once when a run is reopened, before any
@@ -48,6 +49,7 @@ import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from evomerge import failpoints
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.pareto import DIRECTIONS, pareto_front
 
@@ -127,6 +129,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        failpoints.hit(f"store.before_replace.{path.name}")  # a crash here leaves only the temp file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -506,6 +509,17 @@ class RunStore:
         if out:
             self.write_pareto()
         return out
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete temporary files a killed writer left in the run folder (see :func:`write_atomic`).
+
+        Only the process that drives the run may call this (after reopening it): a reader would
+        delete the live writer's file under it.
+        """
+        stale = [p for p in self.path.glob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     # ---- reading --------------------------------------------------------------------------
 

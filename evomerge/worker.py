@@ -3,10 +3,13 @@
 :class:`CandidateEvaluator` is a plain class (tests use it directly); :func:`start_workers` runs
 it as Ray actors. Each evaluator loads the base and donors once, keeps them resident (on its GPU
 when it has one), builds one model whose parameters every candidate overwrites in place, and
-builds lm-eval's task index once. A candidate that cannot be merged or scores NaN comes back as
-an :class:`EvalResult` with ``error`` set: a candidate fault is data for the trial log, not a
-crash. Infrastructure faults (a dead actor) surface as Ray errors to the dispatcher, which
-retries them elsewhere.
+builds lm-eval's task index once. A candidate that cannot be merged, merges to NaN or infinite
+weights (checked on the model's own tensors before scoring: a float32 merge copied into a float16
+model can overflow after the merge engine's own check), or scores NaN comes back as an
+:class:`EvalResult` with ``error`` set: a candidate fault is data for the trial log, not a crash.
+Infrastructure faults (a dead actor, an allocation that fails) surface as Ray errors to the
+dispatcher, which retries them elsewhere. ``worker.evaluate`` and ``worker.after_merge`` are
+failpoints (see :mod:`evomerge.failpoints`), for the reliability tests.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import failpoints
 from .errors import EvomergeError
 
 
@@ -106,20 +110,32 @@ class CandidateEvaluator:
         from .recipe import Recipe
 
         start = time.perf_counter()
+        failpoints.hit("worker.evaluate", context=_digest(recipe_json))
         model = self.model
         measured: dict[str, float] = {}
+        merged_names: list[str] = []
         try:
             recipe = Recipe.from_json(recipe_json)
             if recipe.merge is not None:
                 plan = self.resident.plan(recipe.merge)
                 outcome = self.resident.merge_into(plan, self.params)
+                merged_names = [task.name for task in plan.tasks]
                 if recipe.route is None:  # a routed model has other layers: no per-tensor distance
                     measured["l2_from_base"] = outcome.l2_from_base
             if recipe.route is not None:
                 model = self._routed(recipe.route)
         except EvomergeError as err:
             return EvalResult(None, error=f"merge failed: {err}", merge_s=time.perf_counter() - start, worker=self.name)
+        poison = failpoints.hit("worker.after_merge", context=_digest(recipe_json))
+        if poison and merged_names:
+            _poison(self.params, merged_names, poison)
+        broken = nonfinite_tensors(self.params, merged_names)
         merged = time.perf_counter()
+        if broken:
+            # before scoring: lm-eval on NaN weights scores garbage (or 0) rather than failing
+            return EvalResult(None, error=f"merge produced non-finite weights in {len(broken)} tensor(s): "
+                              f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}",
+                              merge_s=merged - start, worker=self.name)
         scores = self.scorer.score(model, self.tokenizer)
         done = time.perf_counter()
         objectives = {**scores, **measured}
@@ -144,6 +160,32 @@ class CandidateEvaluator:
 
     def ping(self) -> str:
         return self.name
+
+
+def nonfinite_tensors(params: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+    """The merged floating-point tensors holding a NaN or an infinity, by name.
+
+    A merge can overflow without any error (large weights in float16 reach inf), and a NaN in one
+    weight spreads to every logit; the candidate is refused before it is scored.
+    """
+    import torch
+
+    return [n for n in names if params[n].is_floating_point() and not bool(torch.isfinite(params[n]).all())]
+
+
+def _poison(params: Mapping[str, Any], names: Sequence[str], kind: str) -> None:
+    """Failpoint ``nan``/``inf``: corrupt one element of the first merged floating tensor."""
+    import torch
+
+    name = next(n for n in names if params[n].is_floating_point())
+    with torch.no_grad():
+        params[name].view(-1)[0] = float(kind)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def start_workers(spec: WorkerSpec, *, count: int, cpus: float, gpus: float) -> list[Any]:

@@ -112,6 +112,7 @@ def test_toy_example_is_what_the_readme_promises() -> None:
         ("merge.parameters.lambda", True, r"merge\.parameters\.lambda: 'lambda' takes a number, got True"),
         ("models.donors", "m/arith", r"models\.donors: expected a list"),
         ("workers.count", 0, r"workers\.count: Input should be greater than or equal to 1"),
+        ("workers.timeout_s", 0, r"workers\.timeout_s: Input should be greater than 0"),
         # ranges
         ("merge.parameters.density", {"range": [0.9, 0.2]}, r"merge\.parameters\.density\.range: low 0\.9 is above high 0\.2; write \[low, high\]"),
         ("merge.parameters.density", {"range": [0.5, 0.5]}, r"merge\.parameters\.density\.range: the range \[0\.5, 0\.5\] is empty; to pin"),
@@ -305,7 +306,7 @@ def test_hash_ignores_layout_and_resume_settings_but_not_the_search() -> None:
     spelled_out = with_("merge.parameters", {"weight": {"range": [0, 1]}}, data)
     spelled_out["models"]["donors"] = [{"model": "m/arith", "name": "arith"}, "m/reverse"]
     assert parse_space_config(spelled_out).config_hash() == config.config_hash()
-    resumed = with_("workers", {"count": 8, "gpus_per_worker": 1}, with_("search.budget", 500, data))
+    resumed = with_("workers", {"count": 8, "gpus_per_worker": 1, "timeout_s": 30}, with_("search.budget", 500, data))
     resumed = with_("name", "other", with_("storage", "postgresql://db/x", resumed))
     assert parse_space_config(resumed).config_hash() == config.config_hash()
     assert config.diff(parse_space_config(resumed)) == []

@@ -190,6 +190,7 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(toy_world, tmp
     import time
 
     from evomerge.store import RunStore
+    from tests.reliability.helpers import reap_session
 
     cfg = write(tmp_path, space(toy_world, budget=10))
     proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--runs-dir", str(tmp_path / "runs")],
@@ -210,9 +211,10 @@ def test_killed_search_resumes_without_losing_or_repeating_trials(toy_world, tmp
                     break
         assert done_before, "the search never had finished and running trials at once"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        # its Ray processes share its session; never `ray stop --force`, which stops every cluster here
+        reap_session(proc.pid)
 
     again = evomerge("search", str(cfg), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
