@@ -102,5 +102,9 @@ def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
     assert len(workers) == 2, workers  # two Ray nodes did the work
     after = [r for r in complete if r.number not in before]
     assert after and all(_pid(r) not in node2_pids for r in after)  # the rest ran on the head
+    # every file was renamed into place: no temp file left behind, nothing but the run's own files
+    assert {p.name for p in run.iterdir()} <= {"space.yaml", "config_hash", "run.json", "trials.db", "trials.db-wal",
+                                                "trials.db-shm", "pareto.json"}
+    assert not list(run.parent.glob(".*"))
     print(f"two-node search: {len(before)} trials before the loss, {len(after)} after; "
           f"retried: {[r.number for r in complete if r.attrs.get('attempts', 1) > 1]}; {time.time() - started:.0f} s")
