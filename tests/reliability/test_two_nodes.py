@@ -108,3 +108,22 @@ def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
     assert not list(run.parent.glob(".*"))
     print(f"two-node search: {len(before)} trials before the loss, {len(after)} after; "
           f"retried: {[r.number for r in complete if r.attrs.get('attempts', 1) > 1]}; {time.time() - started:.0f} s")
+
+
+def _own_cluster_address(space: Path, env: dict[str, str], cwd: Path) -> str:
+    script = ("import sys, ray; from evomerge.search import _init_ray; "
+              "from evomerge.space_config import load_space_config; "
+              "_init_ray(load_space_config(sys.argv[1]), None); print('gcs', ray.get_runtime_context().gcs_address)")
+    done = subprocess.run([sys.executable, "-c", script, str(space)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split("gcs ", 1)[1].split()[0]
+
+
+def test_without_an_address_a_search_starts_its_own_cluster(cluster, toy_world, tmp_path):
+    """Even with RAY_ADDRESS pointing at a running cluster (as a user's shell may have it), a space
+    file without ray_address gets a private cluster: ray.init(address='local')."""
+    address, _, _ = cluster
+    space = write_yaml(tmp_path / "space.yaml", good_space(toy_world))
+    own = _own_cluster_address(space, cli_env(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled"), tmp_path)
+    assert own.rsplit(":", 1)[1] != address.rsplit(":", 1)[1]
