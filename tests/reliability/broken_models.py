@@ -8,7 +8,6 @@ a config that needs code shipped with the model.
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -138,8 +137,7 @@ class _Payload:
 def pickled_weights(good: Path, dest: Path, marker: Path) -> Path:
     """Weights only as ``pytorch_model.bin``, a pickle that creates ``marker`` if ever loaded."""
     folder = no_weights(good, dest)
-    with open(folder / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"model.embed_tokens.weight": _Payload(marker)}, f)
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, folder / "pytorch_model.bin")  # as HF saves .bin
     return folder
 
 

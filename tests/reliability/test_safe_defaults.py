@@ -208,3 +208,18 @@ def test_storage_password_never_reaches_the_run_folder(tmp_path: Path, monkeypat
     assert redact_url("postgresql://evo:${EVOMERGE_TEST_PW}@db/evo") == "postgresql://evo:${EVOMERGE_TEST_PW}@db/evo"
     assert expand_env("postgresql://evo:${EVOMERGE_TEST_PW}@db/evo") == "postgresql://evo:s3cret@db/evo"
     assert not list((tmp_path / "runs").glob(".*"))  # the folder was built aside and renamed in
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_allowed_pickled_tensors_load_in_either_torch_format(zipfile: bool, tmp_path: Path) -> None:
+    """--allow-pickle reads plain tensors whichever format torch.save used (legacy cannot be mmapped)."""
+    import torch
+
+    from evomerge.merge.model_folder import ModelFolder
+
+    tmp_path.joinpath("config.json").write_text('{"model_type": "llama", "num_hidden_layers": 1}')
+    torch.save({"model.layers.0.mlp.weight": torch.ones(2, 2)}, tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=zipfile)
+    folder = ModelFolder(str(tmp_path), allow_pickle=True)
+    assert folder.tensor_names == ["model.layers.0.mlp.weight"]
+    assert torch.equal(folder.read("model.layers.0.mlp.weight"), torch.ones(2, 2))
