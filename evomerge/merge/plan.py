@@ -107,7 +107,10 @@ def _normalized_slices(config: MergeConfig, models: Mapping[str, ModelFolder]) -
     lengths = {s.layer_range[1] for s in sources}
     if len(lengths) > 1:
         counts = ", ".join(f"{s.model!r}: {s.layer_range[1]}" for s in sources)
-        raise ModelError(f"models have different numbers of layers ({counts}); use 'slices:' to say which layers to merge")
+        raise ModelError(
+            f"models have different numbers of layers ({counts}); merge fine-tunes of one base model "
+            "(in a mergekit YAML, 'slices:' can say which layers to merge)"
+        )
     return [OutputSlice(sources=sources)]
 
 
