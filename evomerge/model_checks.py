@@ -68,3 +68,17 @@ def check_loadable(folder: ModelFolder, *, trust_remote_code: bool) -> None:
             ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{folder.path}: transformers cannot build this model ({first}); check its config.json") from None
+
+
+def check_tokenizer(folder: ModelFolder, *, trust_remote_code: bool) -> None:
+    """The workers score with the base's tokenizer: refuse a base without a loadable one now."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(folder.path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"{folder.path}: no tokenizer transformers can load ({first[:300]}); copy the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) of the model it was fine-tuned from into the folder"
+        ) from None

@@ -71,7 +71,7 @@ class Progress:
 def prepare(config: SpaceConfig) -> Prepared:
     """Check a space against its models and tasks; nothing is written."""
     from .merge.plan import plan_merge
-    from .model_checks import check_loadable, model_fields
+    from .model_checks import check_loadable, check_tokenizer, model_fields
     from .space import SearchSpace
 
     fields = model_fields(config)  # a model error names the space file and the models.* field too
@@ -80,6 +80,8 @@ def prepare(config: SpaceConfig) -> Prepared:
         with fields.naming(ref):
             folder.num_layers, folder.tensor_names  # noqa: B018  (reads every header: names a truncated file)
             check_loadable(folder, trust_remote_code=config.trust_remote_code)
+            if ref == config.models.base:
+                check_tokenizer(folder, trust_remote_code=config.trust_remote_code)
     num_layers = folders[config.models.base].num_layers
     config.validate_against_models(num_layers, folders[config.models.base].tensor_names)
     space = SearchSpace.from_config(config, num_layers)

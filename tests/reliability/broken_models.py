@@ -82,6 +82,14 @@ def no_weights(good: Path, dest: Path) -> Path:
     return folder
 
 
+def no_tokenizer(good: Path, dest: Path) -> Path:
+    """Weights and config, but none of the tokenizer files."""
+    folder = copy_model(good, dest)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    return folder
+
+
 def no_config(good: Path, dest: Path) -> Path:
     folder = copy_model(good, dest)
     (folder / "config.json").unlink()
