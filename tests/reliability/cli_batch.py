@@ -33,7 +33,7 @@ def run_one(args: list[str], cwd: str) -> dict[str, object]:
                 main.main(args, prog_name="evomerge", standalone_mode=True)
             except SystemExit as exit_:
                 code = exit_.code
-            except BaseException:  # what Python prints for an uncaught exception, then exit 1
+            except BaseException:  # noqa: BLE001  (what Python prints for an uncaught exception, then exit 1)
                 traceback.print_exc(file=sys.stderr)
                 code = 1
     finally:

@@ -62,7 +62,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def evomerge(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], check=False, capture_output=True, text=True, cwd=cwd,
                           timeout=timeout, env=env or cli_env())
 
 
