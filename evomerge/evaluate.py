@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 EVAL_TASKS_DIR = Path(__file__).resolve().parents[1] / "eval_tasks"
 
 
+class UnknownTaskError(ConfigError):
+    """No task folder defines ``task``; the caller knows which config field named it."""
+
+    def __init__(self, task: str, message: str) -> None:
+        self.task = task
+        super().__init__(message)
+
+
 def objective_name(task: str, metric: str) -> str:
     """The project-wide objective name for one metric of one task, e.g. ``task:toy_arith/acc``."""
     return f"task:{task}/{metric}"
@@ -71,7 +79,7 @@ class LmEvalScorer:
         for task in tasks:
             if task not in known:
                 where = ", ".join(str(f) for f in folders)
-                raise ConfigError(f"unknown lm-eval task {task!r} in {where}." + close_matches(task, known))
+                raise UnknownTaskError(task, f"unknown lm-eval task {task!r} in {where}." + close_matches(task, known))
         for task in samples or {}:
             if task not in tasks:
                 raise ConfigError(f"samples names task {task!r}, which is not among the tasks scored: {list(tasks)}")

@@ -73,24 +73,30 @@ class Progress:
 
 def prepare(config: SpaceConfig) -> Prepared:
     """Check a space against its models and tasks; nothing is written."""
-    from .evaluate import LmEvalScorer
-    from .merge.model_folder import ModelFolder
     from .merge.plan import plan_merge
+    from .model_checks import check_loadable, check_tokenizer, model_fields
     from .space import SearchSpace
 
-    refs = [config.models.base, *(d.model for d in config.models.donors)]
-    folders = {ref: ModelFolder(ref) for ref in refs}
+    fields = model_fields(config)  # a model error names the space file and the models.* field too
+    folders = {ref: fields.open(ref) for ref in fields.references}
+    for ref, folder in folders.items():
+        with fields.naming(ref):
+            folder.num_layers, folder.tensor_names  # noqa: B018  (reads every header: names a truncated file)
+            check_loadable(folder, trust_remote_code=config.trust_remote_code)
+            if ref == config.models.base:
+                check_tokenizer(folder, trust_remote_code=config.trust_remote_code)
     num_layers = folders[config.models.base].num_layers
     config.validate_against_models(num_layers, folders[config.models.base].tensor_names)
     space = SearchSpace.from_config(config, num_layers)
-    # plan the initial candidate: refuses incompatible models (architecture, shapes, vocabulary)
-    initial = space.decode(space.from_unit(space.initial_unit()))
-    if initial.merge is not None:
-        plan_merge(initial.merge, folders)
+    with fields.naming():
+        # plan the initial candidate: refuses incompatible models (architecture, shapes, vocabulary)
+        initial = space.decode(space.from_unit(space.initial_unit()))
+        if initial.merge is not None:
+            plan_merge(initial.merge, folders)
     if config.route is not None:
         _check_route_models(config, folders)
     _check_constraints(config)
-    scorer = LmEvalScorer(config.task_names(), **_scorer_paths(config))
+    scorer = _scorer(config)
     known_metrics = scorer.metrics()
     for i, obj in enumerate([*config.objectives, *config.constraints]):
         if obj.task is None:
@@ -142,6 +148,23 @@ def _check_route_models(config: SpaceConfig, folders: dict[str, Any]) -> None:
         )
 
 
+def _scorer(config: SpaceConfig) -> Any:
+    """lm-eval's task index for the config's tasks; a bad folder or task names its field."""
+    from .evaluate import LmEvalScorer, UnknownTaskError
+
+    for i, folder in enumerate(config.evaluation.include_path):
+        if not Path(folder).is_dir():
+            raise ConfigError(f"task folder {folder} does not exist; point it at a folder of lm-eval task YAMLs",
+                              where=f"{config.source}: evaluation.include_path[{i}]")
+    try:
+        return LmEvalScorer(config.task_names(), **_scorer_paths(config))
+    except UnknownTaskError as err:
+        named = [*config.objectives, *config.constraints]
+        i = next(i for i, m in enumerate(named) if m.task == err.task)
+        kind, index = ("objectives", i) if i < len(config.objectives) else ("constraints", i - len(config.objectives))
+        raise ConfigError(str(err), where=f"{config.source}: {kind}[{index}].task") from None
+
+
 def _scorer_paths(config: SpaceConfig) -> dict[str, Any]:
     paths = config.evaluation.include_path
     return {"include_path": [Path(p) for p in paths]} if paths else {}
@@ -189,7 +212,7 @@ def open_store(config: SpaceConfig, runs_dir: Path) -> Any:
         import yaml
 
         old = parse_space_config(yaml.safe_load(old_text), source="the run's space.yaml", default_name=config.name)
-        return config.diff(old)
+        return old.diff(config)  # "field: the run's value -> this file's value"
 
     from .store import SPACE_FILE, write_atomic
 
@@ -222,6 +245,7 @@ def _init_ray(config: SpaceConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or config.workers.ray_address
+    _check_reachable(address)
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(max(1, int(config.workers.cpus_per_worker)))}}
     for name in (failpoints.ENV, failpoints.DIR_ENV):  # a testing aid reaches the workers too
         if os.environ.get(name):
@@ -231,12 +255,29 @@ def _init_ray(config: SpaceConfig, address: str | None) -> None:
     else:
         w = config.workers
         ray.init(
+            address="local",  # our own cluster, never one that `ray start` left running on this machine
             num_cpus=max(1, math.ceil(w.count * w.cpus_per_worker)),
             num_gpus=math.ceil(w.count * w.gpus_per_worker),
             include_dashboard=False,
             runtime_env=runtime_env,
             **quiet,
         )
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse an unreachable ``host:port`` in seconds (ray.init would retry for minutes)."""
+    import socket
+
+    if not address or "://" in address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise EvomergeError(
+            f"no Ray cluster answers at {address} (--ray-address or workers.ray_address): {err}. Check the "
+            "address with `ray status` on the head node, or leave it out to start a local cluster"
+        ) from None
 
 
 def _worker_spec(prepared: Prepared) -> Any:
@@ -350,6 +391,8 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
     config = resolve_merged(config)
     prepared = prepare(config)
+    if ray_address or config.workers.ray_address:
+        _init_ray(config, ray_address)  # join the cluster before the run folder exists: a bad address changes nothing
     store = open_store(config, runs_dir)
     try:
         store.remove_stale_temp_files()

@@ -84,6 +84,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _literal_password(url: str) -> bool:
+    """Whether a database URL spells out a password (``${VAR}`` references are fine)."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return False
+    return bool(password) and not re.fullmatch(r"\$\{\w+\}", password)
+
+
 def _finite(value: float | None, what: str) -> float | None:
     if value is not None and not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number, got {value}")
@@ -788,6 +799,13 @@ class SpaceConfig(_Strict):
             raise ValueError(
                 f"{value!r} is not a database URL; write e.g. postgresql://user@host/db, or remove it for SQLite "
                 "in the run folder"
+            )
+        if value is not None and _literal_password(value):
+            # the URL is copied into runs/<name>/space.yaml and run.json, which get shared
+            raise ValueError(
+                "the URL holds a password, which would be written into the run folder; write ${VAR} in its "
+                "place (postgresql://user:${EVOMERGE_DB_PASSWORD}@host/db, read from the environment when "
+                "connecting), or leave it out and use PGPASSWORD or ~/.pgpass"
             )
         return value
 

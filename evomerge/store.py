@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -42,6 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import optuna
 import sqlalchemy
@@ -266,7 +268,9 @@ class RunStore:
         try:
             write_atomic(tmp / SPACE_FILE, config_yaml_text)
             write_atomic(tmp / HASH_FILE, config_hash + "\n")
-            write_atomic(tmp / RUN_FILE, json.dumps({"study_name": name, "storage": storage_url}, indent=2) + "\n")
+            # run.json keeps ${VAR} references as written and never a literal password
+            write_atomic(tmp / RUN_FILE, json.dumps({"study_name": name, "storage": redact_url(storage_url)},
+                                                    indent=2) + "\n")
             url = storage_url or _sqlite_url(tmp)
             storage = _open_storage(url)
             try:
@@ -278,7 +282,7 @@ class RunStore:
                 )
             except optuna.exceptions.DuplicatedStudyError:
                 raise EvomergeError(
-                    f"storage {storage_url} already holds a study named {name!r}; choose another run name"
+                    f"storage {redact_url(storage_url)} already holds a study named {name!r}; choose another run name"
                 ) from None
             remote_created = storage_url is not None
             study.set_user_attr(
@@ -294,7 +298,7 @@ class RunStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if remote_created:
-                optuna.delete_study(study_name=name, storage=storage_url)
+                optuna.delete_study(study_name=name, storage=storage)
             raise
         return cls.open(final)
 
@@ -303,7 +307,10 @@ class RunStore:
         """Open an existing run folder. ``storage_url`` overrides the URL recorded in run.json."""
         path = Path(path)
         if not (path / HASH_FILE).is_file() or not (path / RUN_FILE).is_file():
-            raise EvomergeError(f"{path} is not an evomerge run folder (no {HASH_FILE} or {RUN_FILE})")
+            raise EvomergeError(
+                f"{path} is not an evomerge run folder (no {HASH_FILE} or {RUN_FILE}); give the folder "
+                "`evomerge search` made, runs/<name>"
+            )
         run = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
         url = storage_url or run.get("storage") or _sqlite_url(path)
         storage = _open_storage(url)
@@ -601,6 +608,7 @@ def _open_storage(url: str) -> optuna.storages.RDBStorage:
     only a power cut can lose the last commits, which a resume then sees as trials never started
     or still running, and re-runs.
     """
+    url = expand_env(url)
     sqlite_file = url.startswith("sqlite:///") and ":memory:" not in url
     if sqlite_file:
         # journal_mode=WAL is a property of the database file: set it before Optuna builds tables.
@@ -611,6 +619,36 @@ def _open_storage(url: str) -> optuna.storages.RDBStorage:
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_connection_pragmas)
         storage.engine.dispose()  # connections made while building tables lack the pragma
     return storage
+
+
+_ENV_REF = re.compile(r"\$\{(\w+)\}")
+
+
+def expand_env(url: str) -> str:
+    """``${VAR}`` in a storage URL replaced from the environment, only when connecting, so a
+    password never sits in the space file or the run folder."""
+
+    def value(m: re.Match[str]) -> str:
+        if m[1] not in os.environ:
+            raise EvomergeError(f"the storage URL {url} needs the environment variable {m[1]}; export it first")
+        return quote(os.environ[m[1]], safe="")
+
+    return _ENV_REF.sub(value, url)
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` with a literal password replaced by ``***`` (``${VAR}`` references kept)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    try:
+        password = parts.password
+    except ValueError:
+        return url
+    if not password or _ENV_REF.fullmatch(password):
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))
 
 
 def _sqlite_connection_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -102,7 +102,7 @@ class CandidateEvaluator:
         if ev.include_path:
             options["include_path"] = [Path(p) for p in ev.include_path]
         self.scorer = LmEvalScorer(ev.tasks, **options)
-        self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}"
+        self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}{_ray_node()}"
         self._pool_modules: dict[str, Any] | None = None  # routing: modules over the resident tensors
 
     def evaluate(self, recipe_json: str) -> EvalResult:
@@ -188,14 +188,27 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _ray_node() -> str:
+    """``:node=<id prefix>`` inside a Ray actor (hosts can run several nodes), else ''."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    return f":node={ray.get_runtime_context().get_node_id()[:12]}"
+
+
 def start_workers(spec: WorkerSpec, *, count: int, cpus: float, gpus: float) -> list[Any]:
-    """Start ``count`` Ray actors running :class:`CandidateEvaluator` (Ray must be initialised)."""
+    """Start ``count`` Ray actors running :class:`CandidateEvaluator` (Ray must be initialised).
+
+    SPREAD places them on as many nodes as have room: losing one node then loses few workers, and
+    each node's memory holds fewer copies of the models."""
     import ray
 
     actor = ray.remote(CandidateEvaluator)
     threads = spec.threads or max(1, int(cpus))
     spec = replace(spec, threads=threads)
     return [
-        actor.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=1).remote(spec)
+        actor.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=1,
+                      scheduling_strategy="SPREAD").remote(spec)
         for _ in range(count)
     ]

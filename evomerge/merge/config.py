@@ -97,6 +97,17 @@ class MergeConfig(_Strict):
     chat_template: str | None = None
     random_seed: int | None = None
 
+    @field_validator("merge_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from .registry import get_method  # the registry imports this module
+
+        try:
+            get_method(value)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return value
+
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:

@@ -132,9 +132,15 @@ class ModelFolder:
         tensors: dict[str, torch.Tensor] = {}
         for b in bins:
             try:
-                tensors.update(torch.load(b, map_location="cpu", weights_only=True, mmap=True))
+                tensors.update(_load_tensors_only(b))
             except Exception as err:
-                raise ModelError(f"{b}: cannot be read as a tensors-only checkpoint ({err})") from None
+                # torch's own message suggests weights_only=False; evomerge never does that
+                detail = next((line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line),
+                              str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+                raise ModelError(
+                    f"{b}: cannot be read as a tensors-only checkpoint and was refused ({detail}); convert it to "
+                    "safetensors with a tool you trust"
+                ) from None
         return tensors
 
     @cached_property
@@ -181,3 +187,13 @@ class ModelFolder:
         if real is None:
             raise ModelError(f"{self.path}: has no tensor {name!r}; are all models of the same architecture?")
         return real
+
+
+def _load_tensors_only(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled checkpoint's tensors; ``weights_only`` refuses anything else, running no code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped

@@ -107,7 +107,10 @@ def _normalized_slices(config: MergeConfig, models: Mapping[str, ModelFolder]) -
     lengths = {s.layer_range[1] for s in sources}
     if len(lengths) > 1:
         counts = ", ".join(f"{s.model!r}: {s.layer_range[1]}" for s in sources)
-        raise ModelError(f"models have different numbers of layers ({counts}); use 'slices:' to say which layers to merge")
+        raise ModelError(
+            f"models have different numbers of layers ({counts}); merge fine-tunes of one base model "
+            "(in a mergekit YAML, 'slices:' can say which layers to merge)"
+        )
     return [OutputSlice(sources=sources)]
 
 
@@ -195,7 +198,7 @@ def _check_architectures(models: Mapping[str, ModelFolder]) -> None:
     kinds = {ref: (m.config.get("model_type"), m.config.get("hidden_size")) for ref, m in models.items()}
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{ref!r}: {k[0]} (hidden_size {k[1]})" for ref, k in kinds.items())
-        raise ModelError(f"the models have different architectures ({listing}); they cannot be merged")
+        raise ModelError(f"the models have different architectures ({listing}); merge fine-tunes of one base model")
 
 
 def plan_merge(config: MergeConfig, models: Mapping[str, ModelFolder]) -> MergePlan:

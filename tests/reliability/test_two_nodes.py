@@ -1,0 +1,129 @@
+"""A search across a two-node Ray cluster that loses a node partway and finishes on the other.
+
+Both nodes run on this machine (their own ports, one temp dir that other engineers' ``ray.init``
+never looks in). The search joins with ``--ray-address``; workers SPREAD over both nodes. Once
+node 2 has finished a trial and has another out, all its processes are killed; the candidate it
+held is retried on a fresh worker, which fits on the head (it has a CPU for every worker). The run
+must end with every trial complete exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, cli_env, good_space, write_yaml
+from .ray_nodes import RayNode, free_port, node_env
+
+pytestmark = pytest.mark.slow
+
+BUDGET = 10
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    gcs = free_port()
+    temp = Path(f"/tmp/evm2n{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
+    env = node_env(str(ROOT))
+    head = RayNode(["--head", f"--port={gcs}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
+                    "--num-cpus=2", f"--temp-dir={temp}"], env, tmp_path / "head.log")
+    nodes = [head]
+    try:
+        head.wait_started()
+        second = RayNode([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", '--resources={"node2": 1}'], env,
+                         tmp_path / "node2.log")
+        nodes.append(second)
+        second.wait_started()
+        yield f"127.0.0.1:{gcs}", head, second
+    finally:
+        for node in reversed(nodes):
+            node.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _trials(run: Path) -> list:
+    from evomerge.store import RunStore
+
+    if not (run / "trials.db").exists():
+        return []
+    store = RunStore.open(run)
+    try:
+        return store.trials()
+    finally:
+        store.close()
+
+
+def _pid(record) -> int:
+    return int(str(record.attrs["worker"]).split(":")[1])
+
+
+def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
+    address, _, second = cluster
+    space = write_yaml(tmp_path / "space.yaml", good_space(toy_world, name="twonode", **{
+        "search.budget": BUDGET, "search.population": 4, "workers.count": 2}))
+    run = tmp_path / "runs" / "twonode"
+    env = cli_env(RAY_AUTH_MODE="disabled")
+    search = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(space), "--runs-dir",
+                               str(tmp_path / "runs"), "--ray-address", address], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = time.time()
+    try:
+        node2_pids: set[int] = set()
+        before: dict[int, dict] = {}
+        while time.time() - started < 400 and search.poll() is None:
+            time.sleep(0.5)
+            node2_pids |= second.pids()
+            records = _trials(run)
+            done = [r for r in records if r.state == "complete"]
+            on_node2 = [r for r in done if _pid(r) in node2_pids]
+            if on_node2 and len(records) > len(done):  # node 2 worked, and trials are out
+                before = {r.number: dict(r.objectives) for r in done}
+                second.kill()
+                break
+        assert before, "the search never placed a finished trial on node 2 (workers did not spread)"
+        output, _ = search.communicate(timeout=400)
+    finally:
+        if search.poll() is None:
+            search.kill()
+    assert search.returncode == 0, output[-3000:]
+    records = _trials(run)
+    complete = [r for r in records if r.state == "complete"]
+    assert len(complete) == BUDGET and len(records) == BUDGET, [(r.number, r.state, r.error) for r in records]
+    assert sorted(r.number for r in records) == list(range(BUDGET))  # each once; none lost, none repeated
+    for number, objectives in before.items():  # finished before the loss: kept as they were
+        assert next(r for r in records if r.number == number).objectives == objectives
+    workers = {str(r.attrs["worker"]).rsplit(":node=", 1)[-1] for r in complete}
+    assert len(workers) == 2, workers  # two Ray nodes did the work
+    after = [r for r in complete if r.number not in before]
+    assert after and all(_pid(r) not in node2_pids for r in after)  # the rest ran on the head
+    # every file was renamed into place: no temp file left behind, nothing but the run's own files
+    assert {p.name for p in run.iterdir()} <= {"space.yaml", "config_hash", "run.json", "trials.db", "trials.db-wal",
+                                                "trials.db-shm", "pareto.json"}
+    assert not list(run.parent.glob(".*"))
+    print(f"two-node search: {len(before)} trials before the loss, {len(after)} after; "
+          f"retried: {[r.number for r in complete if r.attrs.get('attempts', 1) > 1]}; {time.time() - started:.0f} s")
+
+
+def _own_cluster_address(space: Path, env: dict[str, str], cwd: Path) -> str:
+    script = ("import sys, ray; from evomerge.search import _init_ray; "
+              "from evomerge.space_config import load_space_config; "
+              "_init_ray(load_space_config(sys.argv[1]), None); print('gcs', ray.get_runtime_context().gcs_address)")
+    done = subprocess.run([sys.executable, "-c", script, str(space)], check=False, capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split("gcs ", 1)[1].split()[0]
+
+
+def test_without_an_address_a_search_starts_its_own_cluster(cluster, toy_world, tmp_path):
+    """Even with RAY_ADDRESS pointing at a running cluster (as a user's shell may have it), a space
+    file without ray_address gets a private cluster: ray.init(address='local')."""
+    address, _, _ = cluster
+    space = write_yaml(tmp_path / "space.yaml", good_space(toy_world))
+    own = _own_cluster_address(space, cli_env(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled"), tmp_path)
+    assert own.rsplit(":", 1)[1] != address.rsplit(":", 1)[1]
