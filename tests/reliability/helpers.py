@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
+
+from tests.search.test_search_e2e import write as write_space  # noqa: F401  (one space writer for all tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,10 +42,6 @@ def space(toy_world: Any, *, budget: int, driver: str = "cma", items: int = 16, 
     return data
 
 
-def write_space(folder: Path, data: dict, name: str = "space.yaml") -> Path:
-    path = folder / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def env_with(failpoints: str | None = None, counter_dir: Path | None = None) -> dict[str, str]:
