@@ -74,7 +74,12 @@ class LmEvalScorer:
         # lm-eval logs a warning per task per call for tasks with a custom loader (ours); the
         # scores are what matter, and real errors still come through.
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        self.task_manager = TaskManager(include_path=[str(f) for f in folders], include_defaults=False)
+        paths = [str(f) for f in folders]
+        # the task folders alone index in milliseconds; lm-eval's own tasks (arc_challenge,
+        # gsm8k, ...) take about 10 s to index, so they are indexed only when a task needs them
+        self.task_manager = TaskManager(include_path=paths, include_defaults=False)
+        if any(task not in self.task_manager.all_tasks for task in tasks):
+            self.task_manager = TaskManager(include_path=paths, include_defaults=True)
         known = self.task_manager.all_tasks
         for task in tasks:
             if task not in known:
@@ -102,8 +107,18 @@ class LmEvalScorer:
         return len(list(self._task(task).eval_docs))
 
     def metrics(self) -> dict[str, tuple[str, ...]]:
-        """The metric names each task reports, e.g. ``{"toy_arith": ("acc",)}``."""
-        return {task: tuple(m["metric"] for m in self._task(task).config.metric_list) for task in self.tasks}
+        """The metric names each task reports, e.g. ``{"toy_arith": ("acc",)}``; a task with
+        filters (gsm8k) also reports ``metric,filter`` names, as :meth:`score` names them."""
+        out: dict[str, tuple[str, ...]] = {}
+        for task in self.tasks:
+            config = self._task(task).config
+            metrics = [m["metric"] for m in config.metric_list]
+            filters = [f["name"] for f in (getattr(config, "filter_list", None) or []) if isinstance(f, dict)]
+            if not filters:  # lm-eval's default filter is "none", which score() leaves out of the name
+                out[task] = tuple(metrics)
+            else:  # a filter list replaces the default: each metric is reported per filter
+                out[task] = tuple(m if f == "none" else f"{m},{f}" for f in filters for m in metrics)
+        return out
 
     def score(self, model: PreTrainedModel, tokenizer) -> dict[str, float]:
         """Every metric of every task for ``model``, as ``{"task:<task>/<metric>": value}``."""

@@ -78,3 +78,31 @@ def test_score_is_repeatable_and_tracks_the_model(tiny) -> None:
 def test_samples_and_limit_are_exclusive() -> None:
     with pytest.raises(ConfigError, match="either samples or limit"):
         LmEvalScorer(["toy_arith"], samples={"toy_arith": [0]}, limit=3)
+
+
+def test_lm_eval_builtin_tasks_are_found_and_misspellings_named() -> None:
+    """Real searches score lm-eval's own tasks (arc_challenge, gsm8k); they are indexed only when
+    a task is not in the task folders (indexing them costs seconds). Datasets are not loaded here."""
+    scorer = LmEvalScorer(["toy_arith", "arc_challenge"])
+    assert scorer.tasks == ["toy_arith", "arc_challenge"]
+    with pytest.raises(ConfigError, match=r"'arc_challange'.*Did you mean 'arc_challenge'"):
+        LmEvalScorer(["arc_challange"])
+
+
+def test_filtered_metrics_are_named_as_scores_name_them(tiny, tmp_path: Path) -> None:
+    """A task with a filter list (as gsm8k has) reports ``metric,filter``: metrics() must offer
+    exactly the names score() produces, or the search's metric check would pass a name no trial has."""
+    import shutil
+
+    from evomerge.evaluate import EVAL_TASKS_DIR
+
+    for name in ("toy_data.py", "toy_arith.jsonl"):
+        shutil.copy(EVAL_TASKS_DIR / name, tmp_path / name)
+    text = (EVAL_TASKS_DIR / "toy_arith.yaml").read_text().replace("task: toy_arith", "task: toy_arith_filtered")
+    text = text.replace("tag: [toy_search]\n", "")
+    text += "filter_list:\n  - name: first\n    filter:\n      - function: take_first\n"
+    (tmp_path / "toy_arith_filtered.yaml").write_text(text)
+    scorer = LmEvalScorer(["toy_arith_filtered"], include_path=tmp_path, limit=8, batch_size=8)
+    assert scorer.metrics() == {"toy_arith_filtered": ("acc,first",)}
+    model, tokenizer = tiny
+    assert set(scorer.score(model, tokenizer)) == {"task:toy_arith_filtered/acc,first"}
