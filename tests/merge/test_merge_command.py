@@ -12,7 +12,6 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .tiny_models import write_tiny_llama
 
 
 def run_merge(config: dict | str, out: Path, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
