@@ -16,6 +16,7 @@ lm_eval and transformers are imported inside the methods: ``evomerge merge`` mus
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,15 @@ class UnknownTaskError(ConfigError):
 def objective_name(task: str, metric: str) -> str:
     """The project-wide objective name for one metric of one task, e.g. ``task:toy_arith/acc``."""
     return f"task:{task}/{metric}"
+
+
+@functools.lru_cache(maxsize=4)
+def _full_index(paths: tuple[str, ...]) -> Any:
+    """lm-eval's task index with its own tasks and ``paths``: built once per process (it reads
+    thousands of YAML files) and only read afterwards."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=True)
 
 
 class LmEvalScorer:
@@ -74,17 +84,20 @@ class LmEvalScorer:
         # lm-eval logs a warning per task per call for tasks with a custom loader (ours); the
         # scores are what matter, and real errors still come through.
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        paths = [str(f) for f in folders]
+        paths = tuple(str(f) for f in folders)
         # the task folders alone index in milliseconds; lm-eval's own tasks (arc_challenge,
         # gsm8k, ...) take about 10 s to index, so they are indexed only when a task needs them
-        self.task_manager = TaskManager(include_path=paths, include_defaults=False)
-        if any(task not in self.task_manager.all_tasks for task in tasks):
-            self.task_manager = TaskManager(include_path=paths, include_defaults=True)
+        self.task_manager = TaskManager(include_path=list(paths), include_defaults=False)
+        local = self.task_manager.all_tasks
+        if any(task not in local for task in tasks):
+            self.task_manager = _full_index(paths)
         known = self.task_manager.all_tasks
         for task in tasks:
             if task not in known:
                 where = ", ".join(str(f) for f in folders)
-                raise UnknownTaskError(task, f"unknown lm-eval task {task!r} in {where}." + close_matches(task, known))
+                hint = close_matches(task, local) or close_matches(task, known)  # the user's own tasks first
+                raise UnknownTaskError(task, f"unknown lm-eval task {task!r}: not in {where} nor among lm-eval's "
+                                             f"own tasks.{hint}")
         for task in samples or {}:
             if task not in tasks:
                 raise ConfigError(f"samples names task {task!r}, which is not among the tasks scored: {list(tasks)}")

@@ -146,38 +146,3 @@ def test_search_records_resumes_and_exports(toy_world, tmp_path):
 
     shown = evomerge("show", str(run), cwd=tmp_path)
     assert shown.returncode == 0 and "Pareto front" in shown.stdout
-
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"objectives": [{"task": "toy_arithmetic", "metric": "acc", "direction": "maximize"}]}, "toy_arith"),
-        ({"objectives": [{"task": "toy_arith", "metric": "accuracy", "direction": "maximize"}]}, "no metric 'accuracy'"),
-        ({"merge": {"method": "ties", "layer_groups": 3}}, "layer groups do not divide"),
-        ({"merge": {"method": "tiess"}}, "Did you mean 'ties'"),
-    ],
-)
-def test_bad_space_is_refused_before_any_run_folder(change, message, toy_world, tmp_path):
-    data = space(toy_world, budget=2)
-    data.update(change)
-    cfg = write(tmp_path, data)
-    result = evomerge("search", str(cfg), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert message in result.stderr
-    assert not (tmp_path / "runs").exists()
-
-
-def test_changed_config_under_existing_name_is_refused_and_names_the_field(toy_world, tmp_path):
-    from evomerge.search import open_store
-    from evomerge.space_config import load_space_config
-
-    store = open_store(load_space_config(write(tmp_path, space(toy_world, budget=2))), tmp_path / "runs")
-    store.close()
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "e2e").iterdir()}
-    changed = space(toy_world, budget=2)
-    changed["search"]["seed"] = 7
-    result = evomerge("search", str(write(tmp_path, changed)), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
-    assert result.returncode == 2
-    assert "search.seed" in result.stderr and "Traceback" not in result.stderr
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "e2e").iterdir()} == before
