@@ -73,11 +73,15 @@ class RouteEncoding:
             )
         )
         self.initial = self._initial_slots(source)
+        self._coordinates = self._build_coordinates()
 
     # -- coordinates ----------------------------------------------------------------------------
 
     def coordinates(self) -> list[Any]:
         """The drivers' view: depth (unless fixed), a key per slot, and a scale per slot when searched."""
+        return list(self._coordinates)
+
+    def _build_coordinates(self) -> tuple[Any, ...]:
         from .space import Coordinate
 
         low, high = self.route.depth
@@ -89,7 +93,7 @@ class RouteEncoding:
             lo, hi = scale.range
             init = scale.init if scale.init is not None else min(hi, max(lo, 1.0))
             coords += [Coordinate(s.scale_name, low=lo, high=hi, init=init) for s in self.slots] if lo < hi else []
-        return coords
+        return tuple(coords)
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -119,7 +123,7 @@ class RouteEncoding:
 
     def names(self) -> list[str]:
         """Every route coordinate: all of them shape every candidate."""
-        return [c.name for c in self.coordinates()]
+        return [c.name for c in self._coordinates]
 
     # -- the starting route ---------------------------------------------------------------------
 

@@ -110,7 +110,8 @@ class CandidateEvaluator:
         from .recipe import Recipe
 
         start = time.perf_counter()
-        failpoints.hit("worker.evaluate", context=_digest(recipe_json))
+        digest = _digest(recipe_json)  # names the candidate in the failpoints' hit log
+        failpoints.hit("worker.evaluate", context=digest)
         model = self.model
         measured: dict[str, float] = {}
         merged_names: list[str] = []
@@ -126,7 +127,7 @@ class CandidateEvaluator:
                 model = self._routed(recipe.route)
         except EvomergeError as err:
             return EvalResult(None, error=f"merge failed: {err}", merge_s=time.perf_counter() - start, worker=self.name)
-        poison = failpoints.hit("worker.after_merge", context=_digest(recipe_json))
+        poison = failpoints.hit("worker.after_merge", context=digest)
         if poison and merged_names:
             _poison(self.params, merged_names, poison)
         broken = nonfinite_tensors(self.params, merged_names)
