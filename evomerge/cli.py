@@ -68,7 +68,8 @@ def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrit
 @main.command()
 @click.argument("space", type=click.Path(path_type=Path))
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Folder that holds run folders: the run is RUNS_DIR/<name>/ (name: from the space file, else its stem).")
+              help="Folder that holds run folders: the run is RUNS_DIR/<name>/ "
+                   "(name: from the space file, else its stem).")
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
 def search(space: Path, runs_dir: Path, ray_address: str | None) -> None:
     """Search the merge space SPACE.yaml describes (resumes the run if it exists)."""
@@ -80,8 +81,10 @@ def search(space: Path, runs_dir: Path, ray_address: str | None) -> None:
 @main.command()
 @click.argument("space", type=click.Path(path_type=Path))
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Where `evomerge search` would keep the run: checks that RUNS_DIR/<name> is free or holds this config.")
-@click.option("--ray-address", default=None, help="Check that this Ray cluster answers (as `search --ray-address` would).")
+              help="Where `evomerge search` would keep the run: checks that RUNS_DIR/<name> is free "
+                   "or holds this config.")
+@click.option("--ray-address", default=None,
+              help="Check that this Ray cluster answers (as `search --ray-address` would).")
 def validate(space: Path, runs_dir: Path, ray_address: str | None) -> None:
     """Dry run: check SPACE.yaml as a search does, then score the base model on one item per task.
 
@@ -178,7 +181,8 @@ def plot_cmd(run_dir: Path, out: Path | None) -> None:
 @click.option("--best", "best", is_flag=True, help="Export the best trial by the weighted sum of objectives (default).")
 @click.option("--pareto", is_flag=True, help="Export every trial on the Pareto front.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="A .yaml file (one recipe) or a folder (any number: trial_NNNNN.yaml each); default RUN_DIR/exports/.")
+              help="A .yaml file (one recipe) or a folder (any number: trial_NNNNN.yaml each); "
+                   "default RUN_DIR/exports/.")
 def export_cmd(run_dir: Path, trial: int | None, best: bool, pareto: bool, out: Path | None) -> None:
     """Write chosen recipes as plain mergekit YAML."""
     from .errors import EvomergeError
