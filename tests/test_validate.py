@@ -77,3 +77,34 @@ def test_a_bad_space_exits_2_naming_the_field_and_writes_nothing(toy_world, tmp_
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert lines[0].startswith(f"error: {space}: objectives[0].metric: task 'toy_arith' has no metric 'accuracy'")
     assert _tree(tmp_path) == before
+
+
+def test_a_run_name_taken_by_another_config_is_refused_and_the_same_config_resumes(toy_world, tmp_path):
+    """The run-folder check a search makes, in process (the command line is tested above)."""
+    from evomerge.errors import ConfigError
+    from evomerge.store import RunStore
+    from evomerge.validate import check
+
+    space = _toy_space(toy_world, tmp_path)
+    config = load_space_config(space)
+    runs = tmp_path / "runs"
+    other = yaml.safe_load(space.read_text())
+    other["search"]["seed"] = 1
+    other_file = tmp_path / "other" / "space.yaml"
+    other_file.parent.mkdir()
+    other_file.write_text(yaml.safe_dump(other))
+    taken = load_space_config(other_file)
+    RunStore.create(runs, config.name, taken.to_yaml(), taken.config_hash(),
+                    directions={o.key: o.direction for o in taken.objectives}).close()
+    before = _tree(runs)
+    with pytest.raises(ConfigError, match=r"already exists with a different config \(search\.seed: 1 -> 0\)"):
+        check(space, runs_dir=runs)
+    assert _tree(runs) == before
+
+    bigger = yaml.safe_load(space.read_text())
+    bigger["search"]["budget"] = 96  # not part of a run's identity: the same run, continued
+    space.write_text(yaml.safe_dump(bigger))
+    same = tmp_path / "same"
+    RunStore.create(same, config.name, config.to_yaml(), config.config_hash(),
+                    directions={o.key: o.direction for o in config.objectives}).close()
+    assert check(space, runs_dir=same).run_state == f"{same / config.name} holds this config: the search resumes it"
