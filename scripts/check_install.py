@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SUBCOMMANDS = ("merge", "search", "resume", "show", "export", "toy")
+SUBCOMMANDS = ("merge", "validate", "search", "resume", "show", "plot", "export", "toy")
 START_TIMEOUT_S = 120
 
 
@@ -44,6 +44,8 @@ def _run(args: list[str]) -> None:
 def check_imports() -> None:
     import evomerge  # noqa: F401
     import grpc  # noqa: F401  (ray[client]: `ray start --head` opens the Ray Client server)
+    import matplotlib  # noqa: F401  (the plot extra: `evomerge plot` draws PNGs with it)
+    import plotly  # noqa: F401  (the plot extra: and its HTML pages with plotly)
     import ray  # noqa: F401
 
 
