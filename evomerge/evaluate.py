@@ -219,10 +219,18 @@ class LmEvalScorer:
 
     def evaluate(self, model: PreTrainedModel, tokenizer) -> Evaluation:
         """Score ``model`` on the configured items and count what it cost."""
-        logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
-        lm = self._wrap(model, tokenizer)
         if not self._fast_path():
-            return self._simple_evaluate(lm)
+            return self._simple_evaluate(self._wrap(model, tokenizer))
+        cost = self.run_requests(model, tokenizer)
+        scores: dict[str, float] = {}
+        for name, p in (self._prepared or {}).items():  # run_requests prepared them
+            scores.update(self._task_scores(name, p))
+        return Evaluation(scores, cost)
+
+    def run_requests(self, model: PreTrainedModel, tokenizer) -> EvalCost:
+        """Run the model on every prepared request and keep its answers in the instances: the
+        forward passes of an evaluation and nothing else (the floor a benchmark compares with)."""
+        lm = self._wrap(model, tokenizer)
         prepared = self._prepare(lm)
         instances = [inst for p in prepared.values() for insts in p.by_doc.values() for inst in insts]
         for inst in instances:  # the instances are reused: clear the last candidate's answers
@@ -238,12 +246,8 @@ class LmEvalScorer:
                 inst.resps.append(answer)
             if kind == "generate_until":
                 generated += sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-        scores: dict[str, float] = {}
-        for name, p in prepared.items():
-            scores.update(self._task_scores(name, p))
-        cost = EvalCost(items={name: len(p.by_doc) for name, p in prepared.items()},
+        return EvalCost(items={name: len(p.by_doc) for name, p in prepared.items()},
                         requests={kind: len(reqs) for kind, reqs in by_kind.items()}, generated_tokens=generated)
-        return Evaluation(scores, cost)
 
     def _fast_path(self) -> bool:
         """Whether every option is one the fast path applies and every task is a plain task (a group's
@@ -257,6 +261,7 @@ class LmEvalScorer:
         same model in place, and a wrapper keeps what it probed (``batch_size: auto``)."""
         from lm_eval.models.huggingface import HFLM
 
+        logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "handed a live model": the point
         if self._lm is None or self._lm_model is not model:
             self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(model.device))
             self._lm_model = model
