@@ -223,11 +223,12 @@ def plan_merge(config: MergeConfig, models: Mapping[str, ModelFolder]) -> MergeP
         if out_dtype_cfg is not None:
             out_dtype = out_dtype_cfg
         elif load_dtype is not None:
-            out_dtype = load_dtype
+            out_dtype = method.result_dtype(load_dtype)
         else:
             out_dtype = models[sources[0][0]].dtype(sources[0][1])
             for m, n in sources[1:]:
                 out_dtype = torch.promote_types(out_dtype, models[m].dtype(n))
+            out_dtype = method.result_dtype(out_dtype)
         tasks.append(TensorTask(out_name, sources, base_index, per_input, shared, shape, load_dtype, out_dtype))
 
     for name in pre:

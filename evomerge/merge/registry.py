@@ -152,7 +152,10 @@ class MergeMethod:
     ``min_models`` and ``max_models`` count every entry of one output tensor, the base included
     (mergekit's min_inputs/max_inputs); ``min_donors`` and ``max_donors`` count the entries that
     are not the base (mergekit's min_non_base/max_non_base; None: no bound). ``stochastic``
-    methods draw from the generator, so a recipe's result depends on a seed.
+    methods draw from the generator, so a recipe's result depends on a seed. ``widens_to_float32``
+    methods return at least float32 whatever their inputs (a float32 mask or boost enters their
+    arithmetic); mergekit writes a result in its own dtype when no ``out_dtype`` is set, so the
+    planner must know (:meth:`result_dtype`).
     """
 
     name: str
@@ -164,11 +167,18 @@ class MergeMethod:
     kernel: Kernel
     min_donors: int | None = None
     max_donors: int | None = None
+    widens_to_float32: bool = False
     doc: str = ""
 
     @property
     def needs_base(self) -> bool:
         return self.base_rule is BaseRule.REQUIRED
+
+    def result_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of this method's result for inputs aligned to ``input_dtype``."""
+        if self.widens_to_float32 and input_dtype.is_floating_point:
+            return torch.promote_types(input_dtype, torch.float32)
+        return input_dtype
 
     def param(self, name: str) -> Param:
         """The declared parameter ``name``; ConfigError (with close matches) when undeclared."""
@@ -544,6 +554,7 @@ def _build() -> dict[str, MergeMethod]:
              Param("epsilon", float, 1e-5, per_model=False, valid_range=NONNEGATIVE,
                    doc="A task-vector entry counts as changed when its magnitude exceeds this.")),
             BaseRule.REQUIRED, min_models=1, max_models=None, stochastic=False, kernel=_ramplus_tl,
+            widens_to_float32=True,
             doc="RAM with each donor's unique entries scaled by 1 + r * min(alpha, shared / "
             "unique count), per tensor.",
         ),
@@ -560,6 +571,7 @@ def _build() -> dict[str, MergeMethod]:
             "arcee_fusion",
             (),
             BaseRule.REQUIRED, min_models=2, max_models=2, stochastic=False, kernel=_arcee_fusion,
+            widens_to_float32=True,
             doc="Keeps the other model's changes whose importance (|change| times the rows' "
             "softmax KL divergence) is an upper outlier (above median + 1.5 IQR).",
         ),
