@@ -320,6 +320,27 @@ def test_resident_deltas_give_the_same_result(models, name) -> None:
     assert torch.equal(a, b)
 
 
+def test_identities_of_the_added_methods(models) -> None:
+    """Cases whose answer is known without any formula."""
+    base, donors = models
+    d = donors[0]
+    # the mean of one point, however it is taken, is that point
+    copies = [d.clone() for _ in range(3)]
+    np.testing.assert_allclose(f64(run("karcher", copies, None, [{}] * 3)), f64(d), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f64(run("multislerp", copies, None, [{"weight": 1.0}] * 3)), f64(d),
+                               rtol=1e-5, atol=1e-6)
+    # one donor's task vector survives RAM whole (every entry is its own), and SCE too (it agrees
+    # with itself and is its own weighted mean)
+    sparse = base + (d - base) * (gaussian(50) > 0)
+    np.testing.assert_allclose(f64(run("ram", [base, sparse], 0, [{}, {}])), f64(sparse), atol=1e-6)
+    np.testing.assert_allclose(f64(run("sce", [base, d], 0, [{}, {}])), f64(d), atol=1e-6)
+    # nearswap with t = 0 moves nowhere; with a huge t it takes the other model
+    assert torch.equal(run("nearswap", [base, d], 0, [{}, {}], {"t": 0.0}), base)
+    np.testing.assert_allclose(f64(run("nearswap", [base, d], 0, [{}, {}], {"t": 1e6})), f64(d), atol=1e-6)
+    # arcee_fusion of a model with itself changes nothing
+    assert torch.equal(run("arcee_fusion", [base, base.clone()], 0, [{}, {}]), base)
+
+
 # ---------------------------------------------------------------- parity with mergekit ------
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
