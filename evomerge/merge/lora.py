@@ -129,8 +129,14 @@ def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``weight + delta`` rounded once to the weight's dtype, as PEFT's in-place ``W += delta``."""
-    return (weight.to(delta.dtype) + delta).to(weight.dtype)
+    """``weight + delta`` rounded once to the weight's dtype, as PEFT's in-place ``W += delta``.
+
+    ``delta`` (a fresh tensor) takes the sum in place: one widened copy of the weight fewer, and
+    the same value, since a sum of two floats rounds the same in either order.
+    """
+    if delta.dtype == weight.dtype:
+        return weight + delta
+    return delta.add_(weight).to(weight.dtype)
 
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
