@@ -176,6 +176,7 @@ def test_exported_recipe_with_an_adapter_donor_reproduces_with_mergekit(lora, tm
 def test_space_file_takes_an_adapter_donor(toy_world, tmp_path):
     """A space file's donor ``base+adapter`` is decoded into recipes that name it, and the worker's
     merge of such a recipe equals ``evomerge merge`` of the export."""
+    from evomerge.search import prepare
     from evomerge.space import SearchSpace
     from evomerge.space_config import load_space_config
 
@@ -187,6 +188,7 @@ def test_space_file_takes_an_adapter_donor(toy_world, tmp_path):
         toy_world, **{"models.donors": [donor, str(toy_world.specialists["reverse"])]}))
     config = load_space_config(space_file)
     assert config.models.donors[0].name == "arith_lora"
+    prepare(config)  # the checks a search runs before its run folder exists
     recipe = SearchSpace.from_config(config, 4).decode(
         {**SearchSpace.from_config(config, 4).default_values()})
     assert donor in [m.model for m in recipe.merge.models]
@@ -199,3 +201,18 @@ def test_space_file_takes_an_adapter_donor(toy_world, tmp_path):
     for name, tensor in merged.items():
         assert torch.equal(tensor, written[name]), name
     shutil.rmtree(tmp_path / "out")
+
+
+def test_a_route_over_an_adapter_donor_sees_its_merged_tensors(lora, tmp_path):
+    """Layer routes build modules over a resident model's tensors: an adapter donor's are formed
+    in full on first use, equal to the folder ``evomerge merge`` writes for it."""
+    from evomerge.merge.routing import resident_module
+
+    base_ref, adapter_ref = str(lora["base16"]), f"{lora['base16']}+{lora['embed16']}"
+    resident = ResidentModels([base_ref, adapter_ref], base_ref, dtype=torch.bfloat16)
+    module = resident_module(resident, adapter_ref)
+    written = load_folder(merge_from_config({"merge_method": "passthrough", "models": [{"model": adapter_ref}]},
+                                            tmp_path / "out"))
+    state = module.state_dict()
+    for name, tensor in written.items():
+        assert torch.equal(state[name], tensor), name
