@@ -28,7 +28,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,7 +86,6 @@ class BaseTensors(Protocol):
     """What an adapter is checked against: the base model's folder (``ModelFolder``)."""
 
     path: Path
-    reference: str
 
     @property
     def config(self) -> dict[str, Any]: ...
@@ -109,10 +107,6 @@ class LoraFactors:
     scale: float
     transpose: bool  # embeddings and Conv1D: the delta is (B @ A).T
     embedding: bool  # PEFT rounds an embedding's delta to the weight's dtype before adding it
-
-    @property
-    def nbytes(self) -> int:
-        return self.a.nbytes + self.b.nbytes
 
 
 def lora_delta(a: torch.Tensor, b: torch.Tensor, factors: LoraFactors, dtype: torch.dtype) -> torch.Tensor:
@@ -150,10 +144,11 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
 class LoraAdapter:
     """A PEFT LoRA adapter folder, validated against the base it is applied to."""
 
-    def __init__(self, reference: str, base: BaseTensors) -> None:
+    def __init__(self, reference: str, base: BaseTensors, *, base_reference: str) -> None:
         from .model_folder import resolve_model_path
 
         self.reference = reference
+        self.base_reference = base_reference  # as the user named the base, for messages
         self.path = resolve_model_path(reference)
         self.config = self._read_config()
         self._check_features()
@@ -208,7 +203,7 @@ class LoraAdapter:
         recorded = self.config.get("base_model_name_or_path")
         if not recorded or not isinstance(recorded, str):
             return
-        given = base.reference
+        given = self.base_reference
 
         def stem(text: str) -> str:
             return text.split("@", 1)[0].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
@@ -259,7 +254,7 @@ class LoraAdapter:
             target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
             if not base.has(target):
                 raise ModelError(
-                    f"{file}: saves a full tensor for {target!r}, which the base {base.reference!r} does not have; "
+                    f"{file}: saves a full tensor for {target!r}, which the base {self.base_reference!r} does not have; "
                     "the adapter was made for another model"
                 )
             if tuple(info.shape) != tuple(base.shape(target)):
@@ -284,7 +279,7 @@ class LoraAdapter:
             target = f"{module}.weight"
             if not base.has(target):
                 raise ModelError(
-                    f"{file}: adapts module {module!r}, which the base {base.reference!r} does not have (no tensor "
+                    f"{file}: adapts module {module!r}, which the base {self.base_reference!r} does not have (no tensor "
                     f"{target}); the adapter was made for another model, or its target_modules name modules this "
                     "architecture lacks"
                 )
@@ -303,7 +298,7 @@ class LoraAdapter:
             if not any(m == entry or m.endswith(f".{entry}") for m in module_names):
                 raise ModelError(
                     f"{self.path / ADAPTER_CONFIG}: target_modules names {entry!r}, which is no module of the base "
-                    f"{base.reference!r}; the adapter was made for another architecture (adapted here: "
+                    f"{self.base_reference!r}; the adapter was made for another architecture (adapted here: "
                     f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in adapted})[:8]) or 'nothing'})"
                 )
 
@@ -344,11 +339,6 @@ class LoraAdapter:
 
     def changes(self, name: str) -> bool:
         return name in self.factors or name in self.replacements
-
-    @cached_property
-    def factor_bytes(self) -> int:
-        """Bytes of the low-rank factors as stored: what a search worker keeps resident for them."""
-        return sum(f.nbytes for f in self.factors.values())
 
     def read_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.factors[name]

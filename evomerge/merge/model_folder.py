@@ -96,7 +96,7 @@ class ModelFolder:
                 )
             raise ModelError(f"{self.path}: no config.json; is this a Hugging Face model folder?")
         if adapter_reference is not None:
-            self.adapter = LoraAdapter(adapter_reference, _BaseView(self, base_reference))
+            self.adapter = LoraAdapter(adapter_reference, self, base_reference=base_reference)
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -217,29 +217,6 @@ class ModelFolder:
         if real is None:
             raise ModelError(f"{self.path}: has no tensor {name!r}; are all models of the same architecture?")
         return real
-
-
-class _BaseView:
-    """A folder seen as its adapter's base: the same tensors, named by the base's own reference."""
-
-    def __init__(self, folder: ModelFolder, reference: str) -> None:
-        self._folder = folder
-        self.reference = reference
-        self.path = folder.path
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self._folder.config
-
-    @property
-    def tensor_names(self) -> list[str]:
-        return self._folder.tensor_names
-
-    def has(self, name: str) -> bool:
-        return self._folder.has(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._folder.shape(name)
 
 
 def _load_tensors_only(path: Path) -> dict[str, torch.Tensor]:
