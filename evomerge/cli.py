@@ -65,25 +65,43 @@ def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrit
     click.echo(f"merged model written to {out}")
 
 
+_POOL_OPTION = click.option(
+    "--pool", type=click.Choice(["ray", "inprocess"]), default=None,
+    help="Where candidates run (overrides workers.pool): Ray actors, or the search process itself (no Ray).")
+
+
 @main.command()
 @click.argument("space", type=click.Path(path_type=Path))
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
-def search(space: Path, runs_dir: Path, ray_address: str | None) -> None:
+@_POOL_OPTION
+def search(space: Path, runs_dir: Path, ray_address: str | None, pool: str | None) -> None:
     """Search the merge space SPACE.yaml describes (resumes the run if it exists)."""
+    _quiet_progress_bars()
     from .search import search_file
 
-    _run_with_display(lambda cb: search_file(space, runs_dir=runs_dir, ray_address=ray_address, on_progress=cb))
+    _run_with_display(lambda display: search_file(space, runs_dir=runs_dir, ray_address=ray_address, pool=pool,
+                                                  on_progress=display))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
-def resume(run_dir: Path, ray_address: str | None) -> None:
+@_POOL_OPTION
+def resume(run_dir: Path, ray_address: str | None, pool: str | None) -> None:
     """Continue an interrupted run from its folder, e.g. runs/toy_ties."""
+    _quiet_progress_bars()
     from .search import resume as resume_run
 
-    _run_with_display(lambda cb: resume_run(run_dir, ray_address=ray_address, on_progress=cb))
+    _run_with_display(lambda display: resume_run(run_dir, ray_address=ray_address, pool=pool, on_progress=display))
+
+
+def _quiet_progress_bars() -> None:
+    """lm-eval, datasets and transformers draw progress bars per call; a search shows its own. Set
+    before they import tqdm, which reads the variable then (the in-process pool evaluates here)."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _run_with_display(start) -> None:

@@ -111,9 +111,10 @@ def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
 
 
 def _own_cluster_address(space: Path, env: dict[str, str], cwd: Path) -> str:
-    script = ("import sys, ray; from evomerge.search import _init_ray; "
+    script = ("import sys, ray; from evomerge.pool.ray_pool import RayPool; "
               "from evomerge.space_config import load_space_config; "
-              "_init_ray(load_space_config(sys.argv[1]), None); print('gcs', ray.get_runtime_context().gcs_address)")
+              "RayPool(None, load_space_config(sys.argv[1]).workers).connect(); "
+              "print('gcs', ray.get_runtime_context().gcs_address)")
     done = subprocess.run([sys.executable, "-c", script, str(space)], check=False, capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

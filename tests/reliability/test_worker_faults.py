@@ -44,7 +44,7 @@ def test_worker_faults_are_retried_or_recorded_and_the_search_goes_on(toy_world,
 
     from evomerge.drivers import ObjectiveSpec
     from evomerge.drivers.cma_driver import FAIL_MARGIN, scalarize
-    from evomerge.search import MAX_INFRA_RETRIES, _driver, prepare
+    from evomerge.search import MAX_INFRA_RETRIES, build_driver, prepare
     from evomerge.space_config import load_space_config
     from evomerge.store import RunStore
 
@@ -101,7 +101,7 @@ def test_worker_faults_are_retried_or_recorded_and_the_search_goes_on(toy_world,
     config = load_space_config(cfg)
     store = RunStore.open(run)
     try:
-        driver = _driver(prepare(config), store)  # replays the log; writes nothing
+        driver = build_driver(prepare(config), store)  # replays the log; writes nothing
     finally:
         store.close()
     objectives = [ObjectiveSpec(o.key, o.direction, o.weight) for o in config.objectives]
