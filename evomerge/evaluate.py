@@ -10,6 +10,10 @@ then scores any number of candidate models in memory. Each call avoids lm-eval's
   candidate another's answers: no cache is used.
 - ``bootstrap_iters=0``: stderr bootstraps cost seconds and the search never reads them.
 - fixed ``samples`` (or ``limit``) so that every trial is scored on the same items.
+- ``simple_evaluate`` ends every call by collecting environment information for its report
+  (torch's ``collect_env``, which runs ``pip list`` and more: about 2 s here, most of a toy trial)
+  and a ``git describe`` in the current folder; the scorer reads only the scores, so both are
+  skipped (:func:`_skip_run_metadata`).
 
 lm_eval and transformers are imported inside the methods: ``evomerge merge`` must not load them.
 """
@@ -152,6 +156,7 @@ class LmEvalScorer:
             "verbosity": "ERROR",
         }
         args.update(self.extra_args)
+        _skip_run_metadata()
         results = evaluator.simple_evaluate(
             model=lm,
             tasks=self.tasks,
@@ -171,3 +176,13 @@ class LmEvalScorer:
                 name = metric if filter_name in ("", "none") else f"{metric},{filter_name}"
                 scores[objective_name(task, name)] = float(value)
         return scores
+
+
+@functools.cache
+def _skip_run_metadata() -> None:
+    """Make ``simple_evaluate`` skip its environment report and ``git describe`` (see the module
+    docstring): seconds per call that no score depends on. Done once per process."""
+    from lm_eval import evaluator
+
+    evaluator.add_env_info = lambda storage: None
+    evaluator.get_git_commit_hash = lambda: None
