@@ -121,10 +121,10 @@ def _own_cluster_address(space: Path, env: dict[str, str], cwd: Path) -> str:
     return done.stdout.split("gcs ", 1)[1].split()[0]
 
 
-def test_without_an_address_a_search_starts_its_own_cluster(cluster, toy_world, tmp_path):
+def test_without_an_address_a_search_starts_its_own_cluster(ray_cluster, toy_world, tmp_path):
     """Even with RAY_ADDRESS pointing at a running cluster (as a user's shell may have it), a space
     file without ray_address gets a private cluster: ray.init(address='local')."""
-    address, _, _ = cluster
+    address = ray_cluster
     space = write_yaml(tmp_path / "space.yaml", good_space(toy_world))
     own = _own_cluster_address(space, cli_env(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled"), tmp_path)
     assert own.rsplit(":", 1)[1] != address.rsplit(":", 1)[1]
