@@ -77,6 +77,9 @@ _POOL_OPTION = click.option(
 @_POOL_OPTION
 def search(space: Path, runs_dir: Path, ray_address: str | None, pool: str | None) -> None:
     """Search the merge space SPACE.yaml describes (resumes the run if it exists)."""
+    from .interrupts import install
+
+    install()  # first: Ctrl-C and SIGTERM stop the search cleanly from here on, whatever the shell did
     _quiet_progress_bars()
     from .search import search_file
 
@@ -90,6 +93,9 @@ def search(space: Path, runs_dir: Path, ray_address: str | None, pool: str | Non
 @_POOL_OPTION
 def resume(run_dir: Path, ray_address: str | None, pool: str | None) -> None:
     """Continue an interrupted run from its folder, e.g. runs/toy_ties."""
+    from .interrupts import install
+
+    install()
     _quiet_progress_bars()
     from .search import resume as resume_run
 
@@ -105,15 +111,22 @@ def _quiet_progress_bars() -> None:
 
 
 def _run_with_display(start) -> None:
+    from .interrupts import Interrupted
     from .report import LiveDisplay, show
     from .store import RunStore
 
     try:
         with LiveDisplay() as display:
             path = start(display)
-    except KeyboardInterrupt:
-        click.secho("interrupted: every finished trial is recorded; run the same command to resume", fg="yellow", err=True)
-        sys.exit(130)
+    except Interrupted as err:
+        if err.run_dir is None:
+            click.secho(f"interrupted ({err}) before the run started; nothing was recorded", fg="yellow", err=True)
+        else:
+            rerun = f"; {err.interrupted_trials} running trial(s) marked interrupted, run again on resume" \
+                if err.interrupted_trials else ""
+            click.secho(f"interrupted ({err}): every finished trial is recorded{rerun}. Resume with: "
+                        f"evomerge resume {err.run_dir}", fg="yellow", err=True)
+        sys.exit(err.exit_code)
     store = RunStore.open(path)
     try:
         show(store)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import failpoints
+from . import failpoints, interrupts
 from .errors import EvomergeError
 from .pool import (
     EvaluatorRaised,
@@ -122,6 +122,7 @@ class SearchLoop:
             return  # nothing left to do: no worker is started
         self.starting.update(self.pool.start(self.workers))
         while True:
+            interrupts.check()
             self._dispatch_retries()
             wanted = self._ask_and_submit()
             if not self.flights and not self.retries and (wanted <= 0 or self.idle):

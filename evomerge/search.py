@@ -7,18 +7,22 @@
    requeued, and the driver rebuilds itself from the log.
 3. :class:`~evomerge.loop.SearchLoop`: ask, submit, wait, tell, on the pool the space file (or
    ``--pool``) names.
-4. Stopping, however it happens: the pool stops every worker and the cluster it started, and
-   the store is closed.
+4. Stopping, however it happens (the budget used, a signal, an error): the pool stops every
+   worker and the cluster it started, trials still out are marked interrupted (a resume runs them
+   again), the store is closed.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import failpoints, interrupts
 from .errors import EvomergeError
+from .interrupts import Interrupted
 from .loop import MAX_INFRA_RETRIES, Progress, SearchLoop
 from .prepare import Prepared, prepare, worker_spec
 from .space_config import SpaceConfig, load_space_config, parse_space_config
@@ -48,7 +52,9 @@ def run_search(
     """Run (or resume) the search ``config`` describes; returns the run folder.
 
     ``pool`` (``ray`` or ``inprocess``) overrides ``workers.pool``. Faults while evaluating are
-    the loop's to handle (see :mod:`evomerge.loop`).
+    the loop's to handle (see :mod:`evomerge.loop`). Raises
+    :class:`~evomerge.interrupts.Interrupted` (naming the run folder) on Ctrl-C or SIGTERM, after
+    stopping every worker.
     """
     import optuna
 
@@ -56,13 +62,17 @@ def run_search(
     from .route_space import resolve_merged
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
-    config = resolve_merged(config)
-    prepared = prepare(config)
-    workers = make_pool(pool or config.workers.pool, worker_spec(prepared), config.workers, ray_address=ray_address)
+    store = None
+    interrupted = 0
     try:
-        workers.open()
-        store = open_store(config, runs_dir)
+        failpoints.hit("search.start")
+        config = resolve_merged(config)
+        prepared = prepare(config)
+        interrupts.check()
+        workers = make_pool(pool or config.workers.pool, worker_spec(prepared), config.workers, ray_address=ray_address)
         try:
+            workers.open()
+            store = open_store(config, runs_dir)
             store.remove_stale_temp_files()
             store.requeue_interrupted()
             store.write_pareto()  # a process killed between a trial's record and this file left it stale
@@ -70,10 +80,32 @@ def run_search(
                               workers=config.workers.count, on_progress=on_progress)
             loop.run()
         finally:
-            store.close()
+            workers.shutdown()
+            interrupted = _stop(store, config)
+        return store.path
+    except KeyboardInterrupt as err:
+        interrupts.acknowledge()
+        raise Interrupted(getattr(err, "signum", signal.SIGINT), run_dir=store.path if store else None,
+                          interrupted_trials=interrupted) from None
+
+
+def _stop(store: Any, config: SpaceConfig) -> int:
+    """Close the store; mark the trials still out as interrupted (a resume runs them again)."""
+    if store is None:
+        return 0
+    running = store.counts().running
+    store.close()
+    if not running:
+        return 0
+    from .store import RunStore
+
+    # a fresh view of the run: the trials this process started are no longer its own, and are
+    # requeued exactly as the next process would requeue them
+    fresh = RunStore.open(store.path, storage_url=config.storage)
+    try:
+        return len(fresh.requeue_interrupted())
     finally:
-        workers.shutdown()
-    return store.path
+        fresh.close()
 
 
 def build_driver(prepared: Prepared, store: Any) -> Any:

@@ -123,7 +123,7 @@ class WorkerPool(Protocol):
     def wait(self, timeout_s: float | None = None) -> PoolEvent | None:
         """The next event, or None when none came within ``timeout_s`` (None: wait as long as it
         takes). The pool enforces the per-candidate time limit itself (:class:`TimedOut`), so the
-        loop keeps no clock for it."""
+        loop keeps no clock for it. A signal (Ctrl-C) interrupts the wait within a second."""
         ...
 
     def replace(self, worker: Worker) -> Worker:

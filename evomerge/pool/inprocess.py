@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from .. import failpoints
+from .. import failpoints, interrupts
 from ..worker import candidate_digest
 from .base import (
     EvaluatorRaised,
@@ -88,6 +88,7 @@ class InProcessPool:
     def wait(self, timeout_s: float | None = None) -> PoolEvent | None:
         """The next event: a worker built, else the oldest candidate run to its end (this pool
         never waits idle, so ``timeout_s`` never cuts a wait short)."""
+        interrupts.check()
         if self._starting:
             return self._build(self._starting.popleft())
         if self._queue:

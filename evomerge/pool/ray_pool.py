@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from .. import failpoints
 from ..errors import EvomergeError
+from .. import interrupts
 from .base import (
     EvaluatorRaised,
     Finished,
@@ -34,7 +37,7 @@ from .base import (
     is_out_of_memory,
 )
 
-WAIT_SLICE_S = 0.5  # ray.wait blocks in C++; the pool wakes this often to check its deadlines
+WAIT_SLICE_S = 0.5  # ray.wait blocks in C++; the loop wakes this often so that a signal is handled
 STOP_GRACE_S = 5.0  # how long a stopped cluster's processes get to exit before they are killed
 
 
@@ -94,16 +97,18 @@ class RayPool:
         self._local_cluster = not self._address
         self._children_before = {p.pid for p in _children()}
         failpoints.hit("pool.ray_init")
-        if self._address:
-            ray.init(address=self._address, **quiet)
-        else:
-            ray.init(
-                address="local",  # our own cluster, never one that `ray start` left running on this machine
-                num_cpus=max(1, math.ceil(w.count * w.cpus_per_worker)),
-                num_gpus=math.ceil(w.count * w.gpus_per_worker),
-                include_dashboard=False,
-                **quiet,
-            )
+        with _search_keeps_its_signal_handlers():
+            if self._address:
+                ray.init(address=self._address, **quiet)
+            else:
+                ray.init(
+                    address="local",  # our own cluster, never one that `ray start` left running on this machine
+                    num_cpus=max(1, math.ceil(w.count * w.cpus_per_worker)),
+                    num_gpus=math.ceil(w.count * w.gpus_per_worker),
+                    include_dashboard=False,
+                    **quiet,
+                )
+        interrupts.check()
 
     # ---- running ----------------------------------------------------------------------------
 
@@ -125,6 +130,7 @@ class RayPool:
             oldest = min((started for _, started in self._running.values()), default=None)
             if self._timeout_s is not None and oldest is not None:
                 slice_s = min(slice_s, oldest + self._timeout_s - now)
+            interrupts.check()
             done, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, slice_s))
             if done:
                 return self._event(done[0])
@@ -202,6 +208,25 @@ class RayPool:
             except psutil.Error:
                 pass
         psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+
+
+@contextlib.contextmanager
+def _search_keeps_its_signal_handlers() -> Iterator[None]:
+    """``ray.init`` installs SIGTERM handlers of its own (``sys.exit``, from its init and from the
+    local node's shutdown hook); a SystemExit raised there while Ray runs a ``__del__`` is lost,
+    and with it the signal. For the call, Ray's installer does nothing, so the search's handler
+    (see :mod:`evomerge.interrupts`) stays in place; handlers replaced any other way are put back."""
+    import ray._private.utils as ray_utils
+
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        with interrupts.keep_handlers():
+            yield
+    finally:
+        if original is not None:
+            ray_utils.set_sigterm_handler = original
 
 
 def check_reachable(address: str | None) -> None:
