@@ -84,7 +84,7 @@ def search(space: Path, runs_dir: Path, ray_address: str | None, pool: str | Non
     from .search import search_file
 
     _run_with_display(lambda display: search_file(space, runs_dir=runs_dir, ray_address=ray_address, pool=pool,
-                                                  on_progress=display))
+                                                  on_progress=display, on_notice=display.notice))
 
 
 @main.command()
@@ -99,7 +99,8 @@ def resume(run_dir: Path, ray_address: str | None, pool: str | None) -> None:
     _quiet_progress_bars()
     from .search import resume as resume_run
 
-    _run_with_display(lambda display: resume_run(run_dir, ray_address=ray_address, pool=pool, on_progress=display))
+    _run_with_display(lambda display: resume_run(run_dir, ray_address=ray_address, pool=pool, on_progress=display,
+                                                 on_notice=display.notice))
 
 
 def _quiet_progress_bars() -> None:

@@ -8,7 +8,10 @@ result the moment it arrives. It talks to the workers only through the pool prot
   goes to another worker, ``MAX_INFRA_RETRIES`` times at most, then fails with the reason;
 - a candidate past ``workers.timeout_s`` fails "timed out" (not retried: a slow candidate is slow
   everywhere) and its stuck worker is replaced; a dead worker is replaced too;
-- a worker that fails to start is replaced; ``MAX_START_FAILURES`` failures in a row stop the search.
+- a worker that fails to start is started again, ``MAX_START_TRIES`` times, then the search goes
+  on without it and says how many workers it has left (none left: it stops);
+- ``MAX_CONSECUTIVE_INFRA_FAULTS`` infrastructure faults in a row (no worker answering in between)
+  stop the search with the reason: the machine is broken, not the candidates.
 
 Every failure is told to the driver, which gives it a defined penalty. The loop keeps no state a
 crash could lose: the run store is the memory; the loop holds only the candidates out on workers
@@ -17,6 +20,7 @@ and which workers are idle.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +43,16 @@ from .pool import (
 )
 
 MAX_INFRA_RETRIES = 2  # a candidate whose worker dies or runs out of memory is retried on another worker this often
-MAX_START_FAILURES = 3  # workers failing to start in a row before the search gives up
+MAX_START_TRIES = 3  # tries to start a worker before the search goes on without it
+MAX_CONSECUTIVE_INFRA_FAULTS = 5  # lost workers, out-of-memory errors and failed starts in a row that stop the search
+
+
+class SearchStopped(EvomergeError):
+    """The search cannot go on (no worker left, infrastructure failing), or every trial failed.
+
+    Exit status 1: the config was accepted; something while running it went wrong."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -85,6 +98,10 @@ class Progress:
                     self.best[key] = value
 
 
+def print_notice(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 class SearchLoop:
     """One run of the loop over an open store, a driver built on it, and a pool."""
 
@@ -98,19 +115,22 @@ class SearchLoop:
         budget: int,
         workers: int,
         on_progress: Callable[[Progress, Any], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.driver = driver
         self.space = space
         self.pool = pool
         self.budget = budget
-        self.workers = workers
+        self.slots = workers  # workers the search runs on: the count asked, less those that never started
         self.on_progress = on_progress
+        self.notice = on_notice or print_notice
         self.idle: list[Worker] = []
-        self.starting: set[Worker] = set()
+        self.starting: dict[Worker, int] = {}  # worker -> which try at starting its slot this is
         self.flights: dict[Worker, Flight] = {}
         self.retries: deque[Flight] = deque()  # candidates whose worker failed, waiting for another
-        self.failed_starts = 0  # in a row
+        self.infra_faults_in_a_row = 0
+        self.announced = False
         self.progress = Progress(budget=budget, finished_before=store.counts().finished)
         self.progress.note_best(store.trials(), store.directions)
 
@@ -120,13 +140,16 @@ class SearchLoop:
         """Ask, submit, wait, tell, until the budget is used (finished trials plus those out)."""
         if self.progress.finished_before >= self.budget:
             return  # nothing left to do: no worker is started
-        self.starting.update(self.pool.start(self.workers))
+        for worker in self.pool.start(self.slots):
+            self.starting[worker] = 1
         while True:
             interrupts.check()
             self._dispatch_retries()
             wanted = self._ask_and_submit()
             if not self.flights and not self.retries and (wanted <= 0 or self.idle):
                 return  # done: nothing out, nothing to retry, nothing more to ask
+            if not (self.idle or self.starting or self.flights):
+                raise SearchStopped("no worker is left to run candidates on")
             event = self.pool.wait()
             if event is not None:
                 self._handle(event)
@@ -169,9 +192,11 @@ class SearchLoop:
             case StartFailed(worker, reason):
                 self._start_failed(worker, reason)
             case Finished(worker, _, _):
+                self.infra_faults_in_a_row = 0
                 self.idle.append(worker)
                 self._tell_result(self.flights.pop(worker), event)
             case EvaluatorRaised(worker, reason, wall_s):
+                self.infra_faults_in_a_row = 0  # the worker answered; the fault is the evaluator's
                 self.idle.append(worker)
                 self._tell_failed(self.flights.pop(worker), reason, wall_s)
             case TimedOut(worker, timeout_s, wall_s):
@@ -184,16 +209,24 @@ class SearchLoop:
                 self._infra_fault(self.flights.pop(worker), worker, reason, wall_s, worker_alive=False)
 
     def _started(self, worker: Worker) -> None:
-        self.starting.discard(worker)
-        self.failed_starts = 0
+        self.starting.pop(worker)
         self.idle.append(worker)
+        if not self.announced and not self.starting:
+            self.announced = True
+            self.notice(f"running on {self.slots} worker{'s' if self.slots != 1 else ''} ({self.pool.kind} pool)")
 
     def _start_failed(self, worker: Worker, reason: str) -> None:
-        self.starting.discard(worker)
-        self.failed_starts += 1
-        if self.failed_starts > MAX_START_FAILURES:
-            raise EvomergeError(f"workers keep failing to start ({self.failed_starts} times); last: {reason}")
-        self._replace(worker)
+        tries = self.starting.pop(worker)
+        if tries < MAX_START_TRIES:
+            self.notice(f"a worker failed to start ({reason}); starting another (try {tries + 1} of {MAX_START_TRIES})")
+            self.starting[self.pool.replace(worker)] = tries + 1
+        else:
+            self.slots -= 1
+            self.notice(f"a worker could not be started in {MAX_START_TRIES} tries (last: {reason}); the search goes on "
+                        f"with {self.slots} worker{'s' if self.slots != 1 else ''}")
+            if self.slots == 0:
+                raise SearchStopped(f"no worker could be started ({MAX_START_TRIES} tries; last: {reason})")
+        self._count_infra_fault(f"a worker failed to start: {reason}")
 
     def _infra_fault(self, flight: Flight, worker: Worker, reason: str, wall_s: float, *, worker_alive: bool) -> None:
         """Retry the candidate on another worker, or record it failed after too many tries.
@@ -210,11 +243,22 @@ class SearchLoop:
             flight.attempts += 1
             flight.failed_on = worker
             self.retries.append(flight)
+            self.notice(f"trial {flight.number}: {reason}; trying another worker "
+                        f"(attempt {flight.attempts} of {MAX_INFRA_RETRIES + 1})")
         else:
             self._tell_failed(flight, f"{reason} ({flight.attempts} attempts on different workers)", wall_s)
+        self._count_infra_fault(reason)
+
+    def _count_infra_fault(self, reason: str) -> None:
+        self.infra_faults_in_a_row += 1
+        if self.infra_faults_in_a_row >= MAX_CONSECUTIVE_INFRA_FAULTS:
+            raise SearchStopped(
+                f"stopped after {self.infra_faults_in_a_row} infrastructure faults in a row with no worker answering "
+                f"in between (last: {reason}); fix the workers (memory, devices, nodes), then `evomerge resume {self.store.path}`"
+            )
 
     def _replace(self, worker: Worker) -> None:
-        self.starting.add(self.pool.replace(worker))
+        self.starting[self.pool.replace(worker)] = 1
 
     # ---- telling ------------------------------------------------------------------------------
 

@@ -39,6 +39,10 @@ class LiveDisplay:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
+    def notice(self, message: str) -> None:
+        """A line above the progress bar: workers started or lost, a fault, why the search stopped."""
+        self.console.print(Text(message, style="yellow"))
+
     def __call__(self, state: Any, record: Any) -> None:
         done = state.finished_before + state.finished
         if self.task is None:

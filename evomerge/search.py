@@ -9,13 +9,14 @@
    ``--pool``) names.
 4. Stopping, however it happens (the budget used, a signal, an error): the pool stops every
    worker and the cluster it started, trials still out are marked interrupted (a resume runs them
-   again), the store is closed.
+   again), the store is closed. A run whose trials all failed ends in :class:`SearchStopped`.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from . import failpoints, interrupts
 from .errors import EvomergeError
 from .interrupts import Interrupted
-from .loop import MAX_INFRA_RETRIES, Progress, SearchLoop
+from .loop import MAX_INFRA_RETRIES, Progress, SearchLoop, SearchStopped
 from .prepare import Prepared, prepare, worker_spec
 from .space_config import SpaceConfig, load_space_config, parse_space_config
 
@@ -31,6 +32,7 @@ __all__ = [
     "MAX_INFRA_RETRIES",
     "Prepared",
     "Progress",
+    "SearchStopped",
     "build_driver",
     "open_store",
     "prepare",
@@ -48,13 +50,14 @@ def run_search(
     ray_address: str | None = None,
     pool: str | None = None,
     on_progress: Callable[[Progress, Any], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> Path:
     """Run (or resume) the search ``config`` describes; returns the run folder.
 
     ``pool`` (``ray`` or ``inprocess``) overrides ``workers.pool``. Faults while evaluating are
-    the loop's to handle (see :mod:`evomerge.loop`). Raises
-    :class:`~evomerge.interrupts.Interrupted` (naming the run folder) on Ctrl-C or SIGTERM, after
-    stopping every worker.
+    the loop's to handle (see :mod:`evomerge.loop`). Raises :class:`SearchStopped` when the search
+    cannot go on or every trial failed, and :class:`~evomerge.interrupts.Interrupted` (naming the
+    run folder) on Ctrl-C or SIGTERM, after stopping every worker.
     """
     import optuna
 
@@ -77,11 +80,12 @@ def run_search(
             store.requeue_interrupted()
             store.write_pareto()  # a process killed between a trial's record and this file left it stale
             loop = SearchLoop(store, build_driver(prepared, store), prepared.space, workers, budget=config.search.budget,
-                              workers=config.workers.count, on_progress=on_progress)
+                              workers=config.workers.count, on_progress=on_progress, on_notice=on_notice)
             loop.run()
         finally:
             workers.shutdown()
             interrupted = _stop(store, config)
+        _refuse_all_failed(store)
         return store.path
     except KeyboardInterrupt as err:
         interrupts.acknowledge()
@@ -106,6 +110,19 @@ def _stop(store: Any, config: SpaceConfig) -> int:
         return len(fresh.requeue_interrupted())
     finally:
         fresh.close()
+
+
+def _refuse_all_failed(store: Any) -> None:
+    """A run in which every trial failed is an error: exit 1, with the reasons counted."""
+    records = store.trials()
+    failed = [r for r in records if r.state == "failed" and not r.interrupted]
+    if not failed or any(r.state == "complete" for r in records):
+        return
+    reasons = Counter((r.error or "no reason recorded").split(":", 1)[0][:120] for r in failed)
+    listing = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+    example = failed[-1].error or ""
+    raise SearchStopped(f"every trial failed ({len(failed)} of {len(failed)}): {listing}. Last: {example[:300]}. "
+                        f"See `evomerge show {store.path}`")
 
 
 def build_driver(prepared: Prepared, store: Any) -> Any:

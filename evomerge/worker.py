@@ -8,8 +8,8 @@ weights (checked on the model's own tensors before scoring: a float32 merge copi
 model can overflow after the merge engine's own check), or scores NaN comes back as an
 :class:`EvalResult` with ``error`` set: a candidate fault is data for the trial log, not a crash.
 Infrastructure faults (a dead actor, an allocation that fails) surface as exceptions, which the
-worker pool turns into events for the loop to retry elsewhere. ``worker.evaluate`` and
-``worker.after_merge`` are failpoints (see :mod:`evomerge.failpoints`), for the reliability tests.
+worker pool turns into events for the loop to retry elsewhere. ``worker.start``, ``worker.evaluate``
+and ``worker.after_merge`` are failpoints (see :mod:`evomerge.failpoints`), for the reliability tests.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class CandidateEvaluator:
         from .evaluate import LmEvalScorer
         from .merge.inmemory import ResidentModels, state_view
 
+        failpoints.hit("worker.start")  # a worker that cannot start (for the pool's start-failure path)
         # lm-eval and datasets draw progress bars per call; a search prints its own progress
         os.environ.setdefault("TQDM_DISABLE", "1")
         if spec.threads:
