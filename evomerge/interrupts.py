@@ -37,13 +37,15 @@ class Interrupted(KeyboardInterrupt):
 
 _received: list[int] = []  # the first signal since install()
 _delivered: list[bool] = []  # whether its Interrupted reached the search (see check())
+_deferred: list[bool] = []  # inside deferred(): a signal is raised when the block ends
 
 
 def _raise_once(signum: int, _frame: object) -> None:
     if _received:  # already stopping: let the clean-up finish
         return
     _received.append(signum)
-    raise Interrupted(signum)
+    if not _deferred:
+        raise Interrupted(signum)
 
 
 def check() -> None:
@@ -55,6 +57,18 @@ def check() -> None:
     whatever it was doing when the signal came."""
     if _received and not _delivered:
         raise Interrupted(_received[0])
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block a signal must not cut short (stopping the workers, marking trials interrupted):
+    a signal that comes inside is raised when it ends."""
+    _deferred.append(True)
+    try:
+        yield
+    finally:
+        _deferred.pop()
+    check()
 
 
 def acknowledge() -> None:

@@ -83,8 +83,9 @@ def run_search(
                               workers=config.workers.count, on_progress=on_progress, on_notice=on_notice)
             loop.run()
         finally:
-            workers.shutdown()
-            interrupted = _stop(store, config)
+            with interrupts.deferred():  # a second Ctrl-C must not leave workers running
+                workers.shutdown()
+                interrupted = _stop(store, config)
         _refuse_all_failed(store)
         return store.path
     except KeyboardInterrupt as err:
