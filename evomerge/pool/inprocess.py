@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -64,9 +64,12 @@ class InProcessPool:
 
     kind = "inprocess"
 
-    def __init__(self, spec: Any, workers: Any) -> None:
-        """``spec``: a :class:`~evomerge.worker.WorkerSpec`; ``workers``: the space file's ``workers:``."""
+    def __init__(self, spec: Any, workers: Any, *, evaluator: Callable[[Any], Any] | None = None) -> None:
+        """``spec``: a :class:`~evomerge.worker.WorkerSpec`; ``workers``: the space file's ``workers:``;
+        ``evaluator``: builds a worker from the spec (default
+        :class:`~evomerge.worker.CandidateEvaluator`; a benchmark of the loop passes an instant one)."""
         self._spec = replace(spec, threads=spec.threads or max(1, int(workers.cpus_per_worker)))
+        self._new_evaluator = evaluator
         self._timeout_s: float | None = workers.timeout_s
         self._evaluators: dict[Worker, Any] = {}
         self._starting: deque[Worker] = deque()
@@ -101,7 +104,7 @@ class InProcessPool:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             with _quiet():
-                self._evaluators[worker] = CandidateEvaluator(self._spec)
+                self._evaluators[worker] = (self._new_evaluator or CandidateEvaluator)(self._spec)
         except Exception as err:  # noqa: BLE001  (whatever stops a worker from starting is reported, as Ray reports it)
             return StartFailed(worker, f"{type(err).__name__}: {err}"[:300])
         return WorkerStarted(worker)

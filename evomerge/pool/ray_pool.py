@@ -181,10 +181,8 @@ class RayPool:
         import ray
 
         actor = self._actors.pop(worker)
-        for table in (self._starting, self._running):
-            for ref, held in list(table.items()):
-                if (held[0] if isinstance(held, tuple) else held) == worker:
-                    del table[ref]
+        self._starting = {ref: w for ref, w in self._starting.items() if w != worker}
+        self._running = {ref: run for ref, run in self._running.items() if run[0] != worker}
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001  (already gone)
