@@ -68,7 +68,8 @@ def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
     space = write_yaml(tmp_path / "space.yaml", good_space(toy_world, name="twonode", **{
         "search.budget": BUDGET, "search.population": 4, "workers.count": 2}))
     run = tmp_path / "runs" / "twonode"
-    env = cli_env(RAY_AUTH_MODE="disabled")
+    # each candidate takes a second or more, so the test sees node 2 finish one while others are out
+    env = cli_env(RAY_AUTH_MODE="disabled", EVOMERGE_FAILPOINTS="worker.after_merge=sleep(1)")
     search = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(space), "--runs-dir",
                                str(tmp_path / "runs"), "--ray-address", address], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
