@@ -65,17 +65,28 @@ def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrit
     click.echo(f"merged model written to {out}")
 
 
+_POOL_OPTION = click.option(
+    "--pool", type=click.Choice(["ray", "inprocess"]), default=None,
+    help="Where candidates run (overrides workers.pool): Ray actors, or the search process itself (no Ray).")
+
+
 @main.command()
 @click.argument("space", type=click.Path(path_type=Path))
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Folder that holds run folders: the run is RUNS_DIR/<name>/ "
                    "(name: from the space file, else its stem).")
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
-def search(space: Path, runs_dir: Path, ray_address: str | None) -> None:
+@_POOL_OPTION
+def search(space: Path, runs_dir: Path, ray_address: str | None, pool: str | None) -> None:
     """Search the merge space SPACE.yaml describes (resumes the run if it exists)."""
+    from .interrupts import install
+
+    install()  # first: Ctrl-C and SIGTERM stop the search cleanly from here on, whatever the shell did
+    _quiet_progress_bars()
     from .search import search_file
 
-    _run_with_display(lambda cb: search_file(space, runs_dir=runs_dir, ray_address=ray_address, on_progress=cb))
+    _run_with_display(lambda display: search_file(space, runs_dir=runs_dir, ray_address=ray_address, pool=pool,
+                                                  on_progress=display, on_notice=display.notice))
 
 
 @main.command()
@@ -112,23 +123,44 @@ def validate(space: Path, runs_dir: Path, ray_address: str | None) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
-def resume(run_dir: Path, ray_address: str | None) -> None:
+@_POOL_OPTION
+def resume(run_dir: Path, ray_address: str | None, pool: str | None) -> None:
     """Continue an interrupted run from its folder, e.g. runs/toy_ties."""
+    from .interrupts import install
+
+    install()
+    _quiet_progress_bars()
     from .search import resume as resume_run
 
-    _run_with_display(lambda cb: resume_run(run_dir, ray_address=ray_address, on_progress=cb))
+    _run_with_display(lambda display: resume_run(run_dir, ray_address=ray_address, pool=pool, on_progress=display,
+                                                 on_notice=display.notice))
+
+
+def _quiet_progress_bars() -> None:
+    """lm-eval, datasets and transformers draw progress bars per call; a search shows its own. Set
+    before they import tqdm, which reads the variable then (the in-process pool evaluates here)."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _run_with_display(start) -> None:
+    from .interrupts import Interrupted
     from .report import LiveDisplay, show
     from .store import RunStore
 
     try:
         with LiveDisplay() as display:
             path = start(display)
-    except KeyboardInterrupt:
-        click.secho("interrupted: every finished trial is recorded; run the same command to resume", fg="yellow", err=True)
-        sys.exit(130)
+    except Interrupted as err:
+        if err.run_dir is None:
+            click.secho(f"interrupted ({err}) before the run started; nothing was recorded", fg="yellow", err=True)
+        else:
+            rerun = f"; {err.interrupted_trials} running trial(s) marked interrupted, run again on resume" \
+                if err.interrupted_trials else ""
+            click.secho(f"interrupted ({err}): every finished trial is recorded{rerun}. Resume with: "
+                        f"evomerge resume {err.run_dir}", fg="yellow", err=True)
+        sys.exit(err.exit_code)
     store = RunStore.open(path)
     try:
         show(store)

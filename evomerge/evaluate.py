@@ -25,7 +25,9 @@ and the tokens generated, so a search can count the forward passes it spends.
 
 Options that only ``simple_evaluate`` understands (anything outside :data:`FAST_PATH_ARGS` in
 ``extra_args``), and task groups (whose scores lm-eval aggregates over subtasks), take the
-``simple_evaluate`` path, with its fixed costs but the same scores.
+``simple_evaluate`` path, with the same scores; that path skips its environment report (torch's
+``collect_env``, which runs ``pip list``: about 2 s a call) and ``git describe``
+(:func:`_skip_run_metadata`), but still reloads documents and rebuilds requests on every call.
 
 lm_eval and transformers are imported inside the methods: ``evomerge merge`` must not load them.
 """
@@ -349,6 +351,7 @@ class LmEvalScorer:
             "verbosity": "ERROR",
         }
         args.update(self.extra_args)
+        _skip_run_metadata()
         counter = _counting(lm)
         results = evaluator.simple_evaluate(
             model=counter,
@@ -409,3 +412,13 @@ def _counting(lm: Any) -> Any:
             return self._send("generate_until", requests)
 
     return CountingLM()
+
+
+@functools.cache
+def _skip_run_metadata() -> None:
+    """Make ``simple_evaluate`` skip its environment report and ``git describe`` (see the module
+    docstring; the general path only): seconds per call that no score depends on. Done once per process."""
+    from lm_eval import evaluator
+
+    evaluator.add_env_info = lambda storage: None
+    evaluator.get_git_commit_hash = lambda: None

@@ -82,6 +82,14 @@ _RULES: dict[str, list[_Rule]] = parse(os.environ.get(ENV, ""))
 _COUNTS: dict[str, int] = {}
 
 
+def configure(spec: str) -> None:
+    """Replace the rules (and restart this process's counters): for a test that runs evomerge in
+    its own process, where the environment was read at import."""
+    global _RULES
+    _RULES = parse(spec)
+    _COUNTS.clear()
+
+
 def active() -> bool:
     return bool(_RULES)
 

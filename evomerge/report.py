@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,8 @@ class LiveDisplay:
     def __init__(self, console: Console | None = None) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = console or Console(stderr=True)
+        # bound to the stream now: the in-process pool silences sys.stderr while it evaluates
+        self.console = console or Console(file=sys.stderr)
         self.progress = Progress(
             TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[best]}"),
@@ -36,6 +38,10 @@ class LiveDisplay:
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
+
+    def notice(self, message: str) -> None:
+        """A line above the progress bar: workers started or lost, a fault, why the search stopped."""
+        self.console.print(Text(message, style="yellow"))
 
     def __call__(self, state: Any, record: Any) -> None:
         done = state.finished_before + state.finished

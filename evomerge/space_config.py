@@ -694,8 +694,10 @@ class Search(_Strict):
 
 
 class Workers(_Strict):
-    """Where candidates run. No ``ray_address``: a local Ray cluster sized by these numbers."""
+    """Where candidates run. ``pool: ray`` (the default) without ``ray_address``: a local Ray
+    cluster sized by these numbers; ``pool: inprocess``: in the search process, no Ray."""
 
+    pool: str = "ray"
     ray_address: str | None = None
     """An existing Ray cluster to join (``HEAD_IP:6379``); absent: a local cluster sized by these numbers."""
     count: int = Field(default=1, ge=1)
@@ -709,6 +711,21 @@ class Workers(_Strict):
     timeout_s: float | None = Field(default=None, gt=0)
     """Seconds one candidate may take: then its worker is replaced and the trial fails "timed out" (not retried);
     absent: no limit."""
+
+    @field_validator("pool")
+    @classmethod
+    def _known_pool(cls, value: str) -> str:
+        from .pool.base import POOL_KINDS
+
+        if value not in POOL_KINDS:
+            raise ValueError(f"unknown worker pool {value!r}; use one of {', '.join(POOL_KINDS)}.{close_matches(value, POOL_KINDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> Workers:
+        if self.pool == "inprocess" and self.ray_address is not None:
+            raise FieldError(("ray_address",), "the in-process pool runs no Ray; remove ray_address, or set pool: ray")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ class RunStore:
         if final.exists():
             raise EvomergeError(f"{final} already exists; open it, or choose another run name")
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".{name}.creating-{uuid.uuid4().hex[:8]}"
+        tmp = root / f".{name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the pid: see remove_stale_creations
         tmp.mkdir()
         remote_created = False
         try:
@@ -337,6 +337,7 @@ class RunStore:
         two YAML documents), so the user can restore it or pick a new name.
         """
         path = Path(root) / name
+        remove_stale_creations(root)
         if not path.exists():
             return cls.create(
                 root, name, config_yaml_text, config_hash,
@@ -587,6 +588,29 @@ class RunStore:
             attrs=ua,
             interrupted=kind == "interrupted",
         )
+
+
+def remove_stale_creations(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete the half-built run folders (``.<name>.creating-<pid>-*``) of processes that died
+    (kill -9 while creating a run); a folder whose creator still runs on this host is left alone."""
+    removed = []
+    for folder in Path(root).glob(".*.creating-*"):
+        pid = folder.name.rsplit(".creating-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def count_trials(records: list[TrialRecord]) -> TrialCounts:

@@ -1,15 +1,15 @@
 """Evaluating candidates: merge in memory, score with lm-eval, measure the distance from base.
 
-:class:`CandidateEvaluator` is a plain class (tests use it directly); :func:`start_workers` runs
-it as Ray actors. Each evaluator loads the base and donors once, keeps them resident (on its GPU
+:class:`CandidateEvaluator` is a plain class: the in-process pool and tests use it directly, and
+:func:`start_workers` runs it as Ray actors. Each evaluator loads the base and donors once, keeps them resident (on its GPU
 when it has one), builds one model whose parameters every candidate overwrites in place, and
 builds lm-eval's task index once. A candidate that cannot be merged, merges to NaN or infinite
 weights (checked on the model's own tensors before scoring: a float32 merge copied into a float16
 model can overflow after the merge engine's own check), or scores NaN comes back as an
 :class:`EvalResult` with ``error`` set: a candidate fault is data for the trial log, not a crash.
-Infrastructure faults (a dead actor, an allocation that fails) surface as Ray errors to the
-dispatcher, which retries them elsewhere. ``worker.evaluate`` and ``worker.after_merge`` are
-failpoints (see :mod:`evomerge.failpoints`), for the reliability tests.
+Infrastructure faults (a dead actor, an allocation that fails) surface as exceptions, which the
+worker pool turns into events for the loop to retry elsewhere. ``worker.start``, ``worker.evaluate``
+and ``worker.after_merge`` are failpoints (see :mod:`evomerge.failpoints`), for the reliability tests.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class CandidateEvaluator:
         from .evaluate import LmEvalScorer
         from .merge.inmemory import ResidentModels, state_view
 
+        failpoints.hit("worker.start")  # a worker that cannot start (for the pool's start-failure path)
         # lm-eval and datasets draw progress bars per call; a search prints its own progress
         os.environ.setdefault("TQDM_DISABLE", "1")
         if spec.threads:
@@ -110,7 +111,7 @@ class CandidateEvaluator:
         from .recipe import Recipe
 
         start = time.perf_counter()
-        digest = _digest(recipe_json)  # names the candidate in the failpoints' hit log
+        digest = candidate_digest(recipe_json)  # names the candidate in the failpoints' hit log
         failpoints.hit("worker.evaluate", context=digest)
         model = self.model
         measured: dict[str, float] = {}
@@ -183,7 +184,8 @@ def _poison(params: Mapping[str, Any], names: Sequence[str], kind: str) -> None:
         params[name].view(-1)[0] = float(kind)
 
 
-def _digest(text: str) -> str:
+def candidate_digest(text: str) -> str:
+    """A short name for a candidate (its recipe JSON) in the failpoints' hit log."""
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -191,6 +193,10 @@ def _digest(text: str) -> str:
 
 def _ray_node() -> str:
     """``:node=<id prefix>`` inside a Ray actor (hosts can run several nodes), else ''."""
+    import sys
+
+    if "ray" not in sys.modules:  # the in-process pool: no Ray to ask, and none to import
+        return ""
     import ray
 
     if not ray.is_initialized():

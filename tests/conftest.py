@@ -22,3 +22,11 @@ def toy_world(tmp_path_factory: pytest.TempPathFactory):
     if world is not None:
         return world
     return build_toy_world(tmp_path_factory.mktemp("toy") / "toy_world", seed=0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the toy world is slow (building it takes minutes where no current
+    ``toy_world/`` exists): ``pytest -m "not slow"`` never builds it."""
+    for item in items:
+        if "toy_world" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -1,16 +1,20 @@
 """Helpers for the reliability tests: a small valid space on the toy world, the real CLI as a
-subprocess, and fingerprints of folders (to prove a refused command changed nothing)."""
+subprocess, fingerprints of folders (to prove a refused command changed nothing), and the one
+Ray cluster that the tests of Ray itself share."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,3 +76,26 @@ def fingerprint(folder: Path) -> dict[str, str] | None:
         return None
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray cluster for the whole session, started once; searches join it with
+    ``--ray-address`` (and ``RAY_AUTH_MODE=disabled`` in their environment). Starting a cluster
+    costs tens of seconds on 2 shared cores; the tests where a search must start (and stop) its
+    own, or where a node is lost, start their own."""
+    from .ray_nodes import RayNode, free_port, node_env
+
+    gcs = free_port()
+    temp = Path(f"/tmp/evmrc{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
+    # logical CPUs: room for two searches of two workers, and for the actors of a killed search
+    # while Ray removes them
+    node = RayNode(["--head", f"--port={gcs}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
+                    "--num-cpus=8", f"--temp-dir={temp}"], node_env(str(ROOT)),
+                   tmp_path_factory.mktemp("ray_cluster") / "head.log")
+    try:
+        node.wait_started()
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        node.kill()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -100,3 +100,22 @@ def test_optuna_drivers_get_failed_trials_as_fail_and_go_on(tmp_path, driver_nam
         else:
             assert trial.state == optuna.trial.TrialState.COMPLETE
     store.close()
+
+
+def test_a_half_built_run_folder_of_a_dead_process_is_removed_by_the_next_start(tmp_path):
+    """A kill -9 inside RunStore.create leaves .NAME.creating-PID-*; the next start removes those
+    whose process is gone (and those of the old unnamed format), never one still being built."""
+    import os
+
+    from evomerge.store import RunStore
+
+    dead = tmp_path / ".r.creating-999999999-0a1b2c3d"  # no such pid
+    old_format = tmp_path / ".r.creating-0a1b2c3d"
+    building = tmp_path / f".other.creating-{os.getpid()}-0a1b2c3d"  # this process is alive
+    for folder in (dead, old_format, building):
+        folder.mkdir()
+        (folder / "space.yaml").write_text("name: r\n")
+    store = RunStore.open_or_create(tmp_path, "r", "name: r\n", "0" * 16, directions={"x": "maximize"})
+    store.close()
+    assert not dead.exists() and not old_format.exists() and building.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [building.name, "r"]

@@ -30,7 +30,7 @@ KILL_POINTS = {
     "store.before_replace.pareto.json": 12,  # in pareto.json's atomic write: temp file written, not renamed
 }
 # ("search.after_tell=kill@8", a trial recorded with its generation still open, passes too; it is left
-# out because every kill costs a whole restart of Ray and the workers, ~30 s on 2 shared cores.)
+# out because every kill costs a restart of the search and its workers.)
 
 
 def _digest(text: str) -> str:
@@ -69,7 +69,7 @@ def _check_folder(run: Path) -> None:
     assert {f["number"] for f in pareto["front"]} <= {r.number for r in records if r.state == "complete"}
 
 
-def test_sigkill_at_every_moment_then_resume_matches_an_uninterrupted_run(toy_world, tmp_path):
+def test_sigkill_at_every_moment_then_resume_matches_an_uninterrupted_run(toy_world, tmp_path, ray_cluster):
     from evomerge.space_config import load_space_config
 
     data = toy_space(toy_world, budget=BUDGET)
@@ -79,14 +79,17 @@ def test_sigkill_at_every_moment_then_resume_matches_an_uninterrupted_run(toy_wo
     ref_cfg, kill_cfg = write_space(ref_dir, data), write_space(kill_dir, data)
     config = load_space_config(kill_cfg)
 
-    # the uninterrupted run, alongside (its own Ray cluster, no failpoints)
-    reference = start(["search", str(ref_cfg), "--runs-dir", str(ref_dir / "runs")], cwd=ref_dir, env=env_with(),
-                      log=ref_dir / "log.txt")
+    # the uninterrupted run, alongside, in its own process (no failpoints, no Ray: the same evaluator)
+    reference = start(["search", str(ref_cfg), "--runs-dir", str(ref_dir / "runs"), "--pool", "inprocess"], cwd=ref_dir,
+                      env=env_with(), log=ref_dir / "log.txt")
 
     spec = ";".join(f"{name}=kill@{n}" for name, n in KILL_POINTS.items()) + ";worker.evaluate=count"
-    env = env_with(spec, counters)
+    env = env_with(spec, counters, RAY_AUTH_MODE="disabled")
     run = kill_dir / "runs" / "faults"
-    args = ["search", str(kill_cfg), "--runs-dir", str(kill_dir / "runs")]
+    # every launch joins the session's Ray cluster: a killed search's actors die with it (Ray ends
+    # the job of a dead driver) and the resume starts its own
+    joined = ["--ray-address", ray_cluster]
+    args = ["search", str(kill_cfg), "--runs-dir", str(kill_dir / "runs"), *joined]
     exits: list[int] = []
     fired: list[str] = []
     lingered: list[list[str]] = []
@@ -96,7 +99,7 @@ def test_sigkill_at_every_moment_then_resume_matches_an_uninterrupted_run(toy_wo
             all_fired = all((counters / f"{n}.count").exists() and int((counters / f"{n}.count").read_text()) >= k
                             for n, k in KILL_POINTS.items())
             timed = all_fired and "timer" not in fired
-            proc = start(args if launch == 0 else ["resume", str(run)], cwd=kill_dir, env=env,
+            proc = start(args if launch == 0 else ["resume", str(run), *joined], cwd=kill_dir, env=env,
                          log=kill_dir / f"log{launch}.txt")
             try:
                 rc = proc.wait(timeout=timer_s if timed else 600)

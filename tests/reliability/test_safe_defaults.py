@@ -186,9 +186,9 @@ def test_space_file_opt_in_reaches_transformers(toy_world, tmp_path: Path) -> No
     data = good_space(toy_world, trust_remote_code=True, **{
         "models.base": models.pop("base"), "models.donors": list(models.values())})
     space = write_yaml(tmp_path / "space.yaml", data)
-    script = ("import sys; from evomerge.search import prepare, _worker_spec; "
+    script = ("import sys; from evomerge.prepare import prepare, worker_spec; "
               "from evomerge.space_config import load_space_config; "
-              "print('flag', _worker_spec(prepare(load_space_config(sys.argv[1]))).trust_remote_code)")
+              "print('flag', worker_spec(prepare(load_space_config(sys.argv[1]))).trust_remote_code)")
     done = subprocess.run([sys.executable, "-c", script, str(space)], check=False, capture_output=True, text=True, cwd=tmp_path,
                           env=cli_env(HF_MODULES_CACHE=str(tmp_path / "modules")), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

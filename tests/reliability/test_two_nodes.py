@@ -68,7 +68,8 @@ def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
     space = write_yaml(tmp_path / "space.yaml", good_space(toy_world, name="twonode", **{
         "search.budget": BUDGET, "search.population": 4, "workers.count": 2}))
     run = tmp_path / "runs" / "twonode"
-    env = cli_env(RAY_AUTH_MODE="disabled")
+    # each candidate takes a second or more, so the test sees node 2 finish one while others are out
+    env = cli_env(RAY_AUTH_MODE="disabled", EVOMERGE_FAILPOINTS="worker.after_merge=sleep(1)")
     search = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(space), "--runs-dir",
                                str(tmp_path / "runs"), "--ray-address", address], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -111,19 +112,20 @@ def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
 
 
 def _own_cluster_address(space: Path, env: dict[str, str], cwd: Path) -> str:
-    script = ("import sys, ray; from evomerge.search import _init_ray; "
+    script = ("import sys, ray; from evomerge.pool.ray_pool import RayPool; "
               "from evomerge.space_config import load_space_config; "
-              "_init_ray(load_space_config(sys.argv[1]), None); print('gcs', ray.get_runtime_context().gcs_address)")
+              "RayPool(None, load_space_config(sys.argv[1]).workers).connect(); "
+              "print('gcs', ray.get_runtime_context().gcs_address)")
     done = subprocess.run([sys.executable, "-c", script, str(space)], check=False, capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split("gcs ", 1)[1].split()[0]
 
 
-def test_without_an_address_a_search_starts_its_own_cluster(cluster, toy_world, tmp_path):
+def test_without_an_address_a_search_starts_its_own_cluster(ray_cluster, toy_world, tmp_path):
     """Even with RAY_ADDRESS pointing at a running cluster (as a user's shell may have it), a space
     file without ray_address gets a private cluster: ray.init(address='local')."""
-    address, _, _ = cluster
+    address = ray_cluster
     space = write_yaml(tmp_path / "space.yaml", good_space(toy_world))
     own = _own_cluster_address(space, cli_env(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled"), tmp_path)
     assert own.rsplit(":", 1)[1] != address.rsplit(":", 1)[1]

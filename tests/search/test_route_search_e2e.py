@@ -13,10 +13,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from tests.search.test_search_e2e import ROOT, assert_rescores_as, evomerge, search_tasks, write
+
+pytestmark = pytest.mark.slow
 
 
 def route_space(toy_world, *, budget: int, name: str = "joint", merged: str | None = None) -> dict:
@@ -28,7 +31,7 @@ def route_space(toy_world, *, budget: int, name: str = "joint", merged: str | No
         "objectives": [{"task": t, "metric": "acc", "direction": "maximize"} for t in search_tasks(toy_world)],
         "evaluation": {"items": 16, "batch_size": 16, "include_path": [str(ROOT / "eval_tasks")]},
         "search": {"driver": "cma", "budget": budget, "seed": 0, "population": 4},
-        "workers": {"count": 2, "cpus_per_worker": 1},
+        "workers": {"count": 2, "cpus_per_worker": 1, "pool": "inprocess"},
     }
     if merged is None:
         data["merge"] = {"method": "task_arithmetic", "parameters": {"weight": {"range": [0.5, 1.2]}}}

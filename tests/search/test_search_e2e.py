@@ -1,5 +1,7 @@
-"""A real search on the toy world, end to end: Ray workers, lm-eval scores, the run store,
-resume, show and export, driven through the command line as a user runs it."""
+"""A real search on the toy world, end to end: workers, lm-eval scores, the run store, resume,
+show and export, driven through the command line as a user runs it. The workers are the
+in-process pool's (the same evaluator a Ray actor runs; Ray itself is tested in
+``tests/reliability``: a killed worker, a killed search, a lost node, signals)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def space(toy_world, *, budget: int, driver: str = "cma", **overrides) -> dict:
         + [{"measure": "l2_from_base", "direction": "minimize"}],
         "evaluation": {"items": 24, "batch_size": 24, "include_path": [str(ROOT / "eval_tasks")]},
         "search": {"driver": driver, "budget": budget, "seed": 0, **({"population": 4} if driver == "cma" else {})},
-        "workers": {"count": 2, "cpus_per_worker": 1},
+        "workers": {"count": 2, "cpus_per_worker": 1, "pool": "inprocess"},
     }
     for key, value in overrides.items():
         data[key] = value

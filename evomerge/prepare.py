@@ -1,0 +1,186 @@
+"""The checks before a run: everything a user can get wrong, found before the run folder exists.
+
+:func:`prepare` opens the models (every header read, same architecture, shapes and vocabulary,
+layer groups that divide the layers, route pools of one shape), plans the initial candidate,
+indexes the tasks and checks every objective's metric, and draws the evaluation items. It
+writes nothing; what it computed is kept in :class:`Prepared`, so nothing is computed twice.
+A new check belongs here, as one more step of :func:`prepare` raising a :class:`ConfigError`
+that names the space-file field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .space_config import SpaceConfig
+
+
+@dataclass
+class Prepared:
+    """What the checks before a run produce, so nothing is computed twice."""
+
+    config: SpaceConfig
+    space: Any  # SearchSpace
+    num_layers: int
+    samples: dict[str, list[int]] | None
+
+
+def prepare(config: SpaceConfig) -> Prepared:
+    """Check a space against its models and tasks; nothing is written.
+
+    One step per concern, in the order a user would fix them; each raises a :class:`ConfigError`
+    naming the space file's field. Add a check as one more step.
+    """
+    from .space import SearchSpace
+
+    fields, folders = _open_models(config)
+    base = folders[config.models.base]
+    config.validate_against_models(base.num_layers, base.tensor_names)
+    space = SearchSpace.from_config(config, base.num_layers)
+    _check_initial_candidate(space, fields, folders)
+    if config.route is not None:
+        _check_route_models(config, folders)
+    _check_constraints(config)
+    scorer = _scorer(config)
+    _check_metrics(config, scorer)
+    return Prepared(config, space, base.num_layers, _draw_items(config, scorer))
+
+
+def _open_models(config: SpaceConfig) -> tuple[Any, dict[str, Any]]:
+    """Every model folder opened, its headers read and its weights loadable (the base's tokenizer too)."""
+    from .model_checks import check_loadable, check_tokenizer, model_fields
+
+    fields = model_fields(config)  # a model error names the space file and the models.* field too
+    folders = {ref: fields.open(ref) for ref in fields.references}
+    for ref, folder in folders.items():
+        with fields.naming(ref):
+            folder.num_layers, folder.tensor_names  # noqa: B018  (reads every header: names a truncated file)
+            check_loadable(folder, trust_remote_code=config.trust_remote_code)
+            if ref == config.models.base:
+                check_tokenizer(folder, trust_remote_code=config.trust_remote_code)
+    return fields, folders
+
+
+def _check_initial_candidate(space: Any, fields: Any, folders: dict[str, Any]) -> None:
+    """Plan the initial candidate: refuses incompatible models (architecture, shapes, vocabulary)."""
+    from .merge.plan import plan_merge
+
+    with fields.naming():
+        initial = space.decode(space.from_unit(space.initial_unit()))
+        if initial.merge is not None:
+            plan_merge(initial.merge, folders)
+
+
+def _check_metrics(config: SpaceConfig, scorer: Any) -> None:
+    """Every objective's and constraint's metric is one its task reports."""
+    from .errors import close_matches
+
+    known_metrics = scorer.metrics()
+    for i, obj in enumerate([*config.objectives, *config.constraints]):
+        if obj.task is None:
+            continue
+        metrics = known_metrics.get(obj.task, ())
+        if obj.metric not in metrics:
+            kind = "objectives" if i < len(config.objectives) else "constraints"
+            index = i if i < len(config.objectives) else i - len(config.objectives)
+            raise ConfigError(
+                f"task {obj.task!r} has no metric {obj.metric!r}.{close_matches(obj.metric, metrics)} "
+                f"Its metrics: {', '.join(metrics)}",
+                where=f"{config.source}: {kind}[{index}].metric",
+            )
+
+
+def _draw_items(config: SpaceConfig, scorer: Any) -> dict[str, list[int]] | None:
+    """The evaluation items of each task, drawn once: every trial is scored on the same ones."""
+    samples: dict[str, list[int]] = {}
+    for task in config.task_names():
+        indices = config.evaluation.item_indices(task, scorer.num_docs(task))
+        if indices is not None:
+            samples[task] = indices
+    return samples or None
+
+
+def _check_route_models(config: SpaceConfig, folders: dict[str, Any]) -> None:
+    """A route stacks layers of every pool model into one model: they must agree in kind, width
+    and depth (the slots assume one layer count), and ``scale`` needs the output projections it
+    multiplies."""
+    from .merge.routing import RESIDUAL_OUTPUTS, supports_scale
+    from .space_config import BASE_NAME, MERGED_NAME
+
+    route = config.route
+    assert route is not None
+    refs = {BASE_NAME: config.models.base, **{d.name: d.model for d in config.models.donors}}
+    base = folders[config.models.base]
+    want = (base.config.get("model_type"), base.config.get("hidden_size"), base.num_layers)
+    for i, entry in enumerate(route.pool):
+        folder = folders[refs.get(entry, config.models.base)]  # merged: a merge of these models
+        got = (folder.config.get("model_type"), folder.config.get("hidden_size"), folder.num_layers)
+        if got != want and entry != MERGED_NAME:
+            raise ConfigError(
+                f"{refs[entry]!r} is a {got[0]} with hidden size {got[1]} and {got[2]} layers, the base a {want[0]} "
+                f"with hidden size {want[1]} and {want[2]} layers; a route stacks layers of models of one shape",
+                where=f"{config.source}: route.pool[{i}]",
+            )
+    if route.scale is not None and not supports_scale(base.tensor_names):
+        raise ConfigError(
+            f"this architecture has no {' / '.join(RESIDUAL_OUTPUTS)} tensors for a layer scale to multiply; remove it",
+            where=f"{config.source}: route.scale",
+        )
+
+
+def _scorer(config: SpaceConfig) -> Any:
+    """lm-eval's task index for the config's tasks; a bad folder or task names its field."""
+    from .evaluate import LmEvalScorer, UnknownTaskError
+
+    for i, folder in enumerate(config.evaluation.include_path):
+        if not Path(folder).is_dir():
+            raise ConfigError(f"task folder {folder} does not exist; point it at a folder of lm-eval task YAMLs",
+                              where=f"{config.source}: evaluation.include_path[{i}]")
+    try:
+        return LmEvalScorer(config.task_names(), **_scorer_paths(config))
+    except UnknownTaskError as err:
+        named = [*config.objectives, *config.constraints]
+        i = next(i for i, m in enumerate(named) if m.task == err.task)
+        kind, index = ("objectives", i) if i < len(config.objectives) else ("constraints", i - len(config.objectives))
+        raise ConfigError(str(err), where=f"{config.source}: {kind}[{index}].task") from None
+
+
+def _scorer_paths(config: SpaceConfig) -> dict[str, Any]:
+    paths = config.evaluation.include_path
+    return {"include_path": [Path(p) for p in paths]} if paths else {}
+
+
+def _check_constraints(config: SpaceConfig) -> None:
+    for i, c in enumerate(config.constraints):
+        if c.min is not None:
+            raise ConfigError(
+                "lower bounds (min:) on constraints are not supported yet; use max:, or make it an objective",
+                where=f"{config.source}: constraints[{i}].min",
+            )
+
+
+def worker_spec(prepared: Prepared) -> Any:
+    """How each worker builds itself for this run: its resident models and what it scores."""
+    from .worker import EvalSettings, WorkerSpec
+
+    cfg = prepared.config
+    ev = cfg.evaluation
+    paths = [str(Path(p).resolve()) for p in ev.include_path]
+    settings = EvalSettings(
+        tasks=tuple(cfg.task_names()),
+        include_path=tuple(paths) or None,
+        samples=prepared.samples,
+        batch_size=ev.batch_size,  # an int, or lm-eval's "auto"
+        num_fewshot=ev.num_fewshot,
+        extra_args=dict(ev.lm_eval_args),
+    )
+    return WorkerSpec(
+        base=cfg.models.base,
+        donors=tuple(d.model for d in cfg.models.donors),
+        evaluation=settings,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+    )
