@@ -129,17 +129,19 @@ _RUNNER = (
     "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
     "dt = time.perf_counter() - t\n"
     "sys.stderr.write(r.stderr.decode()[-2000:] if r.returncode else '')\n"
-    "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(dt, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime)\n"
 )
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of one command, measured by a wrapper that waits for it."""
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GiB) and CPU seconds (user + system) of one command, measured by a
+    wrapper that waits for it. CPU seconds move less than wall seconds on a loaded machine."""
     out = subprocess.run([sys.executable, "-c", _RUNNER, *cmd], capture_output=True, text=True)
-    seconds, rss_kib, code = out.stdout.split()
+    seconds, rss_kib, code, cpu = out.stdout.split()
     if int(code) != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}\n{out.stderr}")
-    return float(seconds), int(rss_kib) / 2**20
+    return float(seconds), int(rss_kib) / 2**20, float(cpu)
 
 
 def page_cache_bandwidth(folders: list[Path], reps: int = 3) -> float:
@@ -190,14 +192,14 @@ def run_case(args, paths: dict[str, Path], layers: int, stored: str, dtype: str,
             for _ in range(args.repeat):
                 for prefix in ("out_mk_", "out_evo_"):
                     shutil.rmtree(args.workdir / f"{prefix}{tag}", ignore_errors=True)
-                seconds, rss = timed(cmd)
-                best = (seconds, rss) if best is None or seconds < best[0] else best
+                measured = timed(cmd)
+                best = measured if best is None or measured[0] < best[0] else best
             results[tool] = best
         for prefix in ("out_mk_", "out_evo_"):
             shutil.rmtree(args.workdir / f"{prefix}{tag}", ignore_errors=True)
-        (mk_s, mk_rss), (evo_s, evo_rss) = results["mergekit"], results["evomerge"]
+        (mk_s, mk_rss, mk_cpu), (evo_s, evo_rss, evo_cpu) = results["mergekit"], results["evomerge"]
         read = bytes_read(all_cfgs[method])
-        rows.append((f"{stored}->{dtype}", method, mk_s, evo_s, mk_rss, evo_rss, read / evo_s / 1e9))
+        rows.append((f"{stored}->{dtype}", method, mk_s, evo_s, mk_cpu / evo_cpu, mk_rss, evo_rss, read / evo_s / 1e9))
         print(f"  {stored}->{dtype} {method}: mergekit {mk_s:.1f} s, evomerge {evo_s:.2f} s", flush=True)
     return rows
 
@@ -231,16 +233,17 @@ def main() -> None:
             if case_stored == stored:
                 rows += run_case(args, paths, model_config["num_hidden_layers"], stored, dtype, mergekit, evomerge)
     bandwidth = sum(bandwidths.values()) / len(bandwidths)
-    header = (f"{'stored->merge':<19}{'method':<16}{'mergekit s':>11}{'evomerge s':>11}{'time ratio':>11}"
+    header = (f"{'stored->merge':<19}{'method':<16}{'mergekit s':>11}{'evomerge s':>11}{'time ratio':>11}{'CPU ratio':>10}"
               f"{'mk RSS GiB':>11}{'evo RSS GiB':>12}{'RSS ratio':>10}{'evo GB/s':>9}{'of read bw':>11}")
     print()
     print(header)
     print("-" * len(header))
-    for case, m, mk_s, evo_s, mk_r, evo_r, gbps in rows:
-        print(f"{case:<19}{m:<16}{mk_s:>11.1f}{evo_s:>11.2f}{mk_s / evo_s:>10.1f}x{mk_r:>11.2f}{evo_r:>12.2f}"
+    for case, m, mk_s, evo_s, cpu_ratio, mk_r, evo_r, gbps in rows:
+        print(f"{case:<19}{m:<16}{mk_s:>11.1f}{evo_s:>11.2f}{mk_s / evo_s:>10.1f}x{cpu_ratio:>9.1f}x{mk_r:>11.2f}{evo_r:>12.2f}"
               f"{mk_r / evo_r:>9.1f}x{gbps:>9.2f}{gbps / bandwidth:>10.0%}")
     print(f"\npage-cache read bandwidth (same files, same run): {bandwidth:.2f} GB/s")
-    print("time ratio and RSS ratio: mergekit / evomerge (higher is better for evomerge).")
+    print("time ratio (wall), CPU ratio (user + system) and RSS ratio: mergekit / evomerge "
+          "(higher is better for evomerge).")
     print("evo GB/s: input bytes read per wall second of `evomerge merge`, process start-up included.")
 
 

@@ -174,6 +174,12 @@ class ModelFolder:
             return self._index[real].dtype
         return self._pickled[real].dtype
 
+    def stored(self, name: str) -> TensorInfo | None:
+        """Where tensor ``name`` lies in a safetensors file (None for pickled weights): lets a
+        merge that copies it unchanged copy its bytes file to file."""
+        real = self._require(name)
+        return self._index.get(real)
+
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         """Tensor ``name`` in memory of its own (its buffer from ``pool`` when given)."""
         real = self._require(name)
