@@ -200,7 +200,8 @@ def run_case(args, paths: dict[str, Path], layers: int, stored: str, dtype: str,
         (mk_s, mk_rss, mk_cpu), (evo_s, evo_rss, evo_cpu) = results["mergekit"], results["evomerge"]
         read = bytes_read(all_cfgs[method])
         rows.append((f"{stored}->{dtype}", method, mk_s, evo_s, mk_cpu / evo_cpu, mk_rss, evo_rss, read / evo_s / 1e9))
-        print(f"  {stored}->{dtype} {method}: mergekit {mk_s:.1f} s, evomerge {evo_s:.2f} s", flush=True)
+        print(f"  {stored}->{dtype} {method}: mergekit {mk_s:.1f} s ({mk_cpu:.1f} s CPU, {mk_rss:.2f} GiB), "
+              f"evomerge {evo_s:.2f} s ({evo_cpu:.1f} s CPU, {evo_rss:.2f} GiB)", flush=True)
     return rows
 
 
