@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
 """Benchmark: ``evomerge merge`` against ``mergekit-yaml`` on the same configs, side by side.
 
-Builds (or reuses, under .bench/) a random base and two donors of about 100M parameters each,
-runs both tools on each method's config, and prints per method: wall-time ratio (mergekit /
-evomerge), peak-RSS ratio (mergekit / evomerge), and evomerge's throughput (bytes read plus
-written per second) next to this machine's memory-copy bandwidth, measured in the same run.
-The machines are shared and noisy: ratios measured back to back mean more than absolute times.
+Builds (or reuses, under .bench/) a random base and two donors, stored in float32 and in
+bfloat16, and runs both tools on each method's config for each case (stored dtype -> merge
+dtype). Per method and case it prints the wall-time ratio (mergekit / evomerge), the peak-RSS
+ratio (mergekit / evomerge), and evomerge's throughput (input bytes read per wall second,
+process start-up included) next to this machine's page-cache read bandwidth, measured in the
+same run on the same files. The machines are shared and noisy: ratios measured back to back mean
+more than absolute times.
 
-    python scripts/bench_merge.py [--methods linear,ties] [--repeat 1] [--workdir .bench]
+    python scripts/bench_merge.py                  # 106M parameters per model, a few minutes
+    python scripts/bench_merge.py --large          # 1.1B parameters per model, bfloat16
+    python scripts/bench_merge.py --methods linear,ties --cases bfloat16:float32 --repeat 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,30 +30,25 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-CONFIG = dict(
-    vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=8,
-    num_attention_heads=12,
-    num_key_value_heads=12,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    rms_norm_eps=1e-5,
-    hidden_act="silu",
-    torch_dtype="float32",
-)
+SMALL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+             num_attention_heads=12, num_key_value_heads=12)
+LARGE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=18,
+             num_attention_heads=16, num_key_value_heads=16)
+COMMON = dict(max_position_embeddings=2048, tie_word_embeddings=False, model_type="llama",
+              architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, hidden_act="silu")
+METHODS = "linear,task_arithmetic,ties,dare_ties,slerp,passthrough"
+DEFAULT_CASES = "float32:float32,bfloat16:bfloat16,bfloat16:float32,float32:bfloat16"
+SHARD_BYTES = 1 << 30
 
 
-def _shapes() -> dict[str, tuple[int, ...]]:
-    h, i, v, n = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"], CONFIG["num_hidden_layers"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+def shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    h, i, v, n = (config[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for layer in range(n):
         p = f"model.layers.{layer}."
-        shapes.update({
+        out.update({
             p + "input_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (h, h),
             p + "self_attn.k_proj.weight": (h, h),
@@ -59,55 +59,66 @@ def _shapes() -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (i, h),
             p + "mlp.down_proj.weight": (h, i),
         })
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (v, h)
-    return shapes
+    out["model.norm.weight"] = (h,)
+    out["lm_head.weight"] = (v, h)
+    return out
 
 
-def build_models(workdir: Path) -> dict[str, Path]:
-    """A random base and two donors (base plus noise), in 2 shards each, reused when present."""
+def build_models(root: Path, config: dict, stored: str) -> dict[str, Path]:
+    """A random base and two donors (base plus noise) stored in ``stored``, in shards of at most
+    1 GiB, reused when present. bfloat16 copies round the same float32 weights, as a checkpoint
+    saved in bfloat16 does, so their task vectors tie as real ones do."""
     from safetensors.torch import save_file
 
-    paths = {name: workdir / name for name in ("base", "donor_a", "donor_b")}
+    dtype = getattr(torch, stored)
+    paths = {name: root / stored / name for name in ("base", "donor_a", "donor_b")}
     if all((p / "config.json").is_file() for p in paths.values()):
         return paths
-    shapes = _shapes()
-    names = list(shapes)
-    half = len(names) // 2
+    all_shapes = shapes(config)
     for k, (name, path) in enumerate(paths.items()):
         path.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(1000 + k)
         base_gen = torch.Generator().manual_seed(1000)
-        weight_map = {}
-        for part, chunk in enumerate((names[:half], names[half:])):
-            tensors = {}
-            for tname in chunk:
-                t = torch.randn(shapes[tname], generator=base_gen) * 0.02
-                if name != "base":
-                    t += torch.randn(shapes[tname], generator=gen) * 0.002
-                tensors[tname] = t
-            fname = f"model-{part + 1:05d}-of-00002.safetensors"
-            save_file(tensors, str(path / fname), metadata={"format": "pt"})
-            weight_map.update({t: fname for t in chunk})
-        total = sum(torch.Size(s).numel() * 4 for s in shapes.values())
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-        (path / "config.json").write_text(json.dumps(CONFIG))
+        weight_map, shard, shard_bytes, files = {}, {}, 0, []
+
+        def flush() -> None:
+            nonlocal shard, shard_bytes
+            fname = f"part-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            weight_map.update({t: fname for t in shard})
+            files.append(fname)
+            shard, shard_bytes = {}, 0
+
+        for tname, shape in all_shapes.items():
+            t = torch.randn(shape, generator=base_gen) * 0.02
+            if name != "base":
+                t += torch.randn(shape, generator=gen) * 0.002
+            t = t.to(dtype)
+            if shard and shard_bytes + t.nbytes > SHARD_BYTES:
+                flush()
+            shard[tname] = t
+            shard_bytes += t.nbytes
+        flush()
+        total = sum(torch.Size(s).numel() * dtype.itemsize for s in all_shapes.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+        (path / "config.json").write_text(json.dumps({**config, **COMMON, "torch_dtype": stored}))
     return paths
 
 
-def configs(paths: dict[str, Path]) -> dict[str, dict]:
+def configs(paths: dict[str, Path], layers: int, dtype: str) -> dict[str, dict]:
     base, a, b = (str(paths[k]) for k in ("base", "donor_a", "donor_b"))
     donors = lambda **p: [{"model": a, "parameters": dict(p)}, {"model": b, "parameters": dict(p)}]  # noqa: E731
-    n = CONFIG["num_hidden_layers"]
+    n = layers
     return {
-        "linear": {"merge_method": "linear", "models": donors(weight=0.5), "dtype": "float32"},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": donors(weight=0.7), "dtype": "float32"},
-        "ties": {"merge_method": "ties", "base_model": base, "models": donors(weight=0.7, density=0.5), "dtype": "float32"},
-        "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": donors(weight=0.7, density=0.5), "dtype": "float32"},
+        "linear": {"merge_method": "linear", "models": donors(weight=0.5), "dtype": dtype},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": donors(weight=0.7), "dtype": dtype},
+        "ties": {"merge_method": "ties", "base_model": base, "models": donors(weight=0.7, density=0.5), "dtype": dtype},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": donors(weight=0.7, density=0.5), "dtype": dtype},
         "slerp": {"merge_method": "slerp", "base_model": base,
                   "slices": [{"sources": [{"model": base, "layer_range": [0, n]}, {"model": a, "layer_range": [0, n]}]}],
-                  "parameters": {"t": 0.4}, "dtype": "float32"},
-        "passthrough": {"merge_method": "passthrough", "dtype": "float32",
+                  "parameters": {"t": 0.4}, "dtype": dtype},
+        "passthrough": {"merge_method": "passthrough", "dtype": dtype,
                         "slices": [{"sources": [{"model": a, "layer_range": [0, n // 2 + 2]}]},
                                    {"sources": [{"model": b, "layer_range": [n // 2 - 2, n]}]}]},
     }
@@ -118,38 +129,88 @@ _RUNNER = (
     "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
     "dt = time.perf_counter() - t\n"
     "sys.stderr.write(r.stderr.decode()[-2000:] if r.returncode else '')\n"
-    "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(dt, u.ru_maxrss, r.returncode, u.ru_utime + u.ru_stime)\n"
 )
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of one command, measured by a wrapper that waits for it."""
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GiB) and CPU seconds (user + system) of one command, measured by a
+    wrapper that waits for it. CPU seconds move less than wall seconds on a loaded machine."""
     out = subprocess.run([sys.executable, "-c", _RUNNER, *cmd], capture_output=True, text=True)
-    seconds, rss_kib, code = out.stdout.split()
+    seconds, rss_kib, code, cpu = out.stdout.split()
     if int(code) != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}\n{out.stderr}")
-    return float(seconds), int(rss_kib) / 2**20
+    return float(seconds), int(rss_kib) / 2**20, float(cpu)
 
 
-def copy_bandwidth(gib: float = 0.5, reps: int = 5) -> float:
-    """This machine's memory-copy bandwidth in GB/s (bytes read + written), best of ``reps``."""
-    src = torch.ones(int(gib * 2**30) // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * 4 / best / 1e9
+def page_cache_bandwidth(folders: list[Path], reps: int = 3) -> float:
+    """GB/s of reading these folders' safetensors files from the page cache (one pass warms it),
+    with large ``readinto`` calls into one reused buffer: the most a merge that reads its inputs
+    once can get out of this machine's reads. Best of ``reps``."""
+    files = [f for folder in folders for f in sorted(folder.glob("*.safetensors"))]
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    total, best = 0, float("inf")
+    for rep in range(reps + 1):
+        start, total = time.perf_counter(), 0
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(view):
+                    total += n
+        if rep:  # the first pass only warms the cache
+            best = min(best, time.perf_counter() - start)
+    return total / best / 1e9
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+def bytes_read(config: dict) -> int:
+    """Bytes of input tensors the merge reads, from evomerge's own plan of it."""
+    from evomerge.merge.config import parse_merge_config
+    from evomerge.merge.run import open_models
+    from evomerge.merge.plan import plan_merge
+
+    parsed = parse_merge_config(config)
+    models = open_models(parsed)
+    plan = plan_merge(parsed, models)
+    seen = {(m, n) for task in plan.tasks for m, n in task.sources}
+    return sum(math.prod(models[m].shape(n)) * models[m].dtype(n).itemsize for m, n in seen)
+
+
+def run_case(args, paths: dict[str, Path], layers: int, stored: str, dtype: str, mergekit: str, evomerge: str) -> list[tuple]:
+    all_cfgs = configs(paths, layers, dtype)
+    rows = []
+    for method in args.methods.split(","):
+        tag = f"{stored}_{dtype}_{method}"
+        cfg_path = args.workdir / f"{tag}.yaml"
+        cfg_path.write_text(yaml.safe_dump(all_cfgs[method], sort_keys=False))
+        results = {}
+        for tool, cmd in (
+            ("mergekit", [mergekit, str(cfg_path), str(args.workdir / f"out_mk_{tag}"), "--random-seed", "0"]),
+            ("evomerge", [evomerge, "merge", str(cfg_path), str(args.workdir / f"out_evo_{tag}"), "--random-seed", "0"]),
+        ):
+            best = None
+            for _ in range(args.repeat):
+                for prefix in ("out_mk_", "out_evo_"):
+                    shutil.rmtree(args.workdir / f"{prefix}{tag}", ignore_errors=True)
+                measured = timed(cmd)
+                best = measured if best is None or measured[0] < best[0] else best
+            results[tool] = best
+        for prefix in ("out_mk_", "out_evo_"):
+            shutil.rmtree(args.workdir / f"{prefix}{tag}", ignore_errors=True)
+        (mk_s, mk_rss, mk_cpu), (evo_s, evo_rss, evo_cpu) = results["mergekit"], results["evomerge"]
+        read = bytes_read(all_cfgs[method])
+        rows.append((f"{stored}->{dtype}", method, mk_s, evo_s, mk_cpu / evo_cpu, mk_rss, evo_rss, read / evo_s / 1e9))
+        print(f"  {stored}->{dtype} {method}: mergekit {mk_s:.1f} s ({mk_cpu:.1f} s CPU, {mk_rss:.2f} GiB), "
+              f"evomerge {evo_s:.2f} s ({evo_cpu:.1f} s CPU, {evo_rss:.2f} GiB)", flush=True)
+    return rows
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,slerp,passthrough")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--cases", default=None,
+                    help=f"stored:merge dtype pairs (default {DEFAULT_CASES}; with --large bfloat16:bfloat16)")
+    ap.add_argument("--large", action="store_true", help="models of 1.1B parameters (2.2 GB each in bfloat16)")
     ap.add_argument("--workdir", type=Path, default=ROOT / ".bench")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and method; the best is kept")
     args = ap.parse_args()
@@ -157,48 +218,34 @@ def main() -> None:
     evomerge = shutil.which("evomerge")
     if not mergekit or not evomerge:
         raise SystemExit("needs both `evomerge` and `mergekit-yaml` on PATH: bash scripts/install.sh")
+    model_config = LARGE if args.large else SMALL
+    size = "large" if args.large else "small"
+    cases = [tuple(c.split(":")) for c in (args.cases or ("bfloat16:bfloat16" if args.large else DEFAULT_CASES)).split(",")]
+    params = sum(torch.Size(s).numel() for s in shapes(model_config).values())
     args.workdir.mkdir(parents=True, exist_ok=True)
-    paths = build_models(args.workdir)
-    params = sum(torch.Size(s).numel() for s in _shapes().values())
-    print(f"models: base + 2 donors, {params / 1e6:.0f}M parameters each, float32, {folder_bytes(paths['base']) / 1e9:.2f} GB each")
-    bandwidth = copy_bandwidth()
-    print(f"memory-copy bandwidth: {bandwidth:.1f} GB/s (torch copy_, 0.5 GiB)\n")
-    all_cfgs = configs(paths)
-    rows = []
-    for method in args.methods.split(","):
-        cfg_path = args.workdir / f"{method}.yaml"
-        cfg_path.write_text(yaml.safe_dump(all_cfgs[method], sort_keys=False))
-        results = {}
-        for tool, cmd in (
-            ("mergekit", [mergekit, str(cfg_path), str(args.workdir / f"out_mk_{method}"), "--random-seed", "0"]),
-            ("evomerge", [evomerge, "merge", str(cfg_path), str(args.workdir / f"out_evo_{method}"), "--overwrite", "--random-seed", "0"]),
-        ):
-            best = None
-            for _ in range(args.repeat):
-                # both tools start with no output folder (evomerge's --overwrite would otherwise
-                # spend its timed run deleting the previous output)
-                for prefix in ("out_mk_", "out_evo_"):
-                    shutil.rmtree(args.workdir / f"{prefix}{method}", ignore_errors=True)
-                seconds, rss = timed(cmd)
-                best = (seconds, rss) if best is None or seconds < best[0] else best
-            results[tool] = best
-        out_dir = args.workdir / f"out_evo_{method}"
-        cfg = all_cfgs[method]
-        inputs = {s["model"] for s in cfg.get("models", [])} | ({cfg["base_model"]} if "base_model" in cfg else set())
-        if "slices" in cfg:
-            read = folder_bytes(out_dir) if method == "passthrough" else sum(folder_bytes(Path(m)) for m in {s["model"] for sl in cfg["slices"] for s in sl["sources"]})
-        else:
-            read = sum(folder_bytes(Path(m)) for m in inputs)
-        moved = read + folder_bytes(out_dir)
-        (mk_s, mk_rss), (evo_s, evo_rss) = results["mergekit"], results["evomerge"]
-        rows.append((method, mk_s, evo_s, mk_s / evo_s, mk_rss, evo_rss, mk_rss / evo_rss, moved / evo_s / 1e9))
-    header = f"{'method':<16}{'mergekit s':>11}{'evomerge s':>11}{'time ratio':>11}{'mk RSS GiB':>11}{'evo RSS GiB':>12}{'RSS ratio':>10}{'evo GB/s':>9}{'of copy bw':>11}"
+    rows, bandwidths = [], {}
+    for stored in dict.fromkeys(s for s, _ in cases):
+        paths = build_models(args.workdir / size, model_config, stored)
+        bandwidths[stored] = page_cache_bandwidth(list(paths.values()))
+        gb = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors")) / 1e9
+        print(f"models stored in {stored}: base + 2 donors, {params / 1e6:.0f}M parameters, {gb:.2f} GB each; "
+              f"page-cache read bandwidth {bandwidths[stored]:.2f} GB/s", flush=True)
+        for case_stored, dtype in cases:
+            if case_stored == stored:
+                rows += run_case(args, paths, model_config["num_hidden_layers"], stored, dtype, mergekit, evomerge)
+    bandwidth = sum(bandwidths.values()) / len(bandwidths)
+    header = (f"{'stored->merge':<19}{'method':<16}{'mergekit s':>11}{'evomerge s':>11}{'time ratio':>11}{'CPU ratio':>10}"
+              f"{'mk RSS GiB':>11}{'evo RSS GiB':>12}{'RSS ratio':>10}{'evo GB/s':>9}{'of read bw':>11}")
+    print()
     print(header)
     print("-" * len(header))
-    for m, mk_s, evo_s, tr, mk_r, evo_r, rr, gbps in rows:
-        print(f"{m:<16}{mk_s:>11.1f}{evo_s:>11.2f}{tr:>10.1f}x{mk_r:>11.2f}{evo_r:>12.2f}{rr:>9.1f}x{gbps:>9.2f}{gbps / bandwidth:>10.0%}")
-    print("\ntime ratio and RSS ratio: mergekit / evomerge (higher is better for evomerge).")
-    print("evo GB/s: bytes read plus written per wall second, including process start-up.")
+    for case, m, mk_s, evo_s, cpu_ratio, mk_r, evo_r, gbps in rows:
+        print(f"{case:<19}{m:<16}{mk_s:>11.1f}{evo_s:>11.2f}{mk_s / evo_s:>10.1f}x{cpu_ratio:>9.1f}x{mk_r:>11.2f}{evo_r:>12.2f}"
+              f"{mk_r / evo_r:>9.1f}x{gbps:>9.2f}{gbps / bandwidth:>10.0%}")
+    print(f"\npage-cache read bandwidth (same files, same run): {bandwidth:.2f} GB/s")
+    print("time ratio (wall), CPU ratio (user + system) and RSS ratio: mergekit / evomerge "
+          "(higher is better for evomerge).")
+    print("evo GB/s: input bytes read per wall second of `evomerge merge`, process start-up included.")
 
 
 if __name__ == "__main__":

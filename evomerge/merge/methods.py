@@ -66,12 +66,40 @@ def linear_merge(
             f"(got {list(weights)}); mergekit would write inf/NaN. Change a weight, or set "
             "normalize: false."
         )
+    if first.device.type == "cpu" and first.numel() > LINEAR_CHUNK:
+        return _linear_in_chunks(tensors, w, total if normalize else None, dtype)
     result = torch.zeros(first.shape, dtype=dtype, device=first.device)
     for tensor, coefficient in zip(tensors, w):
         result.addcmul_(tensor, coefficient)
     if normalize:
         result.div_(total)
     return result.to(first.dtype)
+
+
+#: Entries per chunk of the CPU linear merge: a float32 accumulator of 256 KiB stays in L2.
+LINEAR_CHUNK = 1 << 16
+
+
+def _linear_in_chunks(
+    tensors: Sequence[torch.Tensor], w: torch.Tensor, total: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`linear_merge`'s ops on slices of ``LINEAR_CHUNK`` entries: every op is elementwise,
+    so the result is the same bit for bit, in one pass over memory instead of one per input and
+    without a full-size float32 accumulator for 16-bit inputs."""
+    first = tensors[0]
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty(first.numel(), dtype=first.dtype)
+    acc_full = torch.empty(min(LINEAR_CHUNK, first.numel()), dtype=dtype)
+    coefficients = list(w)
+    for start in range(0, first.numel(), LINEAR_CHUNK):
+        stop = min(first.numel(), start + LINEAR_CHUNK)
+        acc = acc_full[: stop - start].zero_()
+        for tensor, coefficient in zip(flat, coefficients):
+            acc.addcmul_(tensor[start:stop], coefficient)
+        if total is not None:
+            acc.div_(total)
+        out[start:stop].copy_(acc)
+    return out.reshape(first.shape)
 
 
 def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:

@@ -190,6 +190,15 @@ class ModelFolder:
             return self._index[real].dtype
         return self._pickled[real].dtype
 
+    def stored(self, name: str) -> TensorInfo | None:
+        """Where tensor ``name`` lies in a safetensors file (None for pickled weights): lets a
+        merge that copies it unchanged copy its bytes file to file. None too for a tensor an
+        adapter changes: its stored bytes are not the tensor this reference means."""
+        real = self._require(name)
+        if self.adapter is not None and self.adapter.changes(real):
+            return None
+        return self._index.get(real)
+
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         """Tensor ``name`` in memory of its own (its buffer from ``pool`` when given), with the
         adapter merged in for a ``base+adapter`` reference."""

@@ -26,7 +26,7 @@ from .config import MergeConfig, load_merge_config, parse_merge_config
 from .model_folder import TOKENIZER_FILES, ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge
 from .registry import MergeInputs
-from .safetensors_io import BufferPool, PlannedTensor, ShardedWriter
+from .safetensors_io import BufferPool, PlannedTensor, ShardedWriter, TensorInfo
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 
@@ -131,24 +131,47 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def verbatim_source(plan: MergePlan, task: TensorTask, models: Mapping[str, ModelFolder]) -> TensorInfo | None:
+    """The stored input whose bytes are this task's output unchanged, or None.
+
+    That is a passthrough without ``scale`` whose input keeps its stored dtype through the load
+    and output casts, from a safetensors file: mergekit writes the same bytes, so the writer
+    copies them file to file instead of reading, checking and writing a tensor.
+    """
+    if plan.method.name != "passthrough" or len(task.sources) != 1 or task.per_input[0].get("scale") is not None:
+        return None
+    ref, name = task.sources[0]
+    info = models[ref].stored(name)
+    if info is None or info.dtype != task.out_dtype or task.load_dtype not in (None, info.dtype):
+        return None
+    return info
+
+
 def _stream(
     plan: MergePlan, models: Mapping[str, ModelFolder], buffers: BufferPool | None = None
-) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+) -> Iterator[tuple[TensorTask, torch.Tensor | TensorInfo]]:
     """Yield (task, merged tensor) in plan order, reading the next task's inputs meanwhile
-    (into buffers from ``buffers``, to which the merged inputs return)."""
+    (into buffers from ``buffers``, to which the merged inputs return). A task whose output is an
+    input's stored bytes unchanged yields that input's place instead (:func:`verbatim_source`)."""
     if buffers is None:
         buffers = BufferPool()
+    verbatim = [verbatim_source(plan, task, models) for task in plan.tasks]
 
-    def load(task: TensorTask) -> list[torch.Tensor]:
-        return [models[m].read(n, buffers) for m, n in task.sources]
+    def load(i: int) -> list[torch.Tensor] | None:
+        if verbatim[i] is not None:
+            return None
+        return [models[m].read(n, buffers) for m, n in plan.tasks[i].sources]
 
     tasks = plan.tasks
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as pool:
-        pending = pool.submit(load, tasks[0]) if tasks else None
+        pending = pool.submit(load, 0) if tasks else None
         for i, task in enumerate(tasks):
             assert pending is not None
             inputs = pending.result()
-            pending = pool.submit(load, tasks[i + 1]) if i + 1 < len(tasks) else None
+            pending = pool.submit(load, i + 1) if i + 1 < len(tasks) else None
+            if inputs is None:
+                yield task, verbatim[i]
+                continue
             result = compute_task(plan, task, inputs)
             _recycle(buffers, inputs, result)
             del inputs
@@ -166,7 +189,7 @@ def _recycle(buffers: BufferPool, inputs: list[torch.Tensor], result: torch.Tens
 
 
 def _write_all(
-    writer: ShardedWriter, merged: Iterator[tuple[TensorTask, torch.Tensor]], buffers: BufferPool | None = None
+    writer: ShardedWriter, merged: Iterator[tuple[TensorTask, torch.Tensor | TensorInfo]], buffers: BufferPool | None = None
 ) -> None:
     """Write each merged tensor on a background thread while the next one is computed.
 
@@ -177,7 +200,10 @@ def _write_all(
     other reference to it, as :func:`_stream` does not).
     """
 
-    def write(name: str, tensor: torch.Tensor) -> None:
+    def write(name: str, tensor: torch.Tensor | TensorInfo) -> None:
+        if isinstance(tensor, TensorInfo):
+            writer.copy(name, tensor)
+            return
         writer.write(name, tensor)
         if buffers is not None:
             buffers.give(tensor)

@@ -248,6 +248,44 @@ class ShardedWriter:
         if data.numel():
             self._file.write(memoryview(data.view(torch.uint8).numpy()))
 
+    def copy(self, name: str, source: TensorInfo) -> None:
+        """Write planned tensor ``name`` as the stored bytes of ``source``, file to file.
+
+        For outputs that are an input unchanged (passthrough): the kernel copies page-cache
+        pages (``copy_file_range``) and no byte passes through this process; where the call is
+        missing or refused (another file system, an old kernel) a plain read/write loop runs.
+        """
+        shard, planned = next(self._order)
+        if planned.name != name or source.shape != planned.shape or source.dtype != planned.dtype:
+            raise RuntimeError(
+                f"writer expected {planned.name} {planned.shape} {planned.dtype}, got a copy of {name} "
+                f"{source.shape} {source.dtype}"
+            )
+        if shard != self._shard:
+            self._open_shard(shard)
+        assert self._file is not None
+        self._file.flush()
+        out_fd = self._file.fileno()
+        with open(source.path, "rb", buffering=0) as src:
+            done = 0
+            if hasattr(os, "copy_file_range"):
+                try:
+                    while done < source.nbytes:
+                        n = os.copy_file_range(src.fileno(), out_fd, source.nbytes - done, source.start + done)
+                        if n == 0:
+                            break
+                        done += n
+                except OSError:
+                    pass  # nothing written by the failed call: the loop below goes on from `done`
+            src.seek(source.start + done)
+            while done < source.nbytes:
+                chunk = src.read(min(64 << 20, source.nbytes - done))
+                if not chunk:
+                    raise ModelError(f"{source.path}: truncated while copying a tensor; re-download or re-save it")
+                self._file.write(chunk)
+                done += len(chunk)
+        self._file.flush()
+
     def close(self) -> None:
         """Finish the last shard and write the index (for more than one shard)."""
         if next(self._order, None) is not None:

@@ -4,13 +4,19 @@ These reproduce mergekit 0.1.5's ``mergekit/sparsify.py`` (the ground truth for 
 recipe means), written independently and faster:
 
 - ``magnitude`` (ties): keep exactly ``k = max(1, int(density * numel))`` entries of largest
-  ``|delta|`` over the whole tensor. mergekit argsorts the full tensor; we find the threshold
-  by selection (a sample brackets it, ``torch.kthvalue`` finishes it) and resolve ties at the
-  threshold so that exactly ``k`` entries survive, as mergekit's sort does. Which of several
-  *tied* entries survive is unspecified in mergekit (its argsort is not stable); here the lowest
-  flat indices win.
+  ``|delta|`` over the whole tensor. mergekit takes the first ``k`` of
+  ``torch.argsort(|delta|, descending=True)``; we find the threshold by selection (a sample
+  brackets it, ``torch.kthvalue`` finishes it), and when exactly ``k`` entries reach it the kept
+  set is determined and no sort is needed. When entries *tie* at the threshold and only some of
+  them fit, which ones mergekit keeps is the order its unstable argsort leaves them in: on CPU
+  that is x86-simd-sort's (AVX2/AVX-512) quicksort, whose tie order depends on the whole tensor
+  and on the CPU, so nothing short of the same sort can reproduce it. Then, and only then, we run
+  mergekit's own sort call on mergekit's own input (magnitudes in float32 on CPU, in the tensor's
+  dtype elsewhere): the same bits on the same torch build and CPU, by construction. Task vectors
+  of bfloat16 and float16 checkpoints tie at almost every threshold, so they take this path.
 - ``magnitude_outliers`` (breadcrumbs): drop the ``int(gamma * numel)`` largest entries and enough
-  of the smallest that ``int(density * numel)`` remain. Same selection technique.
+  of the smallest that ``int(density * numel)`` remain. Same selection, and mergekit's ascending
+  sort where ties straddle either edge of the kept band.
 - ``random`` (DARE): Bernoulli(density) mask.
 - ``della_magprune`` (DELLA): per row, keep-probability rising linearly with the magnitude rank
   from ``density - epsilon`` to ``density + epsilon``.
@@ -100,35 +106,53 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, n - k + 1).values
 
 
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly ``k`` largest entries of the 1-D ``values``.
-
-    Order is (value descending, index ascending), so ties at the threshold go to the lowest
-    indices, and ``top_k_mask(v, a)`` is a subset of ``top_k_mask(v, b)`` when ``a <= b``: bands
-    of ranks are then differences of two masks.
-    """
+def _determined_top_k(values: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Mask of the ``k`` largest entries of the 1-D ``values`` when that set is determined by the
+    values alone (no tie at the threshold straddles rank ``k``); None when it is not."""
     n = values.numel()
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=values.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=values.device)
-    threshold = kth_largest(values, k)
-    mask = values >= threshold
-    if int(torch.count_nonzero(mask)) == k:  # the usual case: no surplus ties at the threshold
+    mask = values >= kth_largest(values, k)
+    return mask if int(torch.count_nonzero(mask)) == k else None
+
+
+def _sort_input(values: torch.Tensor) -> torch.Tensor:
+    """What mergekit sorts: the magnitudes in float32 on CPU, in their own dtype elsewhere."""
+    return values.float() if values.device.type == "cpu" else values
+
+
+def _mask_of(indices: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool, device=indices.device)
+    mask[indices] = True
+    return mask
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` entries of the 1-D ``values`` that mergekit's TIES keeps.
+
+    Selection finds them when no tie straddles the threshold; otherwise mergekit's own
+    ``argsort(descending=True)[:k]`` decides which tied entries are kept (module docstring).
+    """
+    mask = _determined_top_k(values, k)
+    if mask is not None:
         return mask
-    mask = values > threshold
-    missing = k - int(torch.count_nonzero(mask))
-    tied = torch.nonzero(values == threshold).reshape(-1)
-    mask[tied[:missing]] = True
-    return mask
+    order = torch.argsort(_sort_input(values), descending=True)
+    return _mask_of(order[:k], values.numel())
 
 
-def _descending_band_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Mask of the entries whose descending rank (0 = largest) lies in ``[lo, hi)``."""
-    mask = top_k_mask(values, hi)
-    if lo > 0 and hi > lo:
-        mask &= ~top_k_mask(values, lo)
-    return mask
+def _ascending_band_mask(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Mask of the entries at ascending ranks ``[start, stop)`` of the 1-D ``values``, as
+    mergekit's breadcrumbs keeps them (``sort(ascending).indices[start:stop]``)."""
+    n = values.numel()
+    # Ascending ranks [start, stop) are the top n - start minus the top n - stop.
+    upper = _determined_top_k(values, n - start)
+    lower = _determined_top_k(values, n - stop) if upper is not None else None
+    if upper is not None and lower is not None:
+        return upper.logical_and_(lower.logical_not_())
+    order = torch.sort(_sort_input(values), descending=False).indices
+    return _mask_of(order[start:stop], n)
 
 
 def magnitude_mask(tensor: torch.Tensor, density: float, *, nonnegative: bool = False) -> torch.Tensor | None:
@@ -169,8 +193,7 @@ def magnitude_outliers_mask(
     kept = range(numel)[n_bot : n_bot + target]  # ascending ranks, normalised like a slice
     if len(kept) == 0:
         return torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
-    # Ascending ranks [a, b) are descending ranks [numel - b, numel - a).
-    mask = _descending_band_mask(_selection_view(tensor, nonnegative), numel - kept.stop, numel - kept.start)
+    mask = _ascending_band_mask(_selection_view(tensor, nonnegative), kept.start, kept.stop)
     return mask.reshape(tensor.shape)
 
 

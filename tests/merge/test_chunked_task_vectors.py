@@ -79,3 +79,29 @@ def test_cpu_merges_of_large_tensors_take_the_chunked_path(monkeypatch):
                          densities=[0.5, 0.5])
     assert calls == []
     assert "ties" in METHODS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 9])
+def test_row_sums_equal_torch_sum_bit_for_bit(dtype, count):
+    """The row-by-row sum the chunks use is torch.sum over dim 0 exactly: same accumulation dtype,
+    same order, one rounding (values spread over many magnitudes, so the order would show)."""
+    gen = torch.Generator().manual_seed(count)
+    terms = (torch.randn(count, 5000, generator=gen) * torch.logspace(-3, 3, 5000)).to(dtype)
+    expected = torch.sum(terms, dim=0)
+    ours = tv.sum_rows(terms, torch.empty_like(expected))
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chunked_linear_equals_whole(dtype, normalize, monkeypatch):
+    """linear's CPU chunks give the whole-tensor result bit for bit (ragged last chunk included)."""
+    from evomerge.merge import methods
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = [(torch.randn(97, 1500, generator=gen) * torch.logspace(-2, 2, 1500)).to(dtype) for _ in range(3)]
+    chunked = methods.linear_merge(tensors, [0.3, -0.7, 1.1], normalize=normalize)
+    assert tensors[0].numel() > 2 * methods.LINEAR_CHUNK
+    monkeypatch.setattr(methods, "LINEAR_CHUNK", 1 << 40)
+    assert torch.equal(chunked, methods.linear_merge(tensors, [0.3, -0.7, 1.1], normalize=normalize))

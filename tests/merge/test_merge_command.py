@@ -202,3 +202,24 @@ def test_existing_output_is_not_overwritten_without_asking(tiny_models, tmp_path
     result = run_merge(_ties(tiny_models["base"], tiny_models["a"]), out)
     assert result.returncode == 2 and "already exists" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_passthrough_copies_stored_bytes_only_when_unchanged(tiny_models_by_dtype):
+    """Plain passthrough outputs are copied file to file; a scale or a dtype change computes them."""
+    from evomerge.merge.config import parse_merge_config
+    from evomerge.merge.plan import plan_merge
+    from evomerge.merge.run import open_models, verbatim_source
+
+    a = str(tiny_models_by_dtype["bfloat16"]["a"])
+    slices = [{"sources": [{"model": a, "layer_range": [0, 2]}]}]
+
+    def copied(**extra):
+        config = parse_merge_config({"merge_method": "passthrough", "slices": slices, **extra})
+        models = open_models(config)
+        plan = plan_merge(config, models)
+        return [verbatim_source(plan, task, models) is not None for task in plan.tasks]
+
+    assert all(copied()) and all(copied(dtype="bfloat16"))
+    assert not any(copied(dtype="float32"))
+    assert not any(copied(dtype="bfloat16", out_dtype="float16"))
+    assert not any(copied(parameters={"scale": 1.0}))

@@ -1,7 +1,11 @@
 """Parity with mergekit itself: the same config through mergekit and through evomerge.
 
-Deterministic methods must agree to 1e-6 (float32). The random sparsifiers cannot agree bit for
-bit (mergekit draws from the global torch RNG in its own order), so for them the test compares
+Deterministic methods must agree bit for bit, for inputs stored in float32, bfloat16 and float16
+and merge dtypes float32 and bfloat16: bfloat16 and float16 checkpoints are what users merge, and
+their task vectors tie at TIES and breadcrumbs thresholds, where which tied entries survive must
+follow mergekit. (Bit for bit on the same torch build and CPU: mergekit's tie order is its
+unstable sort's, which differs between CPU instruction sets.) The random sparsifiers cannot agree
+bit for bit (mergekit draws from the global torch RNG in its own order), so for them the test compares
 distributions: the kept fraction of each task vector, the rescale of kept entries, and the mean
 and variance of the merged deltas, with bounds stated next to each check.
 """
@@ -71,50 +75,78 @@ def deterministic_configs(models) -> dict[str, dict]:
                         "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": b, "layer_range": [1, 4]}], "parameters": {"scale": [{"filter": "down_proj", "value": 0.7}, {"value": 1.0}]}},
                                    {"sources": [{"model": c, "layer_range": [3, 4]}]}]},
+        # dare and della with their random part off (density 1): plain task vectors, rescale on
+        "dare_ties_dense": {"merge_method": "dare_ties", "base_model": base,
+                            "models": donors({"weight": 0.6, "density": 1.0}, {"weight": [0.3, 0.9], "density": 1.0})},
+        "della_dense": {"merge_method": "della", "base_model": base, "parameters": {"epsilon": 0.1},
+                        "models": donors({"weight": 0.6, "density": 1.0}, {"weight": 0.4, "density": 1.0}, {"weight": 0.5, "density": 1.0})},
         "ties_slices": {"merge_method": "ties", "base_model": base,
                         "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}, {"model": a, "layer_range": [0, 2], "parameters": {"weight": 0.9, "density": 0.5}},
                                                 {"model": b, "layer_range": [2, 4], "parameters": {"weight": 0.4, "density": 0.7}}]},
                                    {"sources": [{"model": base, "layer_range": [2, 4]}, {"model": c, "layer_range": [2, 4], "parameters": {"weight": [0.3, 0.8], "density": 0.6}}]}]},
-        # bfloat16 with a method without magnitude selection: in bfloat16 many task-vector entries
-        # tie at the trim threshold, and which of the tied entries mergekit keeps is torch.topk's
-        # arbitrary order, so TIES parity is checked in float32 above
         "bfloat16": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
                      "models": donors({"weight": 0.7}, {"weight": 0.5})},
         "bfloat16_linear": {"merge_method": "linear", "dtype": "bfloat16", "models": donors({"weight": 0.7}, {"weight": 0.5})},
         "out_dtype": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32", "out_dtype": "float16",
                       "models": donors({"weight": 0.7}, {"weight": 0.5})},
+        "ties_out_dtype": {"merge_method": "ties", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                           "models": donors({"weight": 0.7, "density": 0.4}, {"weight": 0.5, "density": 0.6})},
     }
 
 
-@pytest.mark.parametrize("name", list(deterministic_configs({"base": "", "a": "", "b": "", "c": ""})))
-def test_deterministic_methods_match_mergekit(name, tiny_models, tmp_path):
-    config = deterministic_configs(tiny_models)[name]
+#: Configs that set their own dtypes; the others are run at each merge dtype below.
+OWN_DTYPES = ("bfloat16", "bfloat16_linear", "out_dtype", "ties_out_dtype")
+
+
+def parity_cases() -> list[tuple[str, str, str | None]]:
+    """(stored dtype, config name, merge dtype or None for the config's own): every config on
+    models stored in each dtype, at merge dtypes float32 and bfloat16 (float32-stored models
+    also without a dtype, which is float32 again)."""
+    names = list(deterministic_configs({"base": "", "a": "", "b": "", "c": ""}))
+    cases = []
+    for stored in ("float32", "bfloat16", "float16"):
+        for name in names:
+            if name in OWN_DTYPES:
+                cases.append((stored, name, None))
+                continue
+            for dtype in ("float32", "bfloat16"):
+                cases.append((stored, name, None if stored == dtype == "float32" else dtype))
+    return cases
+
+
+@pytest.mark.parametrize(
+    "stored, name, dtype", parity_cases(), ids=[f"{s}-{n}-{d or 'own'}" for s, n, d in parity_cases()]
+)
+def test_deterministic_methods_match_mergekit_bit_for_bit(stored, name, dtype, tiny_models_by_dtype, tmp_path):
+    config = dict(deterministic_configs(tiny_models_by_dtype[stored])[name])
+    if dtype is not None:
+        config["dtype"] = dtype
     ours = evomerge_merge(config, tmp_path / "evo")
     theirs = mergekit_merge(config, tmp_path / "mk")
     assert set(ours) == set(theirs)
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype, key
         assert ours[key].shape == theirs[key].shape, key
-        tol = 1e-6 if ours[key].dtype == torch.float32 else 0.0
-        diff = (ours[key].double() - theirs[key].double()).abs().max().item()
-        # float32 within 1e-6; lower precisions must round identically, or differ by one ulp at most
-        ulp = 0.0 if ours[key].dtype == torch.float32 else torch.finfo(ours[key].dtype).eps * theirs[key].double().abs().max().item()
-        assert diff <= max(tol, ulp), f"{key}: max |diff| {diff:.3g}"
+        if not torch.equal(ours[key], theirs[key]):
+            differ = ours[key] != theirs[key]
+            diff = (ours[key].double() - theirs[key].double()).abs().max().item()
+            pytest.fail(f"{key}: {int(differ.sum())} of {differ.numel()} entries differ, max |diff| {diff:.3g}")
 
 
-def test_mergekit_yaml_command_agrees(tiny_models, tmp_path):
-    """Once through the real `mergekit-yaml` command line, as a user would run it."""
+def test_mergekit_yaml_command_agrees(tiny_models_by_dtype, tmp_path):
+    """Once through the real `mergekit-yaml` command line, as a user would run it, on bfloat16
+    checkpoints (tied magnitudes at the TIES thresholds)."""
     exe = shutil.which("mergekit-yaml")
     if exe is None:
         pytest.skip("mergekit-yaml not on PATH")
-    config = deterministic_configs(tiny_models)["ties"]
+    config = deterministic_configs(tiny_models_by_dtype["bfloat16"])["ties"]
     cfg = tmp_path / "ties.yaml"
     cfg.write_text(yaml.safe_dump(config))
     subprocess.run([exe, str(cfg), str(tmp_path / "mk")], check=True, capture_output=True)
     subprocess.run(["evomerge", "merge", str(cfg), str(tmp_path / "evo")], check=True, capture_output=True)
     ours, theirs = load_folder(tmp_path / "evo"), load_folder(tmp_path / "mk")
     assert set(ours) == set(theirs)
-    assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-6
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def _delta_stats(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], donor: dict[str, torch.Tensor]):
@@ -184,3 +216,33 @@ def test_toy_world_merges_match_mergekit(name, toy_world, tmp_path):
     assert set(ours) == set(theirs)
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
     assert worst <= 1e-6, f"max |diff| {worst:.3g}"
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "task_arithmetic", "dare_ties", "della", "model_stock"])
+def test_search_workers_merge_what_evomerge_merge_writes(stored, dtype, name, tiny_models_by_dtype, tmp_path):
+    """The in-memory path of a search worker (inputs resident in the merge dtype, task vectors
+    precomputed) gives the bits `evomerge merge` writes for the same recipe, on checkpoints
+    stored in 16 bits: an exported recipe reproduces what the search evaluated."""
+    from evomerge.merge.config import parse_merge_config
+    from evomerge.merge.inmemory import ResidentModels
+
+    models = tiny_models_by_dtype[stored]
+    base, a, b, c = _models(models)
+    configs = deterministic_configs(models)
+    config = configs.get(name) or {
+        "merge_method": name, "base_model": base,
+        "models": [{"model": a, "parameters": {"weight": 0.7, "density": 0.5}},
+                   {"model": b, "parameters": {"weight": [0.2, 0.9], "density": 0.6}}],
+    }
+    config = {**config, "dtype": dtype, "random_seed": 3}
+    if name == "della":
+        config["parameters"] = {"epsilon": 0.1}
+    written = evomerge_merge(config, tmp_path / "evo", seed=3)
+    resident = ResidentModels([base, a, b, c], base, dtype=getattr(torch, dtype))
+    evaluated = {k: torch.zeros_like(v) for k, v in resident.tensors[base].items()}
+    resident.merge_into(resident.plan(parse_merge_config(config)), evaluated)
+    assert set(evaluated) == set(written)
+    for key, tensor in written.items():
+        assert torch.equal(evaluated[key], tensor), key

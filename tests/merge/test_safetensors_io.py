@@ -66,3 +66,25 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(b"\x01\x00")
     with pytest.raises(ModelError, match="not a safetensors file"):
         read_header(tmp_path / "m.safetensors")
+
+
+def test_writer_copies_stored_tensors_byte_for_byte(tmp_path):
+    """A tensor copied file to file (passthrough) lands where the header says, between written ones."""
+    tensors = {"a": torch.randn(64, 33).bfloat16(), "b": torch.randn(5, 7), "c": torch.arange(11)}
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+    header = read_header(tmp_path / "in.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    planned = [PlannedTensor("x", torch.float32, (5, 7)), PlannedTensor("y", torch.bfloat16, (64, 33)),
+               PlannedTensor("z", torch.int64, (11,))]
+    writer = ShardedWriter(out, planned, max_shard_bytes=1 << 20)
+    writer.write("x", tensors["b"] * 2)
+    writer.copy("y", header["a"])
+    writer.copy("z", header["c"])
+    writer.close()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("x"), tensors["b"] * 2)
+        assert torch.equal(f.get_tensor("y"), tensors["a"])
+        assert torch.equal(f.get_tensor("z"), tensors["c"])
+    with pytest.raises(RuntimeError):  # a copy that does not fit the plan is a caller's bug
+        ShardedWriter(out, planned, max_shard_bytes=1 << 20).copy("x", header["a"])

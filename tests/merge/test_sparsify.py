@@ -163,11 +163,46 @@ def test_deterministic_sparsifiers_match_mergekit(dtype: torch.dtype, rescale: b
         ours = S.sparsify(x, "magnitude", density, rescale=rescale)
         theirs = mk.magnitude(x, density, norm)
         assert ours.dtype == theirs.dtype == dtype
-        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        assert torch.equal(ours, theirs)
         ours = S.sparsify(x, "magnitude_outliers", density, rescale=rescale, gamma=0.05)
         theirs = mk.magnitude_outliers(x, density, norm, gamma=0.05)
         assert ours.dtype == theirs.dtype == dtype
-        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        assert torch.equal(ours, theirs)
+
+
+def rounded_task_vector(n: int, seed: int, stored: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """donor - base of a weight stored in ``stored`` and fine-tuned a little, computed in ``dtype``:
+    differences of coarsely rounded numbers, whose magnitudes tie in large groups."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g) * 0.02
+    donor = base + torch.randn(n, generator=g) * 0.0005
+    return donor.to(stored).to(dtype) - base.to(stored).to(dtype)
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, sampled", [(200, False), (3000, False), (3000, True)])
+def test_tied_magnitudes_keep_the_entries_mergekit_keeps(stored, dtype, n, sampled, monkeypatch) -> None:
+    """Where magnitudes tie at the threshold, the same tied entries survive as in mergekit,
+    bit for bit (its unstable sort decides; see the sparsify module). 200 entries: torch sorts
+    with a sorting network; 3000: with quicksort; ``sampled``: the selection that brackets the
+    threshold with a sample runs (as for tensors above ``SAMPLE_SELECT_MIN``)."""
+    mk = pytest.importorskip("mergekit.sparsify")
+    if sampled:
+        monkeypatch.setattr(S, "SAMPLE_SELECT_MIN", 16)
+        monkeypatch.setattr(S, "SAMPLE_SIZE", 64)
+    x = rounded_task_vector(n, seed=n, stored=stored, dtype=dtype).reshape(-1, 100)
+    threshold_ties = 0
+    for density in (0.1, 0.5, 0.83):
+        for rescale in (False, True):
+            norm = mk.RescaleNorm.l1 if rescale else None
+            ours = S.sparsify(x, "magnitude", density, rescale=rescale)
+            assert torch.equal(ours, mk.magnitude(x, density, norm)), (density, rescale)
+            ours = S.sparsify(x, "magnitude_outliers", density, rescale=rescale, gamma=0.03)
+            assert torch.equal(ours, mk.magnitude_outliers(x, density, norm, gamma=0.03)), (density, rescale)
+        kept = S.sparsify(x, "magnitude", density) != 0
+        threshold_ties += int((x.abs() == x.abs()[kept].min()).logical_and(~kept).any())
+    assert threshold_ties > 0  # the case under test: tied entries on both sides of the threshold
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -57,3 +57,24 @@ def write_state_dict_model(folder: Path, tensors: dict[str, torch.Tensor], confi
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def cast_model_folder(source: Path, folder: Path, dtype: torch.dtype) -> Path:
+    """A copy of the model folder ``source`` with its floating tensors stored in ``dtype``.
+
+    Published checkpoints are stored in bfloat16 (some in float16): their task vectors are
+    differences of coarsely rounded numbers, so magnitudes tie far more often than in float32,
+    which is what makes the trim thresholds of TIES and breadcrumbs choose among tied entries.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(source / "model.safetensors"))
+    cast = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    save_file(cast, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
