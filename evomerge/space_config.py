@@ -41,10 +41,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError, close_matches
 from .merge.config import DTYPES
+from .drivers import DRIVER_NAMES as DRIVERS
 from .merge.registry import MergeMethod, Param, get_method
+from .pareto import DIRECTIONS
 
-DRIVERS = ("cma", "tpe", "nsga2", "gp", "random")
-DIRECTIONS = ("maximize", "minimize")
 MEASURES = ("l2_from_base",)
 #: Drivers that take ``search.population`` / ``search.sigma0``.
 POPULATION_DRIVERS = ("cma", "nsga2")

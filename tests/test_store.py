@@ -19,7 +19,9 @@ CONFIG = "name: demo\nsearch:\n  driver: cma\n  popsize: 8\nobjectives:\n  - {ta
 
 
 def _create(tmp_path: Path, **kw) -> RunStore:
-    return RunStore.create(tmp_path, "demo", CONFIG, "hash-a", directions=DIRS, **kw)
+    # pareto.json rewritten after every finished trial, so the tests below can read it at once
+    # (a search writes it at most every PARETO_INTERVAL_S; see test_pareto_json_is_written_on_a_timer_and_on_close)
+    return RunStore.create(tmp_path, "demo", CONFIG, "hash-a", directions=DIRS, pareto_interval_s=0, **kw)
 
 
 def _pareto(store: RunStore) -> dict:
@@ -93,6 +95,19 @@ def test_pareto_json_is_current_after_each_finished_trial(tmp_path):
         assert doc["counts"]["complete"] == i + 1 and doc["counts"]["running"] == 0
     assert doc["front"][0]["objectives"] == {"task:arith/acc": 0.9, "l2_from_base": 1.0}
     assert [r.number for r in store.pareto()] == [3]
+
+
+def test_pareto_json_is_written_on_a_timer_and_on_close(tmp_path):
+    store = RunStore.create(tmp_path, "demo", CONFIG, "hash-a", directions=DIRS, pareto_interval_s=3600)
+    for i, (acc, l2) in enumerate([(0.5, 3.0), (0.7, 4.0), (0.9, 1.0)]):
+        n = store.start_trial({"method": "linear", "g0/*/arith/weight": i / 10}, DISTS)
+        store.complete_trial(n, {"task:arith/acc": acc, "l2_from_base": l2})
+    doc = _pareto(store)  # the first finished trial was written at once, the next ones wait for the timer
+    assert [m["number"] for m in doc["front"]] == [0] and doc["counts"]["complete"] == 1
+    store.close()
+    doc = _pareto(store)
+    assert [m["number"] for m in doc["front"]] == [2] and doc["counts"]["complete"] == 3
+    assert set(doc["front"][0]) == {"number", "objectives", "violation"}  # by reference: recipes stay in the log
 
 
 def test_constraint_breakers_leave_the_front_to_feasible_trials(tmp_path):

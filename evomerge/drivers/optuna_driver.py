@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 
+from evomerge.drivers import DRIVER_NAMES
 from evomerge.drivers.base import (
     ConstraintSpec,
     ObjectiveSpec,
@@ -36,7 +37,7 @@ from evomerge.drivers.base import (
 )
 from evomerge.store import RunStore, TrialRecord
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SAMPLERS = tuple(n for n in DRIVER_NAMES if n != "cma")
 DEFAULT_NSGA2_POPULATION = 50
 
 
