@@ -241,3 +241,29 @@ def test_config_differences_names_nested_paths():
     old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 1}
     new = {"a": 1, "b": {"c": [1, 3], "d": "x"}, "new": 2}
     assert config_differences(old, new) == ["b.c[1] (was 2, now 3)", "gone (removed)", "new (added)"]
+
+
+def test_trials_the_store_writes_whole_read_back_through_optunas_own_api(tmp_path):
+    """start_trial without a sampler writes Optuna's tables directly (one transaction per step):
+    Optuna itself must read those trials exactly as if it had written them."""
+    import optuna
+
+    store = _create(tmp_path, constraints={"l2_from_base": 5.0})
+    a = store.start_trial({"method": "ties", "g0/*/arith/weight": 0.25}, DISTS, {"generation": 0, "unit_x": (0.1, 0.2)})
+    store.annotate(a, {"recipe": "{}", "worker": "w1"})
+    store.complete_trial(a, {"task:arith/acc": 0.75, "l2_from_base": 4.0}, {"timings": {"eval_s": 2.5}})
+    b = store.start_trial({"method": "linear", "g0/*/arith/weight": 1.0}, DISTS)
+    store.fail_trial(b, "merge raised", {"attempts": 2})
+    store.close()
+
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{store.path / 'trials.db'}")
+    done, failed = study.get_trials(deepcopy=False)
+    assert (done.number, done.state, failed.number, failed.state) == (a, optuna.trial.TrialState.COMPLETE,
+                                                                       b, optuna.trial.TrialState.FAIL)
+    assert done.params == {"method": "ties", "g0/*/arith/weight": 0.25} and done.distributions == DISTS
+    assert done.values == [0.75, 4.0] and done.constraints == {"l2_from_base": -1.0}
+    assert done.user_attrs == {"generation": 0, "unit_x": [0.1, 0.2], "recipe": "{}", "worker": "w1",
+                               "timings": {"eval_s": 2.5}, "objectives": {"task:arith/acc": 0.75, "l2_from_base": 4.0}}
+    assert done.datetime_start <= done.datetime_complete and failed.values is None
+    assert failed.user_attrs == {"attempts": 2, "error": "merge raised", "fail_kind": "candidate"}
+    assert [t.number for t in study.best_trials] == [a]  # Optuna's own front sees the values, feasible

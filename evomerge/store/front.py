@@ -73,7 +73,7 @@ class RunFront:
         """Whether pareto.json is behind the log and ``interval_s`` has passed since the last write."""
         return self._stale and time.monotonic() - self._last_write >= self.interval_s
 
-    def write(self, counts: TrialCounts) -> None:
+    def rewrite(self, counts: TrialCounts) -> None:
         """Rewrite pareto.json now (atomically; build first)."""
         write_atomic(self.path, pareto_text(self.run_name, self.directions, self.constraints, self.members(), counts))
         self._last_write = time.monotonic()

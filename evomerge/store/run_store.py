@@ -316,4 +316,4 @@ class RunStore:
         """Rewrite pareto.json now (atomically)."""
         if not self._front.built:
             self._front.build(self.trials())
-        self._front.write(self.counts())
+        self._front.rewrite(self.counts())

@@ -32,6 +32,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from evomerge.errors import EvomergeError
+from evomerge.store.optuna_tables import OptunaTables
 
 # User attribute keys the store owns; callers may pass any other JSON-able key in ``attrs``.
 OBJECTIVES_ATTR = "objectives"
@@ -198,7 +199,10 @@ class TrialLog:
             raise EvomergeError(f"{where}: study {study_name!r} was not created by evomerge (no objective list)")
         self.directions: dict[str, str] = {n: d for n, d in spec["objectives"]}
         self.constraints: dict[str, float] = dict(spec.get("constraints", {}))
-        self._live: dict[int, optuna.Trial] = {}
+        self._tables = OptunaTables(storage, self._study_id)
+        # Trials this process started and has not finished: an Optuna handle (a sampler proposed
+        # it), or the trial id of one inserted whole through OptunaTables.
+        self._live: dict[int, optuna.Trial | int] = {}
         self._written: dict[int, _Written] = {}  # trials this process started, as it wrote them
         self._records: dict[int, TrialRecord] | None = None  # every trial; None until first read
         self._kinds: Counter[str] = Counter()
@@ -231,18 +235,15 @@ class TrialLog:
         fixed = {n: _fit_to(n, values[n], d) for n, d in distributions.items()}
         user_attrs = {k: _json_checked(k, v) for k, v in (attrs or {}).items()}
         if study is None:
-            template = optuna.trial.create_trial(
-                state=TrialState.RUNNING, params=fixed, distributions=dict(distributions), user_attrs=user_attrs
-            )
-            trial_id = self._storage.create_new_trial(self._study_id, template_trial=template)
-            trial = optuna.Trial(self._study, trial_id)  # the handle study.ask would have returned
-        else:
-            study.enqueue_trial(fixed, user_attrs=user_attrs)
-            trial = study.ask(dict(distributions))
-            if trial.params != fixed:
-                # Another enqueued trial was popped first: the log is being written by someone else.
-                raise RuntimeError(f"trial {trial.number} got params {trial.params}, expected {fixed}")
-        self._started(trial, fixed, user_attrs)
+            trial_id, number = self._tables.insert_running(fixed, distributions, user_attrs)
+            self._started(number, trial_id, fixed, user_attrs)
+            return number
+        study.enqueue_trial(fixed, user_attrs=user_attrs)
+        trial = study.ask(dict(distributions))
+        if trial.params != fixed:
+            # Another enqueued trial was popped first: the log is being written by someone else.
+            raise RuntimeError(f"trial {trial.number} got params {trial.params}, expected {fixed}")
+        self._started(trial.number, trial, fixed, user_attrs)
         return trial.number
 
     def ask_trial(
@@ -258,11 +259,10 @@ class TrialLog:
             user_attrs[k] = _json_checked(k, v)
             trial.set_user_attr(k, user_attrs[k])
         params = dict(trial.params)
-        self._started(trial, params, user_attrs)
+        self._started(trial.number, trial, params, user_attrs)
         return trial.number, params
 
-    def _started(self, trial: optuna.Trial, params: dict[str, Any], user_attrs: dict[str, Any]) -> None:
-        number = trial.number
+    def _started(self, number: int, trial: optuna.Trial | int, params: dict[str, Any], user_attrs: dict[str, Any]) -> None:
         self._live[number] = trial
         self._written[number] = _Written(TrialState.RUNNING, dict(params), dict(user_attrs))
         self._put(self._written[number].record(number))
@@ -271,13 +271,16 @@ class TrialLog:
         """Add user attributes (recipe JSON, worker id...) to a trial that is still running."""
         trial = self._live_trial(number)
         written = self._written[number]
-        for k, v in attrs.items():
-            if k in _RESERVED:
-                raise ValueError(f"{k!r} is written by the store itself")
-            written.user_attrs[k] = _json_checked(k, v)
-            trial.set_user_attr(k, written.user_attrs[k])
-        if attrs:
-            self._put(written.record(number))
+        checked = self._checked(attrs)
+        if not checked:
+            return
+        if isinstance(trial, int):
+            self._tables.set_user_attrs(trial, checked)
+        else:
+            for k, v in checked.items():
+                trial.set_user_attr(k, v)
+        written.user_attrs.update(checked)
+        self._put(written.record(number))
 
     # ---- finishing trials -----------------------------------------------------------------
 
@@ -300,28 +303,48 @@ class TrialLog:
             reason = "evaluation gave no usable value: " + ", ".join(dict.fromkeys(problems))
             return self.fail_trial(number, reason, {**(attrs or {}), "measured": {k: repr(v) for k, v in measured.items()}})
         trial = self._live_trial(number)
-        self.annotate(number, attrs or {})
         written = self._written[number]
-        trial.set_user_attr(OBJECTIVES_ATTR, measured)
-        written.user_attrs[OBJECTIVES_ATTR] = json.loads(json.dumps(measured))
-        for name, bound in self.constraints.items():
-            trial.set_constraint(name, measured[name] - bound)
-            written.constraints[name] = measured[name] - bound
-        trial.study.tell(trial, [measured[n] for n in self.directions])
+        constraints = {name: measured[name] - bound for name, bound in self.constraints.items()}
+        values = [measured[n] for n in self.directions]
+        if isinstance(trial, int):
+            user_attrs = {**self._checked(attrs), OBJECTIVES_ATTR: measured}
+            self._tables.finish(trial, TrialState.COMPLETE, user_attrs, values, constraints)
+            written.user_attrs.update(user_attrs)
+        else:
+            self.annotate(number, attrs or {})
+            trial.set_user_attr(OBJECTIVES_ATTR, measured)
+            written.user_attrs[OBJECTIVES_ATTR] = measured
+            for name, value in constraints.items():
+                trial.set_constraint(name, value)
+            trial.study.tell(trial, values)
+        written.constraints.update(constraints)
         written.state = TrialState.COMPLETE
         return self._finished(number)
 
     def fail_trial(self, number: int, reason: str, attrs: Mapping[str, Any] | None = None) -> TrialRecord:
         """Record a candidate that could not be merged or evaluated, with the reason why."""
         trial = self._live_trial(number)
-        self.annotate(number, attrs or {})
         written = self._written[number]
-        trial.set_user_attr(ERROR_ATTR, str(reason))
-        trial.set_user_attr(FAIL_KIND_ATTR, "candidate")
-        written.user_attrs.update({ERROR_ATTR: str(reason), FAIL_KIND_ATTR: "candidate"})
-        trial.study.tell(trial, state=TrialState.FAIL)
+        failure = {ERROR_ATTR: str(reason), FAIL_KIND_ATTR: "candidate"}
+        if isinstance(trial, int):
+            user_attrs = {**self._checked(attrs), **failure}
+            self._tables.finish(trial, TrialState.FAIL, user_attrs)
+            written.user_attrs.update(user_attrs)
+        else:
+            self.annotate(number, attrs or {})
+            for k, v in failure.items():
+                trial.set_user_attr(k, v)
+            written.user_attrs.update(failure)
+            trial.study.tell(trial, state=TrialState.FAIL)
         written.state = TrialState.FAIL
         return self._finished(number)
+
+    @staticmethod
+    def _checked(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+        for k in attrs or {}:
+            if k in _RESERVED:
+                raise ValueError(f"{k!r} is written by the store itself")
+        return {k: _json_checked(k, v) for k, v in (attrs or {}).items()}
 
     def _finished(self, number: int) -> TrialRecord:
         del self._live[number]
@@ -329,7 +352,7 @@ class TrialLog:
         self._put(record)
         return record
 
-    def _live_trial(self, number: int) -> optuna.Trial:
+    def _live_trial(self, number: int) -> optuna.Trial | int:
         try:
             return self._live[number]
         except KeyError:
@@ -379,8 +402,8 @@ class TrialLog:
     def refresh(self) -> None:
         """Re-read every trial from the database (after someone else wrote to it)."""
         self._records, self._kinds = {}, Counter()
-        for ft in self._storage.get_all_trials(self._study_id, deepcopy=False):
-            self._put(_record(ft))
+        for t in self._tables.read():
+            self._put(make_record(t.number, t.state, t.params, t.user_attrs, t.constraints))
 
     def counts(self) -> TrialCounts:
         """Trial counts; ``counts().finished`` is the budget used so far, across every part of the run."""
