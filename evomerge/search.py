@@ -196,7 +196,14 @@ def _driver(prepared: Prepared, store: Any) -> Any:
         x0=space.initial_unit(),
         dim=space.unit_dimension,
         from_unit=space.from_unit,
+        lookahead=_lookahead(cfg),
     )
+
+
+def _lookahead(cfg: SpaceConfig) -> int:
+    """CMA candidates handed out beyond the generation being completed: twice the workers, so none
+    waits for a generation's slowest member (scripts/bench_cma_async.py measures it)."""
+    return cfg.search.lookahead if cfg.search.lookahead is not None else 2 * cfg.workers.count
 
 
 def _default_popsize(dimension: int, driver: str) -> int | None:

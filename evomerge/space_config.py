@@ -623,6 +623,10 @@ class Search(_Strict):
     population: int | None = Field(default=None, ge=2)
     sigma0: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
+    # CMA-ES: candidates handed out beyond the generation being completed (0: generational, workers
+    # wait for each generation's slowest member). Absent: twice workers.count when the run starts;
+    # a resumed run keeps the value it started with.
+    lookahead: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -648,6 +652,8 @@ class Search(_Strict):
             )
         if self.sigma0 is not None and self.driver not in SIGMA_DRIVERS:
             raise FieldError(("sigma0",), f"driver {self.driver!r} has no step size (only cma); remove it")
+        if self.lookahead is not None and self.driver != "cma":
+            raise FieldError(("lookahead",), f"driver {self.driver!r} has no generations to look ahead of (only cma); remove it")
         return self
 
 
