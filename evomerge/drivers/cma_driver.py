@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from evomerge.drivers.base import (
     ConstraintSpec,
@@ -75,6 +75,15 @@ log = logging.getLogger(__name__)
 # _ONE_THREAD: pycma decomposes a d x d covariance matrix (d = coordinates, tens) with numpy's BLAS;
 # a multi-threaded BLAS spends ~25x longer on a 40 x 40 eigh than one thread does on 2 busy cores
 # (21 ms against 0.8 ms measured here), and that time stops the loop. So pycma runs on one thread.
+# One controller per process: building one scans the loaded libraries (~2 ms), a limit is ~10 us.
+_CONTROLLER: ThreadpoolController | None = None
+
+
+def _one_thread() -> Any:
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1)
 
 FAIL_MARGIN = 1.0
 FAIL_FITNESS_BEFORE_ANY_SUCCESS = 1e6
@@ -213,7 +222,7 @@ class CmaDriver:
         older = [i for i in range(first, first + k) if i in self._units]  # sampled in an earlier iteration
         new_from = first + self.lookahead if iteration else 0  # iteration i samples [i*k + A, (i+1)*k + A)
         new_count = k if iteration else k + self.lookahead
-        with threadpool_limits(limits=1):  # see _ONE_THREAD
+        with _one_thread():  # see _ONE_THREAD
             if older:
                 self._es.inject([self._genos[i] for i in older], force=True)
             X = [np.asarray(x, dtype=float) for x in self._es.ask(number=len(older) + new_count)]
@@ -251,7 +260,7 @@ class CmaDriver:
                 "CMA generation %d: %d of %d candidates failed; ranked last with fitness %g",
                 self.generation, failed, k, penalty,
             )
-        with threadpool_limits(limits=1):
+        with _one_thread():
             self._es.tell(self._tell_X, fitness)
         self.last_fitness = fitness
         for i in range(first, first + k):

@@ -18,6 +18,8 @@ new; ``rerun_of`` records which trial each one re-runs.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -39,6 +41,12 @@ from evomerge.store import RunStore, TrialRecord
 
 SAMPLERS = tuple(n for n in DRIVER_NAMES if n != "cma")
 DEFAULT_NSGA2_POPULATION = 50
+# GPSampler refits a Gaussian process to every finished trial before each proposal (cubic in the
+# trials). Once one proposal takes this long, the loop's own cost per trial (a few ms) is noise
+# and workers wait for the driver: say so once (scripts/bench_gp_ask.py measures where it happens).
+SLOW_ASK_S = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def make_sampler(name: str, seed: int, population: int | None = None) -> optuna.samplers.BaseSampler:
@@ -83,6 +91,7 @@ class OptunaDriver:
         rerun = {t.attrs.get("rerun_of") for t in trials}
         self._redo: deque[TrialRecord] = deque(t for t in trials if t.interrupted and t.number not in rerun)
         self._outstanding: set[int] = set()
+        self._warned_slow = False
 
     def ask(self) -> Proposal:
         if self._redo:
@@ -90,9 +99,20 @@ class OptunaDriver:
             values = dict(lost.params)
             number = self._store.start_trial(values, self._distributions, {"rerun_of": lost.number}, study=self._study)
         else:
+            started = time.perf_counter()
             number, values = self._store.ask_trial(self._study, self._distributions)
+            self._check_speed(time.perf_counter() - started, number)
         self._outstanding.add(number)
         return Proposal(number, values)
+
+    def _check_speed(self, ask_s: float, number: int) -> None:
+        if self.name == "gp" and ask_s > SLOW_ASK_S and not self._warned_slow:
+            self._warned_slow = True
+            log.warning(
+                "the gp driver took %.1f s to propose trial %d: its cost grows with the cube of the trials, and "
+                "workers now wait for it. For a larger budget use tpe or cma (or start a new run from the best "
+                "recipes).", ask_s, number,
+            )
 
     def tell(
         self,
