@@ -12,9 +12,17 @@ For W in (8, 16) and cv in (0.3, 0.6) it prints the workers' utilisation (busy t
 makespan); goal at least 95%) for the generational scheme (lookahead 0) and the lookahead
 evomerge uses by default (2 W candidates). Candidates do not depend on evaluation times (only on
 the seed and the results), so the best score reached per trial depends on the lookahead alone: it
-prints the median best score over ``--seeds`` seeds at a few trial counts for lookahead 0, 16 and
-32, and the ratio of the lookahead's median distance to the optimum (-score) to the generational
+prints the median best score over ``--seeds`` seeds at a few trial counts for lookahead 0, 16, 32
+and 48 (8 workers, cv 0.6), then the same at equal simulated time (what a user waiting for the
+search sees), and the ratio of the lookahead's median distance to the optimum (-score) to the generational
 one's (at most 1: no worse than generational).
+
+    python scripts/bench_cma_async.py --runs runs/toy_gen runs/toy_ahead
+
+reads real runs instead (for instance ``search_spaces/toy_ties.yaml`` with ``search.lookahead: 0``
+and without) and prints, for each, the workers' utilisation (the trials' time on workers over
+workers x the span from the first start to the last finish) and the best weighted objective sum
+reached after n finished trials.
 """
 
 from __future__ import annotations
@@ -38,8 +46,11 @@ def rosenbrock(values: dict[str, float]) -> float:
     return float(np.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2))
 
 
-def simulate(folder: Path, *, lookahead: int, workers: int, cv: float, trials: int, seed: int) -> tuple[float, list[float]]:
-    """Run the driver against simulated workers; returns (utilisation, best score after each trial)."""
+def simulate(
+    folder: Path, *, lookahead: int, workers: int, cv: float, trials: int, seed: int
+) -> tuple[float, list[float], list[float]]:
+    """Run the driver against simulated workers; returns (utilisation, best score after each
+    finished trial, the simulated time each trial finished at)."""
     from optuna.distributions import FloatDistribution
 
     from evomerge.drivers import ObjectiveSpec, make_driver
@@ -57,7 +68,7 @@ def simulate(folder: Path, *, lookahead: int, workers: int, cv: float, trials: i
     running: list[tuple[float, int, dict[str, float]]] = []  # (finish time, trial number, values)
     now = busy = 0.0
     asked = 0
-    best, curve = -float("inf"), []
+    best, curve, finished = -float("inf"), [], []
     while len(curve) < trials:
         while len(running) < workers and asked < trials:
             proposal = driver.ask()
@@ -72,15 +83,57 @@ def simulate(folder: Path, *, lookahead: int, workers: int, cv: float, trials: i
         driver.tell(number, {"score": score})
         best = max(best, score)
         curve.append(best)
+        finished.append(now)
     store.close()
-    return busy / (workers * now), curve
+    return busy / (workers * now), curve, finished
+
+
+def compare_runs(runs: list[Path]) -> None:
+    """Utilisation and best score per trial of finished real runs."""
+    import optuna
+    import yaml
+
+    from evomerge.store import RunStore
+
+    rows = {}
+    for run in runs:
+        space = yaml.safe_load((run / "space.yaml").read_text())
+        workers = int(space.get("workers", {}).get("count", 1))
+        weights = {f"task:{o['task']}/{o.get('metric', 'acc')}" if "task" in o else o["measure"]:
+                   (1 if o.get("direction", "maximize") == "maximize" else -1) * float(o.get("weight", 1.0))
+                   for o in space["objectives"]}
+        store = RunStore.open(run)
+        name = store.study_name
+        store.close()
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{(run / 'trials.db').resolve()}")
+        done = sorted((t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None
+                       and t.user_attrs.get("fail_kind") != "interrupted"), key=lambda t: t.datetime_complete)
+        busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+        span = (done[-1].datetime_complete - min(t.datetime_start for t in done)).total_seconds()
+        best, curve = -float("inf"), []
+        for t in done:
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                best = max(best, sum(w * t.user_attrs["objectives"][k] for k, w in weights.items()))
+            curve.append(best)
+        lookahead = next((t.user_attrs.get("lookahead", 0) for t in done), 0)
+        rows[run.name] = (workers, lookahead, busy / (workers * span), span, curve)
+    marks = [m for m in (8, 16, 24, 32, 48, 64, 96) if all(m <= len(r[4]) for r in rows.values())]
+    print("| run | workers | lookahead | utilisation | search wall s | " + " | ".join(f"best after {m}" for m in marks) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(marks))
+    for name, (workers, lookahead, used, span, curve) in rows.items():
+        print(f"| {name} | {workers} | {lookahead} | {used:.1%} | {span:.0f} | "
+              + " | ".join(f"{curve[m - 1]:.3f}" for m in marks) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=960)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--runs", type=Path, nargs="+", help="compare these finished run folders instead")
     args = parser.parse_args()
+    if args.runs:
+        compare_runs(args.runs)
+        return
     logging.getLogger("evomerge").setLevel(logging.ERROR)
     import optuna
 
@@ -98,10 +151,12 @@ def main() -> None:
 
         marks = [m for m in (120, 240, 480, 960, 1920) if m <= args.trials]
         curves: dict[int, list[list[float]]] = {}
+        times: dict[int, list[list[float]]] = {}
         for lookahead in (0, 16, 32, 48):
-            curves[lookahead] = [simulate(folder, lookahead=lookahead, workers=8, cv=0.3, trials=args.trials, seed=s)[1]
-                                 for s in range(args.seeds)]
-        print(f"\nmedian best score (-Rosenbrock) over {args.seeds} seeds after n trials "
+            runs = [simulate(folder, lookahead=lookahead, workers=8, cv=0.6, trials=args.trials, seed=s)
+                    for s in range(args.seeds)]
+            curves[lookahead], times[lookahead] = [r[1] for r in runs], [r[2] for r in runs]
+        print(f"\nper trial: median best score (-Rosenbrock) over {args.seeds} seeds after n trials "
               "(the same for any worker count or evaluation times: candidates depend on results only)")
         ahead = [a for a in curves if a]
         print("| trials | " + " | ".join(f"lookahead {a}" for a in curves) + " | "
@@ -112,6 +167,19 @@ def main() -> None:
             print(f"| {m} | " + " | ".join(f"{med[a]:.3g}" for a in curves) + " | "
                   + " | ".join(f"{med[a] / med[0]:.2f}" if med[0] else "nan" for a in ahead) + " |")
         print("\n(ratio: lookahead's median distance to the optimum over the generational one's; below 1 is better)")
+
+        def best_by(lookahead: int, seed: int, t: float) -> float:
+            done = [b for b, f in zip(curves[lookahead][seed], times[lookahead][seed]) if f <= t]
+            return done[-1] if done else -float("inf")
+
+        print("\nat equal time, 8 workers, cv 0.6: median best score when the generational run has finished n trials")
+        print("| generational trials | " + " | ".join(f"lookahead {a}" for a in curves) + " | "
+              + " | ".join(f"ratio {a}/0" for a in ahead) + " |")
+        print("|---|" + "---|" * (len(curves) + len(ahead)))
+        for m in marks:
+            med = {a: statistics.median(best_by(a, s, times[0][s][m - 1]) for s in range(args.seeds)) for a in curves}
+            print(f"| {m} | " + " | ".join(f"{med[a]:.3g}" for a in curves) + " | "
+                  + " | ".join(f"{med[a] / med[0]:.2f}" if med[0] else "nan" for a in ahead) + " |")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
