@@ -624,8 +624,8 @@ class Search(_Strict):
     sigma0: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
     # CMA-ES: candidates handed out beyond the generation being completed (0: generational, workers
-    # wait for each generation's slowest member). Absent: twice workers.count when the run starts;
-    # a resumed run keeps the value it started with.
+    # wait for each generation's slowest member). Absent: twice workers.count, at most the population,
+    # when the run starts; a resumed run keeps the value it started with.
     lookahead: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="before")
