@@ -28,7 +28,6 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.pareto import DIRECTIONS, pareto_front
 from evomerge.store.front import DEFAULT_INTERVAL_S, RunFront, pareto_text
 from evomerge.store.run_folder import (
-    HASH_FILE,
     PARETO_FILE,
     SPACE_FILE,
     config_differences,
