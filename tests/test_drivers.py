@@ -383,12 +383,15 @@ def test_no_driver_pickles_anything(tmp_path, monkeypatch):
 def test_the_gp_driver_warns_once_when_a_proposal_holds_up_the_loop(tmp_path, monkeypatch, caplog):
     import evomerge.drivers.optuna_driver as optuna_driver
 
-    monkeypatch.setattr(optuna_driver, "SLOW_ASK_S", 0.0)  # every proposal counts as slow
+    # every proposal after the first counts as slow: more than 0 s, and more than 0 x the first one
+    monkeypatch.setattr(optuna_driver, "SLOW_ASK_S", 0.0)
+    monkeypatch.setattr(optuna_driver, "GROWTH", 0.0)
+    monkeypatch.setattr(optuna_driver, "BASELINE_ASKS", 1)
     store = new_store(tmp_path)
     driver = make_driver("gp", store, distributions=DISTS, objectives=LOSS, seed=0)
     with caplog.at_level("WARNING", logger="evomerge.drivers.optuna_driver"):
-        for _ in range(3):
+        for _ in range(4):
             p = driver.ask()
             driver.tell(p.number, loss(p.values))
     slow = [r for r in caplog.records if "cube of the trials" in r.getMessage()]
-    assert len(slow) == 1 and "trial 0" in slow[0].getMessage()
+    assert len(slow) == 1 and "trial 1" in slow[0].getMessage()

@@ -42,9 +42,12 @@ from evomerge.store import RunStore, TrialRecord
 SAMPLERS = tuple(n for n in DRIVER_NAMES if n != "cma")
 DEFAULT_NSGA2_POPULATION = 50
 # GPSampler refits a Gaussian process to every finished trial before each proposal (cubic in the
-# trials). Once one proposal takes this long, the loop's own cost per trial (a few ms) is noise
-# and workers wait for the driver: say so once (scripts/bench_gp_ask.py measures where it happens).
+# trials). Its first proposals cost a constant (seconds on a busy CPU: scripts/bench_gp_ask.py);
+# once a proposal takes GROWTH times the slowest of the first BASELINE_ASKS, and at least
+# SLOW_ASK_S, the history is what costs, and it only grows: say so once.
 SLOW_ASK_S = 1.0
+BASELINE_ASKS = 20
+GROWTH = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ class OptunaDriver:
         self._redo: deque[TrialRecord] = deque(t for t in trials if t.interrupted and t.number not in rerun)
         self._outstanding: set[int] = set()
         self._warned_slow = False
+        self._ask_times: list[float] = []
 
     def ask(self) -> Proposal:
         if self._redo:
@@ -106,12 +110,18 @@ class OptunaDriver:
         return Proposal(number, values)
 
     def _check_speed(self, ask_s: float, number: int) -> None:
-        if self.name == "gp" and ask_s > SLOW_ASK_S and not self._warned_slow:
+        if self.name != "gp" or self._warned_slow:
+            return
+        if len(self._ask_times) < BASELINE_ASKS:
+            self._ask_times.append(ask_s)
+            return
+        baseline = max(self._ask_times)
+        if ask_s > max(SLOW_ASK_S, GROWTH * baseline):
             self._warned_slow = True
             log.warning(
-                "the gp driver took %.1f s to propose trial %d: its cost grows with the cube of the trials, and "
-                "workers now wait for it. For a larger budget use tpe or cma (or start a new run from the best "
-                "recipes).", ask_s, number,
+                "the gp driver took %.1f s to propose trial %d (%.1f s at first): its cost grows with the cube of "
+                "the trials, and workers now wait for it. For a larger budget use tpe or cma (or start a new run "
+                "from the best recipes).", ask_s, number, baseline,
             )
 
     def tell(
