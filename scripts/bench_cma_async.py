@@ -129,6 +129,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=960)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=8, help="workers for the quality comparison")
+    parser.add_argument("--cv", type=float, default=0.6, help="coefficient of variation for the quality comparison")
+    parser.add_argument("--skip-utilisation", action="store_true")
     parser.add_argument("--runs", type=Path, nargs="+", help="compare these finished run folders instead")
     args = parser.parse_args()
     if args.runs:
@@ -140,49 +143,58 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = Path(tempfile.mkdtemp(prefix="evomerge-cma-async-"))
     try:
-        print(f"utilisation, population {POP}, {args.trials} trials, Rosenbrock {DIM}-D (seed 0)")
-        print("| workers | cv | generational (lookahead 0) | lookahead min(2W, 16) (default) | lookahead 2W "
-              "| lookahead 3W | goal |")
-        print("|---|---|---|---|---|---|---|")
-        for workers in (8, 16):
-            for cv in (0.3, 0.6):
-                used = [simulate(folder, lookahead=a, workers=workers, cv=cv, trials=args.trials, seed=0)[0]
-                        for a in (0, min(2 * workers, POP), 2 * workers, 3 * workers)]
-                print(f"| {workers} | {cv} | " + " | ".join(f"{u:.1%}" for u in used) + " | 95% |")
-
-        marks = [m for m in (120, 240, 480, 960, 1920) if m <= args.trials]
-        curves: dict[int, list[list[float]]] = {}
-        times: dict[int, list[list[float]]] = {}
-        for lookahead in (0, 16, 32, 48):
-            runs = [simulate(folder, lookahead=lookahead, workers=8, cv=0.6, trials=args.trials, seed=s)
-                    for s in range(args.seeds)]
-            curves[lookahead], times[lookahead] = [r[1] for r in runs], [r[2] for r in runs]
-        print(f"\nper trial: median best score (-Rosenbrock) over {args.seeds} seeds after n trials "
-              "(the same for any worker count or evaluation times: candidates depend on results only)")
-        ahead = [a for a in curves if a]
-        print("| trials | " + " | ".join(f"lookahead {a}" for a in curves) + " | "
-              + " | ".join(f"ratio {a}/0" for a in ahead) + " |")
-        print("|---|" + "---|" * (len(curves) + len(ahead)))
-        for m in marks:
-            med = {a: statistics.median(c[m - 1] for c in cs) for a, cs in curves.items()}
-            print(f"| {m} | " + " | ".join(f"{med[a]:.3g}" for a in curves) + " | "
-                  + " | ".join(f"{med[a] / med[0]:.2f}" if med[0] else "nan" for a in ahead) + " |")
-        print("\n(ratio: lookahead's median distance to the optimum over the generational one's; below 1 is better)")
-
-        def best_by(lookahead: int, seed: int, t: float) -> float:
-            done = [b for b, f in zip(curves[lookahead][seed], times[lookahead][seed]) if f <= t]
-            return done[-1] if done else -float("inf")
-
-        print("\nat equal time, 8 workers, cv 0.6: median best score when the generational run has finished n trials")
-        print("| generational trials | " + " | ".join(f"lookahead {a}" for a in curves) + " | "
-              + " | ".join(f"ratio {a}/0" for a in ahead) + " |")
-        print("|---|" + "---|" * (len(curves) + len(ahead)))
-        for m in marks:
-            med = {a: statistics.median(best_by(a, s, times[0][s][m - 1]) for s in range(args.seeds)) for a in curves}
-            print(f"| {m} | " + " | ".join(f"{med[a]:.3g}" for a in curves) + " | "
-                  + " | ".join(f"{med[a] / med[0]:.2f}" if med[0] else "nan" for a in ahead) + " |")
+        if not args.skip_utilisation:
+            utilisation(folder, args.trials)
+        quality(folder, args.trials, args.seeds, args.workers, args.cv)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def utilisation(folder: Path, trials: int) -> None:
+    print(f"utilisation, population {POP}, {trials} trials, Rosenbrock {DIM}-D (seed 0)")
+    print("| workers | cv | generational (lookahead 0) | lookahead min(2W, 16) (default) | lookahead 2W "
+          "| lookahead 3W | goal |")
+    print("|---|---|---|---|---|---|---|")
+    for workers in (8, 16):
+        for cv in (0.3, 0.6):
+            used = [simulate(folder, lookahead=a, workers=workers, cv=cv, trials=trials, seed=0)[0]
+                    for a in (0, min(2 * workers, POP), 2 * workers, 3 * workers)]
+            print(f"| {workers} | {cv} | " + " | ".join(f"{u:.1%}" for u in used) + " | 95% |")
+
+
+def quality(folder: Path, trials: int, seeds: int, workers: int, cv: float) -> None:
+    marks = [m for m in (120, 240, 480, 960, 1920) if m <= trials]
+    curves: dict[int, list[list[float]]] = {}
+    times: dict[int, list[list[float]]] = {}
+    for lookahead in (0, 16, 32, 48):
+        runs = [simulate(folder, lookahead=lookahead, workers=workers, cv=cv, trials=trials, seed=s)
+                for s in range(seeds)]
+        curves[lookahead], times[lookahead] = [r[1] for r in runs], [r[2] for r in runs]
+    print(f"\nper trial: median best score (-Rosenbrock) over {seeds} seeds after n trials "
+          "(the same for any worker count or evaluation times: candidates depend on results only)")
+    ahead = [a for a in curves if a]
+    print("| trials | " + " | ".join(f"lookahead {a}" for a in curves) + " | "
+          + " | ".join(f"ratio {a}/0" for a in ahead) + " |")
+    print("|---|" + "---|" * (len(curves) + len(ahead)))
+    for m in marks:
+        med = {a: statistics.median(c[m - 1] for c in cs) for a, cs in curves.items()}
+        print(f"| {m} | " + " | ".join(f"{med[a]:.3g}" for a in curves) + " | "
+              + " | ".join(f"{med[a] / med[0]:.2f}" if med[0] else "nan" for a in ahead) + " |")
+    print("\n(ratio: lookahead's median distance to the optimum over the generational one's; below 1 is better)")
+
+    def best_by(lookahead: int, seed: int, t: float) -> float:
+        done = [b for b, f in zip(curves[lookahead][seed], times[lookahead][seed]) if f <= t]
+        return done[-1] if done else -float("inf")
+
+    print(f"\nat equal time, {workers} workers, cv {cv}: median best score when the generational run has "
+          "finished n trials")
+    print("| generational trials | " + " | ".join(f"lookahead {a}" for a in curves) + " | "
+          + " | ".join(f"ratio {a}/0" for a in ahead) + " |")
+    print("|---|" + "---|" * (len(curves) + len(ahead)))
+    for m in marks:
+        med = {a: statistics.median(best_by(a, s, times[0][s][m - 1]) for s in range(seeds)) for a in curves}
+        print(f"| {m} | " + " | ".join(f"{med[a]:.3g}" for a in curves) + " | "
+              + " | ".join(f"{med[a] / med[0]:.2f}" if med[0] else "nan" for a in ahead) + " |")
 
 
 if __name__ == "__main__":
