@@ -132,6 +132,7 @@ def build_driver(prepared: Prepared, store: Any) -> Any:
 
     cfg = prepared.config
     space = prepared.space
+    popsize = cfg.search.population or _default_popsize(space.unit_dimension, cfg.search.driver)
     return make_driver(
         cfg.search.driver,
         store,
@@ -139,12 +140,22 @@ def build_driver(prepared: Prepared, store: Any) -> Any:
         objectives=[ObjectiveSpec(o.key, o.direction, o.weight) for o in cfg.objectives],
         constraints=[ConstraintSpec(c.key, c.max) for c in cfg.constraints if c.max is not None],
         seed=cfg.search.seed,
-        popsize=cfg.search.population or _default_popsize(space.unit_dimension, cfg.search.driver),
+        popsize=popsize,
         sigma0=cfg.search.sigma0 or 0.25,
         x0=space.initial_unit(),
         dim=space.unit_dimension,
         from_unit=space.from_unit,
+        lookahead=_lookahead(cfg, popsize),
     )
+
+
+def _lookahead(cfg: SpaceConfig, popsize: int | None) -> int:
+    """CMA candidates handed out beyond the generation being completed: twice the workers, so none
+    waits for a generation's slowest member, but at most one population, so no candidate comes
+    from a distribution more than a generation old (scripts/bench_cma_async.py measures both)."""
+    if cfg.search.lookahead is not None:
+        return cfg.search.lookahead
+    return min(2 * cfg.workers.count, popsize or 0)
 
 
 def _default_popsize(dimension: int, driver: str) -> int | None:

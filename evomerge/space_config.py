@@ -41,10 +41,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError, close_matches
 from .merge.config import DTYPES
+from .drivers import DRIVER_NAMES as DRIVERS
 from .merge.registry import MergeMethod, Param, get_method
+from .pareto import DIRECTIONS
 
-DRIVERS = ("cma", "tpe", "nsga2", "gp", "random")
-DIRECTIONS = ("maximize", "minimize")
 MEASURES = ("l2_from_base",)
 #: Drivers that take ``search.population`` / ``search.sigma0``.
 POPULATION_DRIVERS = ("cma", "nsga2")
@@ -665,6 +665,10 @@ class Search(_Strict):
     """CMA-ES's initial step size in the unit cube of the coordinates (cma only; 0.25 when absent)."""
     seed: int = 0
     """Seeds the driver's own random generator."""
+    lookahead: int | None = Field(default=None, ge=0)
+    """CMA-ES: candidates handed out beyond the generation being completed (0: generational, workers
+    wait for each generation's slowest member). Absent: twice ``workers.count``, at most the
+    population, when the run starts; a resumed run keeps the value it started with."""
 
     @model_validator(mode="before")
     @classmethod
@@ -690,6 +694,8 @@ class Search(_Strict):
             )
         if self.sigma0 is not None and self.driver not in SIGMA_DRIVERS:
             raise FieldError(("sigma0",), f"driver {self.driver!r} has no step size (only cma); remove it")
+        if self.lookahead is not None and self.driver != "cma":
+            raise FieldError(("lookahead",), f"driver {self.driver!r} has no generations to look ahead of (only cma); remove it")
         return self
 
 
@@ -698,6 +704,8 @@ class Workers(_Strict):
     cluster sized by these numbers; ``pool: inprocess``: in the search process, no Ray."""
 
     pool: str = "ray"
+    """Where candidates run: ``ray`` (worker actors on a Ray cluster) or ``inprocess`` (the search process
+    itself, one candidate at a time, no Ray: the cheapest way to run with ``count: 1``)."""
     ray_address: str | None = None
     """An existing Ray cluster to join (``HEAD_IP:6379``); absent: a local cluster sized by these numbers."""
     count: int = Field(default=1, ge=1)

@@ -188,6 +188,75 @@ def test_cma_refuses_objectives_the_run_was_not_created_with(tmp_path):
         cma(new_store(tmp_path), objectives=[ObjectiveSpec("loss", "maximize")])
 
 
+# ---- CMA with a lookahead ------------------------------------------------------------------
+
+AHEAD = 4
+
+
+def run_stream(driver, trials, arrival):
+    """Keep ``AHEAD + 2`` candidates out; tell them back in the order ``arrival`` picks from those out."""
+    out, asked, told = [], [], 0
+    while told < trials:
+        while len(out) < AHEAD + 2 and len(asked) < trials:
+            p = driver.ask()
+            if p is None:
+                break
+            out.append(p)
+            asked.append(p)
+        p = out.pop(arrival(len(out)))
+        driver.tell(p.number, loss(p.values))
+        told += 1
+    return asked
+
+
+def test_cma_lookahead_hands_out_candidates_beyond_the_generation_being_completed(tmp_path):
+    driver = cma(new_store(tmp_path), lookahead=AHEAD)
+    props = [driver.ask() for _ in range(POP + AHEAD)]
+    assert driver.ask() is None  # generation 0 and the next AHEAD candidates are all out
+    assert [(p.generation, p.number) for p in props] == [(0, n) for n in range(POP)] + [(1, n) for n in range(POP, POP + AHEAD)]
+    for p in props[:POP - 1] + props[POP:]:  # everything but generation 0's last member
+        driver.tell(p.number, loss(p.values))
+    assert driver.ask() is None and driver.generation == 0  # pycma is told generation 0 only when all of it is back
+    driver.tell(props[POP - 1].number, loss(props[POP - 1].values))
+    more = [driver.ask() for _ in range(POP)]  # generation 1's last 2 members, and AHEAD of generation 2
+    assert [p.generation for p in more] == [1, 1, 2, 2, 2, 2] and driver.ask() is None
+
+
+def test_cma_lookahead_candidates_do_not_depend_on_the_order_results_arrive_in(tmp_path):
+    first = run_stream(cma(new_store(tmp_path / "fifo"), lookahead=AHEAD), 5 * POP, lambda n: 0)
+    last = run_stream(cma(new_store(tmp_path / "lifo"), lookahead=AHEAD), 5 * POP, lambda n: n - 1)
+    assert xs(first) == xs(last)
+    generational = run_stream(cma(new_store(tmp_path / "gen")), 5 * POP, lambda n: 0)
+    assert xs(first)[: POP + AHEAD] == xs(generational)[: POP] + xs(first)[POP: POP + AHEAD]
+    assert xs(first)[POP + AHEAD:] != xs(generational)[POP + AHEAD:]  # later ones see other distributions
+
+
+def test_cma_lookahead_converges_and_resumes_by_replay_after_a_crash(tmp_path):
+    reference = run_stream(cma(new_store(tmp_path / "ref"), lookahead=AHEAD), 14 * POP, lambda n: n // 2)
+    assert min(loss(p.values)["loss"] for p in reference[-POP:]) < 1e-3
+
+    store = new_store(tmp_path / "run")
+    driver = cma(store, lookahead=AHEAD)
+    done = run_stream(driver, 2 * POP + 1, lambda n: n // 2)  # mid-generation 2, candidates of 3 out
+    lost = [driver.ask() for _ in range(3)]
+    store.close()
+    store = RunStore.open(store.path)
+    requeued = store.requeue_interrupted()
+    driver = cma(store, lookahead=0)  # asked for another lookahead: the run keeps the one it started with
+    assert driver.lookahead == AHEAD
+    again = []
+    while (p := driver.ask()) is not None:
+        again.append(p)
+    told = 2 * POP + 1
+    assert [t.number for t in requeued] == [p.number for p in lost]
+    assert len(again) == 3 * POP + AHEAD - told  # the 3 lost, then the rest of what was sampled
+    ref_x = xs(reference)
+    assert xs(again) == ref_x[told: told + len(again)]  # each the candidate the uninterrupted run had there
+    for p in reversed(again):
+        driver.tell(p.number, loss(p.values))
+    assert xs([driver.ask() for _ in range(POP)]) == ref_x[told + len(again): told + len(again) + POP]
+
+
 # ---- Optuna -------------------------------------------------------------------------------
 
 MO_DIRS = {"loss": "minimize", "a_plus_b": "maximize"}
@@ -309,3 +378,20 @@ def test_no_driver_pickles_anything(tmp_path, monkeypatch):
     for _ in range(3):
         p = driver.ask()
         driver.tell(p.number, mo_result(p.values))
+
+
+def test_the_gp_driver_warns_once_when_a_proposal_holds_up_the_loop(tmp_path, monkeypatch, caplog):
+    import evomerge.drivers.optuna_driver as optuna_driver
+
+    # every proposal after the first counts as slow: more than 0 s, and more than 0 x the first one
+    monkeypatch.setattr(optuna_driver, "SLOW_ASK_S", 0.0)
+    monkeypatch.setattr(optuna_driver, "GROWTH", 0.0)
+    monkeypatch.setattr(optuna_driver, "BASELINE_ASKS", 1)
+    store = new_store(tmp_path)
+    driver = make_driver("gp", store, distributions=DISTS, objectives=LOSS, seed=0)
+    with caplog.at_level("WARNING", logger="evomerge.drivers.optuna_driver"):
+        for _ in range(4):
+            p = driver.ask()
+            driver.tell(p.number, loss(p.values))
+    slow = [r for r in caplog.records if "cube of the trials" in r.getMessage()]
+    assert len(slow) == 1 and "trial 1" in slow[0].getMessage()

@@ -169,6 +169,17 @@ def test_population_only_for_drivers_that_have_one(tmp_path: Path) -> None:
     assert "search.sigma0: driver 'nsga2' has no step size" in error_of(tmp_path, data)
 
 
+def test_lookahead_only_for_cma_and_not_in_the_identity_unless_given(tmp_path: Path) -> None:
+    data = with_("search", {"driver": "tpe", "budget": 10, "lookahead": 4})
+    assert "search.lookahead: driver 'tpe' has no generations to look ahead of" in error_of(tmp_path, data)
+    data = with_("search", {"driver": "cma", "budget": 10, "lookahead": -1})
+    assert "search.lookahead" in error_of(tmp_path, data)
+    plain = parse_space_config(minimal_config())
+    assert plain.search.lookahead is None and "lookahead" not in plain.canonical_json()  # runs made before keep their hash
+    given = parse_space_config(minimal_config(search={"driver": "cma", "budget": 5, "lookahead": 0}))
+    assert given.config_hash() != plain.config_hash()
+
+
 def test_cma_step_size_is_written_out() -> None:
     assert parse_space_config(minimal_config()).search.sigma0 == 0.25
     tpe = parse_space_config(minimal_config(search={"driver": "tpe", "budget": 5}))

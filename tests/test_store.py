@@ -19,7 +19,9 @@ CONFIG = "name: demo\nsearch:\n  driver: cma\n  popsize: 8\nobjectives:\n  - {ta
 
 
 def _create(tmp_path: Path, **kw) -> RunStore:
-    return RunStore.create(tmp_path, "demo", CONFIG, "hash-a", directions=DIRS, **kw)
+    # pareto.json rewritten after every finished trial, so the tests below can read it at once
+    # (a search writes it at most every PARETO_INTERVAL_S; see test_pareto_json_is_written_on_a_timer_and_on_close)
+    return RunStore.create(tmp_path, "demo", CONFIG, "hash-a", directions=DIRS, pareto_interval_s=0, **kw)
 
 
 def _pareto(store: RunStore) -> dict:
@@ -93,6 +95,19 @@ def test_pareto_json_is_current_after_each_finished_trial(tmp_path):
         assert doc["counts"]["complete"] == i + 1 and doc["counts"]["running"] == 0
     assert doc["front"][0]["objectives"] == {"task:arith/acc": 0.9, "l2_from_base": 1.0}
     assert [r.number for r in store.pareto()] == [3]
+
+
+def test_pareto_json_is_written_on_a_timer_and_on_close(tmp_path):
+    store = RunStore.create(tmp_path, "demo", CONFIG, "hash-a", directions=DIRS, pareto_interval_s=3600)
+    for i, (acc, l2) in enumerate([(0.5, 3.0), (0.7, 4.0), (0.9, 1.0)]):
+        n = store.start_trial({"method": "linear", "g0/*/arith/weight": i / 10}, DISTS)
+        store.complete_trial(n, {"task:arith/acc": acc, "l2_from_base": l2})
+    doc = _pareto(store)  # the first finished trial was written at once, the next ones wait for the timer
+    assert [m["number"] for m in doc["front"]] == [0] and doc["counts"]["complete"] == 1
+    store.close()
+    doc = _pareto(store)
+    assert [m["number"] for m in doc["front"]] == [2] and doc["counts"]["complete"] == 3
+    assert set(doc["front"][0]) == {"number", "objectives", "violation"}  # by reference: recipes stay in the log
 
 
 def test_constraint_breakers_leave_the_front_to_feasible_trials(tmp_path):
@@ -226,3 +241,29 @@ def test_config_differences_names_nested_paths():
     old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 1}
     new = {"a": 1, "b": {"c": [1, 3], "d": "x"}, "new": 2}
     assert config_differences(old, new) == ["b.c[1] (was 2, now 3)", "gone (removed)", "new (added)"]
+
+
+def test_trials_the_store_writes_whole_read_back_through_optunas_own_api(tmp_path):
+    """start_trial without a sampler writes Optuna's tables directly (one transaction per step):
+    Optuna itself must read those trials exactly as if it had written them."""
+    import optuna
+
+    store = _create(tmp_path, constraints={"l2_from_base": 5.0})
+    a = store.start_trial({"method": "ties", "g0/*/arith/weight": 0.25}, DISTS, {"generation": 0, "unit_x": (0.1, 0.2)})
+    store.annotate(a, {"recipe": "{}", "worker": "w1"})
+    store.complete_trial(a, {"task:arith/acc": 0.75, "l2_from_base": 4.0}, {"timings": {"eval_s": 2.5}})
+    b = store.start_trial({"method": "linear", "g0/*/arith/weight": 1.0}, DISTS)
+    store.fail_trial(b, "merge raised", {"attempts": 2})
+    store.close()
+
+    study = optuna.load_study(study_name="demo", storage=f"sqlite:///{store.path / 'trials.db'}")
+    done, failed = study.get_trials(deepcopy=False)
+    assert (done.number, done.state, failed.number, failed.state) == (a, optuna.trial.TrialState.COMPLETE,
+                                                                       b, optuna.trial.TrialState.FAIL)
+    assert done.params == {"method": "ties", "g0/*/arith/weight": 0.25} and done.distributions == DISTS
+    assert done.values == [0.75, 4.0] and done.constraints == {"l2_from_base": -1.0}
+    assert done.user_attrs == {"generation": 0, "unit_x": [0.1, 0.2], "recipe": "{}", "worker": "w1",
+                               "timings": {"eval_s": 2.5}, "objectives": {"task:arith/acc": 0.75, "l2_from_base": 4.0}}
+    assert done.datetime_start <= done.datetime_complete and failed.values is None
+    assert failed.user_attrs == {"attempts": 2, "error": "merge raised", "fail_kind": "candidate"}
+    assert [t.number for t in study.best_trials] == [a]  # Optuna's own front sees the values, feasible

@@ -55,13 +55,16 @@ def make_driver(
     x0: Sequence[float] | None = None,
     dim: int | None = None,
     from_unit: Callable[[Sequence[float]], Mapping[str, Value]] | None = None,
+    lookahead: int = 0,
 ) -> Driver:
     """Build driver ``name`` on ``store``; it resumes from whatever the store's log holds.
 
     Every driver needs ``distributions`` (coordinate name -> Optuna distribution, the params
     recorded for each trial) and the run's ``objectives``/``constraints``. CMA also needs
     ``from_unit`` (unit vector -> named values), ``popsize``, and ``x0`` (or ``dim``, to start at
-    the centre of the cube). ``popsize`` is NSGA-II's population too. Call
+    the centre of the cube), and takes ``lookahead``: how many candidates beyond the generation
+    being completed it hands out, so workers never wait for a generation's slowest member (0: the
+    generational scheme; see ``cma_driver``). ``popsize`` is NSGA-II's population too. Call
     ``store.requeue_interrupted()`` first on a reopened run.
     """
     if name == "cma":
@@ -79,6 +82,7 @@ def make_driver(
             distributions=distributions,
             objectives=objectives,
             constraints=constraints,
+            lookahead=lookahead,
         )
     if name in DRIVER_NAMES:
         from evomerge.drivers.optuna_driver import OptunaDriver

@@ -7,9 +7,30 @@ Why it looks the way it does:
   would repeat the last one. The strategy gets option ``randn`` bound to a private
   ``np.random.Generator`` seeded from ``seed`` (pycma's own ``seed`` option only seeds the global
   RNG, so it is left unset).
-- **Generations, asynchronously.** The loop may ask a whole generation at once and results come
-  back in any order; pycma is told once, in member order, when the last member is back. Until
-  then ``ask`` returns None.
+- **Generations, told in a fixed order; workers kept busy by a lookahead.** Results come back
+  in any order; pycma is told a generation once, in member order, when its last member is back.
+  With ``lookahead = 0`` (today's generational scheme) ``ask`` returns None from the moment the
+  last member of a generation is out until it is back, and workers wait for the slowest member
+  (population 16 on 16 workers with evaluation times of coefficient of variation 0.3 keeps them
+  busy 61% of the time; ``scripts/bench_cma_async.py``). With ``lookahead = A > 0`` the driver
+  always has ``A`` candidates beyond the current generation to hand out: right after each ``tell``
+  it samples the next generation's candidates from the distribution pycma has then, so the
+  candidate stream runs ``A`` candidates ahead of the generation being completed. Generation ``g``
+  still consists of the ``popsize`` candidates numbered ``g * popsize ...`` in that stream; those
+  sampled before pycma reached iteration ``g`` (from an older mean and covariance) are told as
+  *injected* solutions (``CMAEvolutionStrategy.inject(..., force=True)``: pycma clips their step
+  length and leaves them out of the active update, as it does for any solution it did not
+  sample), the rest are its own samples of iteration ``g``. Why this and not a steady-state or
+  fully asynchronous CMA-ES: every candidate stays a function of the seed and the results alone,
+  never of which worker finished first, so a resumed run proposes exactly what an uninterrupted
+  one does (the kill test compares them member by member) and pycma's own update rules are used
+  unchanged. The price is staleness: a candidate is sampled up to ``A / popsize`` generations
+  before its generation is told. ``A`` is recorded with every trial, and a resumed run keeps the
+  ``A`` it started with (a run logged before lookahead existed replays with 0). The search loop
+  asks for twice the worker count, at most one population (``search.lookahead`` overrides it):
+  in ``scripts/bench_cma_async.py`` a lookahead of one population reached the same scores as
+  the generational scheme in the same simulated time while keeping 8 workers 98% busy, and
+  larger ones lost more to staleness than they gained in throughput.
 - **One number per candidate.** CMA-ES ranks candidates by one value; see :func:`scalarize`.
 - **Failed candidates** (no objectives, or a NaN the store refused) get a defined fitness when
   their generation completes: the worst finite fitness of any successful trial so far (this
@@ -26,14 +47,15 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import heapq
 import logging
 import warnings
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution
+from threadpoolctl import ThreadpoolController
 
 from evomerge.drivers.base import (
     ConstraintSpec,
@@ -52,6 +74,19 @@ with warnings.catch_warnings():  # pycma warns at import when matplotlib is abse
     import cma
 
 log = logging.getLogger(__name__)
+
+# _ONE_THREAD: pycma decomposes a d x d covariance matrix (d = coordinates, tens) with numpy's BLAS;
+# a multi-threaded BLAS spends ~25x longer on a 40 x 40 eigh than one thread does on 2 busy cores
+# (21 ms against 0.8 ms measured here), and that time stops the loop. So pycma runs on one thread.
+# One controller per process: building one scans the loaded libraries (~2 ms), a limit is ~10 us.
+_CONTROLLER: ThreadpoolController | None = None
+
+
+def _one_thread() -> Any:
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1)
 
 FAIL_MARGIN = 1.0
 FAIL_FITNESS_BEFORE_ANY_SUCCESS = 1e6
@@ -89,13 +124,17 @@ class CmaDriver:
         distributions: Mapping[str, BaseDistribution],
         objectives: Sequence[ObjectiveSpec],
         constraints: Sequence[ConstraintSpec] = (),
+        lookahead: int = 0,
     ) -> None:
         if not all(0.0 <= v <= 1.0 for v in x0):
             raise ValueError("x0 must lie in the unit cube")
         if popsize < 2:
             raise ValueError("CMA-ES needs a population of at least 2")
+        if lookahead < 0:
+            raise ValueError("lookahead must be 0 or more candidates")
         check_against_store(store, objectives, constraints)
         refuse_running_trials(store)
+        trials = store.trials()
         self._store = store
         self._from_unit = from_unit
         self._distributions = dict(distributions)
@@ -103,37 +142,49 @@ class CmaDriver:
         self._constraints = tuple(constraints)
         self.popsize = popsize
         self.seed = seed
+        self.lookahead = _logged_lookahead(trials, lookahead)
         rng = np.random.default_rng(seed)
-        self._es = cma.CMAEvolutionStrategy(
-            list(map(float, x0)),
-            float(sigma0),
-            {
-                "bounds": [0.0, 1.0],
-                "popsize": popsize,
-                "randn": lambda *shape: rng.standard_normal(shape),
-                "seed": float("nan"),  # pycma's seed only seeds np.random; ours is ``rng``
-                "verbose": -9,
-                "verb_disp": 0,
-                "verb_log": 0,  # no outcmaes/ files
-            },
-        )
+        options: dict[str, Any] = {
+            "bounds": [0.0, 1.0],
+            "popsize": popsize,
+            "randn": lambda *shape: rng.standard_normal(shape),
+            "seed": float("nan"),  # pycma's seed only seeds np.random; ours is ``rng``
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,  # no outcmaes/ files
+        }
+        if self.lookahead:
+            # Mirrored sampling (pycma's default below population 6) injects mirror directions
+            # ahead of forced injections; the lookahead's own injections must come first.
+            options["CMA_mirrors"] = 0
+        self._es = cma.CMAEvolutionStrategy(list(map(float, x0)), float(sigma0), options)
         self._worst_fitness: float | None = None
         self.last_fitness: list[float] = []  # fitness pycma got for the last completed generation
-        self._start_generation(0)
-        self._replay(store.trials())
+        self.generation = 0  # the oldest generation not yet told to pycma
+        self._units: dict[int, np.ndarray] = {}  # stream index -> the unit vector a candidate is evaluated at
+        self._genos: dict[int, np.ndarray] = {}  # stream index -> pycma genotype, to inject it later
+        self._drawn_in: dict[int, int] = {}  # stream index -> the pycma iteration that sampled it
+        self._tell_X: list[np.ndarray] = []  # pycma's solutions for the current generation, in member order
+        self._results: dict[int, Mapping[str, float] | None] = {}  # stream index -> result (None: failed)
+        self._pending: list[int] = []  # heap of stream indices to hand out, lowest first
+        self._outstanding: dict[int, int] = {}  # trial number -> stream index
+        self._sample(0)
+        self._replay(trials)
 
     # ---- the contract -----------------------------------------------------------------------
 
     def ask(self) -> Proposal | None:
         if not self._pending:
-            return None  # every member is out; the next generation needs their results first
-        member = self._pending.popleft()
-        x = self._X[member]
+            return None  # the candidates of the generation being completed are all out
+        index = heapq.heappop(self._pending)
+        x = self._units[index]
+        generation, member = divmod(index, self.popsize)
         values = dict(self._from_unit(list(np.clip(x, 0.0, 1.0))))
-        attrs = {"generation": self.generation, "member": member, "unit_x": [float(v) for v in x]}
+        attrs = {"generation": generation, "member": member, "unit_x": [float(v) for v in x],
+                 "lookahead": self.lookahead, "sampled_in": self._drawn_in[index]}
         number = self._store.start_trial(values, self._distributions, attrs)
-        self._outstanding[number] = member
-        return Proposal(number, values, generation=self.generation)
+        self._outstanding[number] = index
+        return Proposal(number, values, generation=generation)
 
     def tell(
         self,
@@ -153,6 +204,7 @@ class CmaDriver:
         return {
             "driver": self.name,
             "generation": self.generation,
+            "lookahead": self.lookahead,
             "sigma": float(self._es.sigma),
             "mean": [float(v) for v in self._es.mean],
             "waiting_for": sorted(self._outstanding),
@@ -163,73 +215,104 @@ class CmaDriver:
         """pycma's termination criteria that hold now (empty while it is still making progress)."""
         return dict(self._es.stop())
 
-    # ---- generations ------------------------------------------------------------------------
+    # ---- the candidate stream and its generations -------------------------------------------
 
-    def _start_generation(self, generation: int) -> None:
-        self.generation = generation
-        self._X: list[np.ndarray] = [np.asarray(x, dtype=float) for x in self._es.ask()]
-        self._results: dict[int, Mapping[str, float] | None] = {}
-        self._pending: deque[int] = deque(range(self.popsize))
-        self._outstanding: dict[int, int] = {}  # trial number -> member index
+    def _sample(self, iteration: int) -> None:
+        """pycma's ask for ``iteration``: re-create generation ``iteration``'s members sampled
+        earlier (as injected solutions) and sample ``popsize`` new candidates, the stream's next."""
+        k = self.popsize
+        first = iteration * k
+        older = [i for i in range(first, first + k) if i in self._units]  # sampled in an earlier iteration
+        new_from = first + self.lookahead if iteration else 0  # iteration i samples [i*k + A, (i+1)*k + A)
+        new_count = k if iteration else k + self.lookahead
+        with _one_thread():  # see _ONE_THREAD
+            if older:
+                self._es.inject([self._genos[i] for i in older], force=True)
+            X = [np.asarray(x, dtype=float) for x in self._es.ask(number=len(older) + new_count)]
+            for j, x in enumerate(X[len(older):]):
+                index = new_from + j
+                self._units[index] = x
+                self._drawn_in[index] = iteration
+                if index >= first + k:  # for a later generation: keep its genotype to inject then
+                    self._genos[index] = self._es.gp.geno(
+                        np.array(x), from_bounds=self._es.boundary_handler.inverse, archive=self._es.sent_solutions
+                    )
+                heapq.heappush(self._pending, index)
+        # pycma's objects for this generation, in member order: the injected ones, then its own
+        self._tell_X = X[: len(older)] + X[len(older): len(older) + k - len(older)]
+        for i in older:
+            self._genos.pop(i)
 
-    def _receive(self, member: int, measured: Mapping[str, float] | None) -> None:
-        self._results[member] = measured
-        if len(self._results) == self.popsize:
+    def _receive(self, index: int, measured: Mapping[str, float] | None) -> None:
+        self._results[index] = measured
+        k = self.popsize
+        while all(i in self._results for i in range(self.generation * k, (self.generation + 1) * k)):
             self._finish_generation()
 
     def _finish_generation(self) -> None:
-        scores = {m: scalarize(r, self._objectives, self._constraints) for m, r in self._results.items() if r is not None}
+        k, first = self.popsize, self.generation * self.popsize
+        results = {m: self._results.pop(first + m) for m in range(k)}
+        scores = {m: scalarize(r, self._objectives, self._constraints) for m, r in results.items() if r is not None}
         for s in scores.values():
             self._worst_fitness = -s if self._worst_fitness is None else max(self._worst_fitness, -s)
-        failed = self.popsize - len(scores)
+        failed = k - len(scores)
         penalty = FAIL_FITNESS_BEFORE_ANY_SUCCESS if self._worst_fitness is None else self._worst_fitness + FAIL_MARGIN
-        fitness = [-scores[m] if m in scores else penalty for m in range(self.popsize)]
+        fitness = [-scores[m] if m in scores else penalty for m in range(k)]
         if failed:
             log.warning(
                 "CMA generation %d: %d of %d candidates failed; ranked last with fitness %g",
-                self.generation, failed, self.popsize, penalty,
+                self.generation, failed, k, penalty,
             )
-        self._es.tell(self._X, fitness)
+        with _one_thread():
+            self._es.tell(self._tell_X, fitness)
         self.last_fitness = fitness
-        self._start_generation(self.generation + 1)
+        for i in range(first, first + k):
+            self._units.pop(i)
+            self._drawn_in.pop(i)
+        self.generation += 1
+        self._sample(self.generation)
 
     # ---- resume -----------------------------------------------------------------------------
 
     def _replay(self, trials: list[TrialRecord]) -> None:
-        """Rebuild the strategy from the log: tell pycma every completed generation again."""
-        done: dict[tuple[int, int], TrialRecord] = {}
+        """Rebuild the strategy from the log: tell pycma every completed generation again, in order."""
+        done: dict[int, TrialRecord] = {}
         for t in trials:
             if not t.finished:
-                continue  # interrupted: its member is handed out again below
+                continue  # interrupted: its candidate is handed out again
             if "generation" not in t.attrs or "member" not in t.attrs:
                 raise EvomergeError(f"trial {t.number} in {self._store.path} was not proposed by the CMA driver")
-            done.setdefault((int(t.attrs["generation"]), int(t.attrs["member"])), t)
+            done.setdefault(int(t.attrs["generation"]) * self.popsize + int(t.attrs["member"]), t)
         replayed = 0
-        while True:
-            members = {m: done.get((self.generation, m)) for m in range(self.popsize)}
-            for m, t in members.items():
-                if t is None:
-                    continue
-                logged = np.asarray(t.attrs["unit_x"], dtype=float)
-                if logged.shape != self._X[m].shape or not np.allclose(logged, self._X[m], rtol=0, atol=1e-9):
-                    raise EvomergeError(
-                        f"{self._store.path}: replaying CMA-ES did not reproduce trial {t.number} "
-                        f"(generation {self.generation}, member {m}); the seed, population or search "
-                        f"space differs from the run's, so it cannot be resumed"
-                    )
-                self._pending.remove(m)
-            complete = all(t is not None for t in members.values())
-            for m, t in members.items():
-                if t is not None:
-                    self._receive(m, t.objectives if t.state == "complete" else None)
-                    replayed += 1
-            if not complete:
-                break
-        ahead = sorted(g for g, _ in done if g > self.generation)
-        if ahead:
-            raise EvomergeError(
-                f"{self._store.path}: the log has results for CMA generation {ahead[0]} while generation "
-                f"{self.generation} is incomplete; the trial log is inconsistent"
-            )
+        for index in sorted(done):
+            if index not in self._units:  # not sampled yet: the generation before it never completed
+                generation, member = divmod(index, self.popsize)
+                raise EvomergeError(
+                    f"{self._store.path}: the log has a result for CMA generation {generation}, member {member}, "
+                    f"while generation {self.generation} is incomplete; the trial log is inconsistent"
+                )
+            t = done[index]
+            logged = np.asarray(t.attrs["unit_x"], dtype=float)
+            if logged.shape != self._units[index].shape or not np.allclose(logged, self._units[index], rtol=0, atol=1e-9):
+                raise EvomergeError(
+                    f"{self._store.path}: replaying CMA-ES did not reproduce trial {t.number} "
+                    f"(generation {t.attrs['generation']}, member {t.attrs['member']}); the seed, population, "
+                    f"lookahead or search space differs from the run's, so it cannot be resumed"
+                )
+            self._pending.remove(index)
+            heapq.heapify(self._pending)
+            self._receive(index, t.objectives if t.state == "complete" else None)
+            replayed += 1
         if replayed:
             log.info("CMA replayed %d trials; resuming in generation %d", replayed, self.generation)
+
+
+def _logged_lookahead(trials: list[TrialRecord], asked: int) -> int:
+    """The lookahead a run was started with (0 for runs logged before it existed), else ``asked``."""
+    for t in trials:
+        if "member" in t.attrs:
+            logged = int(t.attrs.get("lookahead", 0))
+            if logged != asked:
+                log.info("CMA: this run was started with lookahead %d; keeping it (asked for %d)", logged, asked)
+            return logged
+    return asked

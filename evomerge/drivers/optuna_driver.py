@@ -18,6 +18,8 @@ new; ``rerun_of`` records which trial each one re-runs.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 
+from evomerge.drivers import DRIVER_NAMES
 from evomerge.drivers.base import (
     ConstraintSpec,
     ObjectiveSpec,
@@ -36,8 +39,17 @@ from evomerge.drivers.base import (
 )
 from evomerge.store import RunStore, TrialRecord
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
+SAMPLERS = tuple(n for n in DRIVER_NAMES if n != "cma")
 DEFAULT_NSGA2_POPULATION = 50
+# GPSampler refits a Gaussian process to every finished trial before each proposal (cubic in the
+# trials). Its first proposals cost a constant (seconds on a busy CPU: scripts/bench_gp_ask.py);
+# once a proposal takes GROWTH times the slowest of the first BASELINE_ASKS, and at least
+# SLOW_ASK_S, the history is what costs, and it only grows: say so once.
+SLOW_ASK_S = 1.0
+BASELINE_ASKS = 20
+GROWTH = 2.0
+
+log = logging.getLogger(__name__)
 
 
 def make_sampler(name: str, seed: int, population: int | None = None) -> optuna.samplers.BaseSampler:
@@ -82,6 +94,8 @@ class OptunaDriver:
         rerun = {t.attrs.get("rerun_of") for t in trials}
         self._redo: deque[TrialRecord] = deque(t for t in trials if t.interrupted and t.number not in rerun)
         self._outstanding: set[int] = set()
+        self._warned_slow = False
+        self._ask_times: list[float] = []
 
     def ask(self) -> Proposal:
         if self._redo:
@@ -89,9 +103,26 @@ class OptunaDriver:
             values = dict(lost.params)
             number = self._store.start_trial(values, self._distributions, {"rerun_of": lost.number}, study=self._study)
         else:
+            started = time.perf_counter()
             number, values = self._store.ask_trial(self._study, self._distributions)
+            self._check_speed(time.perf_counter() - started, number)
         self._outstanding.add(number)
         return Proposal(number, values)
+
+    def _check_speed(self, ask_s: float, number: int) -> None:
+        if self.name != "gp" or self._warned_slow:
+            return
+        if len(self._ask_times) < BASELINE_ASKS:
+            self._ask_times.append(ask_s)
+            return
+        baseline = max(self._ask_times)
+        if ask_s > max(SLOW_ASK_S, GROWTH * baseline):
+            self._warned_slow = True
+            log.warning(
+                "the gp driver took %.1f s to propose trial %d (%.1f s at first): its cost grows with the cube of "
+                "the trials, and workers now wait for it. For a larger budget use tpe or cma (or start a new run "
+                "from the best recipes).", ask_s, number, baseline,
+            )
 
     def tell(
         self,

@@ -24,7 +24,7 @@ from .conftest import ROOT, cli_env, good_space, write_yaml
 PACKAGE = ROOT / "evomerge"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 # Modules that write into a run folder (runs/<name>/...): every write goes through write_atomic.
-RUN_FOLDER_WRITERS = ["store.py", "search.py", "export.py", "report.py", "pareto.py", "recipe.py", "drivers"]
+RUN_FOLDER_WRITERS = ["store", "search.py", "export.py", "report.py", "pareto.py", "recipe.py", "drivers"]
 
 
 def _calls(path: Path):

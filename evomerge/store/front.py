@@ -1,0 +1,105 @@
+"""The run's front: the Pareto front kept as trials finish, and ``pareto.json``, its summary on disk.
+
+``pareto.json`` is for a person or a script glancing at a run (``jq .front pareto.json``): the run's
+objectives and constraints, the trial counts, and each front member by reference (its trial
+number, objective values and constraint violation). Recipes stay in the trial log, where
+``evomerge show`` and ``evomerge export`` read them; a file that held every front member's whole
+recipe grew by kilobytes per member and was rewritten after every trial.
+
+The file is rewritten at most every ``interval_s`` seconds while trials finish, and whenever the
+run is closed (so a run that ends, or stops on an error, leaves it current), always atomically.
+A process killed between two writes leaves it a few seconds behind the log; the next process to
+drive the run rewrites it first thing. The dominance rules are :mod:`evomerge.pareto`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+from evomerge.pareto import IncrementalFront
+from evomerge.store.run_folder import PARETO_FILE, write_atomic
+from evomerge.store.trial_log import TrialCounts, TrialRecord
+
+DEFAULT_INTERVAL_S = 2.0
+
+
+class RunFront:
+    """The current front of a run's trials, and the throttled writer of its ``pareto.json``."""
+
+    def __init__(
+        self,
+        folder: Path,
+        run_name: str,
+        directions: Mapping[str, str],
+        constraints: Mapping[str, float],
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ) -> None:
+        self.path = folder / PARETO_FILE
+        self.run_name = run_name
+        self.directions = dict(directions)
+        self.constraints = dict(constraints)
+        self.interval_s = interval_s
+        self._front: IncrementalFront[TrialRecord] | None = None  # built from the log when first needed
+        self._last_write = -float("inf")
+        self._stale = False
+
+    @property
+    def built(self) -> bool:
+        return self._front is not None
+
+    def build(self, records: list[TrialRecord]) -> None:
+        """The front of ``records`` (every trial of the run), from scratch."""
+        self._front = IncrementalFront(self.directions)
+        for r in records:
+            if r.state == "complete":
+                self._front.add(r)
+
+    def add(self, record: TrialRecord) -> None:
+        """A trial finished; it joins the front when nothing on the front dominates it."""
+        if self._front is not None and record.state == "complete":
+            self._front.add(record)
+        self._stale = True
+
+    def members(self) -> list[TrialRecord]:
+        """The front in trial-number order (build first)."""
+        assert self._front is not None, "build the front first"
+        return sorted(self._front.members, key=lambda r: r.number)
+
+    def due(self) -> bool:
+        """Whether pareto.json is behind the log and ``interval_s`` has passed since the last write."""
+        return self._stale and time.monotonic() - self._last_write >= self.interval_s
+
+    def rewrite(self, counts: TrialCounts) -> None:
+        """Rewrite pareto.json now (atomically; build first)."""
+        write_atomic(self.path, pareto_text(self.run_name, self.directions, self.constraints, self.members(), counts))
+        self._last_write = time.monotonic()
+        self._stale = False
+
+    @property
+    def stale(self) -> bool:
+        return self._stale
+
+
+def pareto_text(
+    name: str,
+    directions: Mapping[str, str],
+    constraints: Mapping[str, float],
+    front: list[TrialRecord],
+    counts: TrialCounts,
+) -> str:
+    doc = {
+        "run": name,
+        "objectives": dict(directions),
+        "constraints": dict(constraints),
+        "counts": {**asdict(counts), "finished": counts.finished},
+        "front": [
+            {"number": t.number, "objectives": dict(t.objectives or {}), "violation": t.violation}
+            for t in sorted(front, key=lambda t: t.number)
+        ],
+        "recipes": "in the trial log: evomerge show / evomerge export --trial N",
+    }
+    return json.dumps(doc, indent=2) + "\n"
