@@ -73,10 +73,14 @@ class Progress:
 
 def prepare(config: SpaceConfig) -> Prepared:
     """Check a space against its models and tasks; nothing is written."""
+    from . import preflight
     from .merge.plan import plan_merge
     from .model_checks import check_loadable, check_tokenizer, model_fields
     from .space import SearchSpace
 
+    preflight.check_seeds(config)
+    preflight.check_parameter_ranges(config)
+    preflight.check_lm_eval_args(config)
     fields = model_fields(config)  # a model error names the space file and the models.* field too
     folders = {ref: fields.open(ref) for ref in fields.references}
     for ref, folder in folders.items():
@@ -85,6 +89,7 @@ def prepare(config: SpaceConfig) -> Prepared:
             check_loadable(folder, trust_remote_code=config.trust_remote_code)
             if ref == config.models.base:
                 check_tokenizer(folder, trust_remote_code=config.trust_remote_code)
+    preflight.check_distinct_models(config, folders)
     num_layers = folders[config.models.base].num_layers
     config.validate_against_models(num_layers, folders[config.models.base].tensor_names)
     space = SearchSpace.from_config(config, num_layers)
@@ -112,6 +117,8 @@ def prepare(config: SpaceConfig) -> Prepared:
                 f"Its metrics: {', '.join(metrics)}",
                 where=f"{config.source}: {kind}[{index}].metric",
             )
+    preflight.check_num_fewshot(config, scorer)
+    preflight.warn_unrelated_donors(config, folders)
     samples: dict[str, list[int]] = {}
     for task in config.task_names():
         indices = config.evaluation.item_indices(task, scorer.num_docs(task))
@@ -386,13 +393,16 @@ def run_search(
 
     import optuna
 
+    from . import preflight
     from .route_space import resolve_merged
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
     config = resolve_merged(config)
     prepared = prepare(config)
+    preflight.check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)
     if ray_address or config.workers.ray_address:
         _init_ray(config, ray_address)  # join the cluster before the run folder exists: a bad address changes nothing
+        preflight.check_cluster_resources(config, where=ray_address or config.workers.ray_address)
     store = open_store(config, runs_dir)
     try:
         store.remove_stale_temp_files()
@@ -542,16 +552,20 @@ def search_file(path: Path, **kwargs: Any) -> Path:
 
 def resume_config(run_dir: Path) -> SpaceConfig:
     """The frozen space config a run folder was created with."""
-    import yaml
+    from .strict_yaml import load
 
     run_dir = Path(run_dir)
     space_file = run_dir / "space.yaml"
     if not space_file.is_file():
         raise EvomergeError(f"{run_dir} is not an evomerge run folder (no space.yaml)")
-    data = yaml.safe_load(space_file.read_text(encoding="utf-8"))
+    data = load(space_file.read_text(encoding="utf-8"), source=str(space_file))
+    if isinstance(data, dict):
+        # a run is its folder (run.json names its study): a renamed folder resumes in place,
+        # never as a fresh run under the name it had
+        data["name"] = run_dir.resolve().name
     return parse_space_config(data, source=str(space_file), default_name=run_dir.name)
 
 
 def resume(run_dir: Path, **kwargs: Any) -> Path:
     """``evomerge resume runs/<name>``: the run's own frozen space file, same run folder."""
-    return run_search(resume_config(run_dir), runs_dir=Path(run_dir).parent, **kwargs)
+    return run_search(resume_config(run_dir), runs_dir=Path(run_dir).resolve().parent, **kwargs)

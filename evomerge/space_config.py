@@ -1175,10 +1175,10 @@ def load_space_config(path: str | Path) -> SpaceConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such space file: {path}")
+    from .strict_yaml import load  # duplicate keys refused, with both lines
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", where=str(path)) from None
+        data = load(path.read_text(encoding="utf-8"), source=str(path))
     except UnicodeDecodeError as err:
         raise ConfigError(f"not UTF-8 text: {err}", where=str(path)) from None
     return parse_space_config(data, source=str(path), default_name=path.stem)

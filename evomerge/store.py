@@ -336,12 +336,14 @@ class RunStore:
         that differs (``diff(old_text, new_text)`` when given, else a key-by-key comparison of the
         two YAML documents), so the user can restore it or pick a new name.
         """
+        from evomerge.run_lock import hold  # one writer per run: a second driver is refused
+
         path = Path(root) / name
         if not path.exists():
-            return cls.create(
+            return hold(path, lambda: cls.create(
                 root, name, config_yaml_text, config_hash,
                 directions=directions, constraints=constraints, storage_url=storage_url,
-            )
+            ))
         # Compare before opening the database, so a refused config touches nothing in the folder.
         if not (path / HASH_FILE).is_file():
             raise EvomergeError(f"{path} exists and is not an evomerge run folder; choose another run name")
@@ -356,18 +358,24 @@ class RunStore:
                 f"Restore the original config to resume, or choose a new run name.",
                 where=str(path / SPACE_FILE),
             )
-        store = cls.open(path, storage_url=storage_url)
-        if store.directions != dict(directions) or store.constraints != dict(constraints or {}):
-            store.close()
-            raise ConfigError(
-                f"run {name!r} was created with objectives {store.directions} and constraints "
-                f"{store.constraints}, not {dict(directions)} and {dict(constraints or {})}",
-                where=str(path),
-            )
-        return store
+        def opened() -> RunStore:
+            store = cls.open(path, storage_url=storage_url)
+            if store.directions != dict(directions) or store.constraints != dict(constraints or {}):
+                store.close()
+                raise ConfigError(
+                    f"run {name!r} was created with objectives {store.directions} and constraints "
+                    f"{store.constraints}, not {dict(directions)} and {dict(constraints or {})}",
+                    where=str(path),
+                )
+            return store
+
+        return hold(path, opened)
 
     def close(self) -> None:
-        """Release database connections (the folder can then be moved or deleted)."""
+        """Release database connections and the run, when held (the folder can then be moved or deleted)."""
+        if getattr(self, "_writer_lock", None) is not None:
+            self._writer_lock.release()
+            self._writer_lock = None
         self._storage.engine.dispose()
 
     # ---- starting trials ------------------------------------------------------------------

@@ -174,6 +174,17 @@ def _base_index(method: str, base_index: int | None, count: int) -> int:
 
 _UNIT = (0.0, 1.0)
 
+#: Where a parameter is defined at all, whatever a search explores (``search_range``): fractions
+#: of a task vector. A pinned value, searched range or merge-config value outside is refused
+#: before any merge runs. Parameters not listed take any finite number (a weight may be
+#: negative, lambda any scale). One table for every method until ``Param`` carries its own.
+VALID_RANGES: dict[str, tuple[float, float]] = {"density": _UNIT, "gamma": _UNIT, "epsilon": _UNIT}
+
+
+def valid_range(name: str) -> tuple[float, float] | None:
+    """The interval where parameter ``name`` is defined, or None when any finite value is."""
+    return VALID_RANGES.get(name)
+
 
 def _weight(includes_base: bool) -> Param:
     return Param(
