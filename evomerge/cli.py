@@ -29,8 +29,9 @@ class _Group(click.Group):
             if not disk_full(err):
                 raise
             # every write is atomic (store.write_atomic, SQLite's WAL): what was recorded stays whole
-            click.secho(f"error: the disk is full ({disk_full(err)}); nothing recorded was lost. Free space, then "
-                        "run the same command again (a search resumes where it stopped)", fg="red", err=True)
+            click.secho(f"error: a write failed ({disk_full(err)}): the disk is full, or failing. Nothing recorded was "
+                        "lost: free space, then run the same command again (a search resumes where it stopped)",
+                        fg="red", err=True)
             sys.exit(2)
 
 

@@ -32,8 +32,8 @@ class ModelError(EvomergeError):
 def disk_full(err: BaseException) -> str | None:
     """The reason, when ``err`` (or its cause) is a write that found the disk full; else None.
 
-    SQLite says ``database or disk is full`` (through SQLAlchemy); the OS says ENOSPC (or EDQUOT,
-    over quota).
+    SQLite says ``database or disk is full``, or ``disk I/O error`` when it cannot even grow its
+    journal (through SQLAlchemy or not); the OS says ENOSPC (or EDQUOT, over quota).
     """
     import errno
 
@@ -42,8 +42,9 @@ def disk_full(err: BaseException) -> str | None:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror)
-        if "database or disk is full" in str(err):
-            return "database or disk is full"
+        for text in ("database or disk is full", "disk I/O error"):
+            if text in str(err):
+                return text
         err = getattr(err, "orig", None) or err.__cause__ or err.__context__  # type: ignore[assignment]
     return None
 

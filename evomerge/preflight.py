@@ -166,8 +166,11 @@ def warn_unrelated_donors(config: Any, folders: Mapping[str, Any]) -> list[str]:
 
 def check_run_inputs(config: Any, *, runs_dir: Path, ray_address: str | None) -> None:
     """What a search needs beyond its space file, checked before anything is created."""
-    check_runs_dir(runs_dir)
-    check_run_folder_writable(Path(runs_dir) / config.name)
+    run = Path(runs_dir) / config.name
+    if run.is_dir():
+        check_run_folder_writable(run)  # a resume writes in the run folder only
+    else:
+        check_runs_dir(runs_dir)
     if config.storage:
         check_storage(config.storage, where=f"{config.source}: storage")
     address = ray_address or config.workers.ray_address
