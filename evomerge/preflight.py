@@ -305,16 +305,25 @@ def check_local_resources(config: Any) -> None:
 
 
 def check_cluster_resources(config: Any, *, where: str) -> None:
-    """On a joined cluster (``ray.init`` done), refuse workers its resources can never place."""
+    """On a joined cluster (``ray.init`` done), refuse workers it can never place: one that no
+    node has room for, or more of them than the whole cluster holds."""
     import ray
 
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
     w = config.workers
     for kind, per in (("CPU", w.cpus_per_worker), ("GPU", w.gpus_per_worker)):
+        if per <= 0:
+            continue
+        field = f"{config.source}: workers.{kind.lower()}s_per_worker"
+        largest = max((float(n.get(kind, 0.0)) for n in nodes), default=0.0)
+        if per > largest:
+            raise ConfigError(f"each worker asks for {per:g} {kind}s; no node of the cluster at {where} has that many "
+                              f"(the largest has {largest:g})", where=field)
         have = float(total.get(kind, 0.0))
-        if per > 0 and per > have:
-            raise ConfigError(f"each worker asks for {per:g} {kind}s; the cluster at {where} has {have:g} in all",
-                              where=f"{config.source}: workers.{kind.lower()}s_per_worker")
+        if w.count * per > have + 1e-9:
+            raise ConfigError(f"{w.count} workers of {per:g} {kind}s need {w.count * per:g}; the cluster at {where} has "
+                              f"{have:g} in all: use count: {int(have // per)} or less", where=f"{config.source}: workers.count")
 
 
 # ---- merge configs ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The space file: what to merge, what to search, how to score it, and where to run.
 
-A space file is YAML, read with ``yaml.safe_load`` and validated into frozen pydantic models.
+A space file is YAML, read by :mod:`evomerge.strict_yaml` (``yaml.safe_load`` that refuses a key
+written twice) and validated into frozen pydantic models.
 Every mistake becomes one :class:`~evomerge.errors.ConfigError` whose message names the file and
 the field path and says how to fix it (``space.yaml: merge.parameters.density.range: low 0.9 is
 above high 0.2; write [low, high]``), so the CLI can print it and exit with status 2 before any
