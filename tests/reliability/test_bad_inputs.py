@@ -320,6 +320,8 @@ CASES = [
          ("space.yaml: storage: cannot connect to postgresql://evo@127.0.0.1:9/evo", "check that the server runs")),
     Case("ray-address-http", lambda c: [*c.search(c.space()), "--ray-address", "http://127.0.0.1:8265"],
          ("--ray-address: http://127.0.0.1:8265: Ray is joined at HOST:PORT", "ray://HOST:10001", "not http://")),
+    Case("ray-client-address-unreachable", lambda c: [*c.search(c.space()), "--ray-address", "ray://127.0.0.1:9"],
+         ("no Ray cluster answers at ray://127.0.0.1:9 (--ray-address or workers.ray_address)", "ray status")),
     Case("runs-dir-is-a-file", lambda c: ["search", c.space(), "--runs-dir", str(_a_file(c))],
          ("--runs-dir", "notes.txt is a file, not a folder",), watch=("notes.txt",)),
     Case("workers-more-than-cores", lambda c: c.search(c.space(**{"workers.count": 1000})),
