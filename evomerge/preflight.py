@@ -241,7 +241,8 @@ def check_storage(url: str, *, where: str) -> None:
         with engine.connect():
             pass
     except sa.exc.SQLAlchemyError as err:
-        reason = str(getattr(err, "orig", err)).strip().splitlines()[0] if str(getattr(err, "orig", err)).strip() else type(err).__name__
+        text = str(getattr(err, "orig", None) or err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__  # the driver's own first line
         raise ConfigError(f"cannot connect to {shown}: {reason}; check that the server runs and the URL, user and "
                           "password", where=where) from None
     finally:
