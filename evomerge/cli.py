@@ -77,13 +77,46 @@ def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrit
 
 @main.command()
 @click.argument("space", type=click.Path(path_type=Path))
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Folder that holds run folders: the run is RUNS_DIR/<name>/ "
+                   "(name: from the space file, else its stem).")
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
 def search(space: Path, runs_dir: Path, ray_address: str | None) -> None:
     """Search the merge space SPACE.yaml describes (resumes the run if it exists)."""
     from .search import search_file
 
     _run_with_display(lambda cb: search_file(space, runs_dir=runs_dir, ray_address=ray_address, on_progress=cb))
+
+
+@main.command()
+@click.argument("space", type=click.Path(path_type=Path))
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Where `evomerge search` would keep the run: checks that RUNS_DIR/<name> is free "
+                   "or holds this config.")
+@click.option("--ray-address", default=None,
+              help="Check that this Ray cluster answers (as `search --ray-address` would).")
+def validate(space: Path, runs_dir: Path, ray_address: str | None) -> None:
+    """Dry run: check SPACE.yaml as a search does, then score the base model on one item per task.
+
+    Nothing is written: no run folder, no runs/, no Ray cluster. Exit status 0 when a search
+    would start, 2 with the reason when it would not.
+    """
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before lm-eval and datasets import tqdm
+    from .validate import check, describe, score_base
+
+    checked = check(space, runs_dir=runs_dir, ray_address=ray_address)
+    for line in describe(checked):
+        click.echo(line)
+    click.echo("scoring the base model on one item of each task with lm-eval, in this process...")
+    scores, items, seconds = score_base(checked)
+    for task, (used, total) in items.items():
+        click.echo(f"  {task}: a trial scores {used} of its {total} items")
+    for name, value in scores.items():
+        click.echo(f"  {name} = {value:.4g} (base, 1 item)")
+    click.echo(f"valid: a search would start (the base scored one item of each of {len(items)} task(s) in "
+               f"{seconds:.1f} s); nothing was written")
 
 
 @main.command()
@@ -128,13 +161,38 @@ def show_cmd(run_dir: Path, top: int) -> None:
         store.close()
 
 
+@main.command("plot")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for the pictures; default RUN_DIR/plots/.")
+def plot_cmd(run_dir: Path, out: Path | None) -> None:
+    """Draw a run's Pareto front, best so far per objective and parameter importances (HTML and PNG).
+
+    Drawn by Optuna's visualization module from the run's trial log; needs the plot extra
+    (pip install 'evomerge[plot]').
+    """
+    from .plots import write_plots
+    from .store import RunStore
+
+    store = RunStore.open(run_dir)
+    try:
+        report = write_plots(store, out)
+    finally:
+        store.close()
+    for path in report.written:
+        click.echo(path)
+    for name, reason in report.skipped.items():
+        click.echo(f"not drawn: {name}: {reason}")
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--trial", type=int, default=None, help="Export this trial number.")
 @click.option("--best", "best", is_flag=True, help="Export the best trial by the weighted sum of objectives (default).")
 @click.option("--pareto", is_flag=True, help="Export every trial on the Pareto front.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="A .yaml file (one trial) or a folder; default RUN_DIR/exports/.")
+              help="A .yaml file (one recipe) or a folder (any number: trial_NNNNN.yaml each); "
+                   "default RUN_DIR/exports/.")
 def export_cmd(run_dir: Path, trial: int | None, best: bool, pareto: bool, out: Path | None) -> None:
     """Write chosen recipes as plain mergekit YAML."""
     from .errors import EvomergeError

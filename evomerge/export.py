@@ -87,6 +87,13 @@ def export(store: Any, records: Sequence[Any], out: Path | None) -> list[Path]:
     written: list[Path] = []
     if out is None:
         out = store.path / "exports"
+    if len(records) > 1 and out.suffix in (".yaml", ".yml"):
+        # a folder named a.yaml holding several files is not what anyone asking for a.yaml wants
+        raise EvomergeError(
+            f"-o {out} names one file, but {len(records)} recipes are to be written (trials "
+            f"{', '.join(str(r.number) for r in records[:8])}{', ...' if len(records) > 8 else ''}); give a folder "
+            f"(-o {out.with_suffix('')}/), or export one of them with --trial N"
+        )
     check_out_path(out, single=len(records) == 1)
     for r in records:
         text = _header(run, r, store.directions) + Recipe.from_json(r.recipe_json).to_yaml()

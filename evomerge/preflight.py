@@ -45,12 +45,24 @@ def check_seeds(config: Any) -> None:
                           where=f"{config.source}: search.seed")
 
 
+def valid_range(name: str, methods: Sequence[str]) -> tuple[float, float] | None:
+    """Where parameter ``name`` is defined for every one of ``methods`` (the registry's
+    ``Param.valid_range``, intersected); None when they all take any value (or it is a flag)."""
+    from .merge.registry import get_method
+
+    low, high = -math.inf, math.inf
+    for method in methods:
+        declared = [p for p in get_method(method).params if p.name == name]
+        if declared and declared[0].valid_range is not None:
+            low, high = max(low, declared[0].valid_range[0]), min(high, declared[0].valid_range[1])
+    return None if (low, high) == (-math.inf, math.inf) else (low, high)
+
+
 def check_parameter_ranges(config: Any) -> None:
     """Every pinned value, searched range and start point lies where its method defines it."""
-    from .merge.registry import valid_range
-
     for p in config.parameters():
-        valid = valid_range(p.name)
+        # a pinned value reaches every method that takes it; searched values only those that search it
+        valid = valid_range(p.name, p.taken_by if p.mode == "fixed" else p.searched_by)
         if valid is None:
             continue
         field = f"{config.source}: merge.parameters.{p.name}"
@@ -59,7 +71,7 @@ def check_parameter_ranges(config: Any) -> None:
         if p.mode == "search" and p.range is not None:
             low, high = p.range
             if low < valid[0] or high > valid[1]:
-                raise ConfigError(f"range [{low}, {high}] reaches outside [{valid[0]}, {valid[1]}], where "
+                raise ConfigError(f"range [{low:g}, {high:g}] reaches outside [{valid[0]:g}, {valid[1]:g}], where "
                                   f"{p.name} is defined; narrow it", where=f"{field}.range")
             if p.init is not None:
                 _within(p.name, p.init, valid, f"{field}.init")
@@ -67,7 +79,8 @@ def check_parameter_ranges(config: Any) -> None:
 
 def _within(name: str, value: float, valid: tuple[float, float], where: str) -> None:
     if not valid[0] <= value <= valid[1]:
-        raise ConfigError(f"{name} {value} is outside [{valid[0]}, {valid[1]}], where {name} is defined", where=where)
+        raise ConfigError(f"{name} {value:g} is outside [{valid[0]:g}, {valid[1]:g}], where {name} is defined",
+                          where=where)
 
 
 def check_lm_eval_args(config: Any) -> None:
@@ -345,8 +358,6 @@ def _numbers(setting: Any, path: str) -> Iterator[tuple[str, float]]:
 
 def check_merge_config_ranges(config: Any, *, source: str) -> None:
     """A mergekit config's parameter values lie where its method defines them (density in [0, 1]...)."""
-    from .merge.registry import valid_range
-
     blocks: list[tuple[str, Mapping[str, Any] | None]] = [("parameters", config.parameters)]
     blocks += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(config.models or [])]
     for i, s in enumerate(config.slices or []):
@@ -354,7 +365,7 @@ def check_merge_config_ranges(config: Any, *, source: str) -> None:
         blocks += [(f"slices[{i}].sources[{j}].parameters", src.parameters) for j, src in enumerate(s.sources)]
     for prefix, params in blocks:
         for name, setting in (params or {}).items():
-            valid = valid_range(name)
+            valid = valid_range(name, [config.merge_method])
             if valid is None:
                 continue
             for path, value in _numbers(setting, f"{prefix}.{name}"):

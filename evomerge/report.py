@@ -51,6 +51,20 @@ class LiveDisplay:
         )
 
 
+def counts_sentence(counts: Any) -> str:
+    """The trial counts in plain words, leaving out the kinds there are none of."""
+    parts = [f"{counts.complete} trial{'s' if counts.complete != 1 else ''} complete"]
+    if counts.failed:
+        parts.append(f"{counts.failed} failed (reasons below)")
+    if counts.running:
+        parts.append(f"{counts.running} running now")
+    if counts.waiting:
+        parts.append(f"{counts.waiting} waiting")
+    if counts.interrupted:
+        parts.append(f"{counts.interrupted} stopped by an interruption and run again as new trials")
+    return ", ".join(parts)
+
+
 def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, str]) -> Table:
     table = Table(title=title)
     table.add_column("trial", justify="right")
@@ -70,10 +84,7 @@ def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
     console = console or Console()
     records = store.trials()
     counts = store.counts()
-    console.print(
-        f"[bold]{store.path}[/]: {counts.complete} complete, {counts.failed} failed, "
-        f"{counts.running} running, {counts.interrupted} interrupted (re-run)"
-    )
+    console.print(f"[bold]{store.path}[/]: {counts_sentence(counts)}")
     directions = store.directions
     front = sorted(store.pareto(records), key=lambda r: r.number)
     console.print(trials_table(f"Pareto front ({len(front)} trials)", front, directions))

@@ -82,7 +82,9 @@ class FieldError(ValueError):
 
 class _Strict(BaseModel):
     # strict: YAML already types its values; "yes" is not true and "0.5" is not a number here.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # use_attribute_docstrings: each field's docstring is its description, which
+    # scripts/gen_space_reference.py turns into docs/space-reference.md
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
 
 def _literal_password(url: str) -> bool:
@@ -117,7 +119,9 @@ class Donor(_Strict):
     """A fine-tune of the base. ``name`` appears in coordinate names (``g0/mlp/<name>/weight``)."""
 
     model: str = Field(min_length=1)
+    """The fine-tune: a local Hugging Face folder, or a Hub id ``org/name[@revision]``."""
     name: str
+    """Its short name in coordinate names and exports; default: the last part of ``model``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -142,7 +146,9 @@ class Models(_Strict):
     """The base and its fine-tunes: local folders or Hub ids (``org/name[@revision]``)."""
 
     base: str = Field(min_length=1)
+    """The model every donor was fine-tuned from: a local folder or a Hub id ``org/name[@revision]``."""
     donors: tuple[Donor, ...] = Field(min_length=1)
+    """The fine-tunes to merge, at least one; each a reference (``toy_world/arith``) or ``{model: ..., name: ...}``."""
 
     @model_validator(mode="after")
     def _distinct(self) -> Models:
@@ -195,11 +201,17 @@ class ParamSpec(_Strict):
     """
 
     value: float | bool | None = None
+    """Pins the parameter to this number or true/false (write the value alone: ``lambda: 1.0``)."""
     range: tuple[float, float] | None = None
+    """Searches the parameter over ``[low, high]``; absent in a mapping: the registry's range for it."""
     log: bool = False
+    """Search the range on a log scale (needs low above 0)."""
     init: float | None = None
+    """Where the search starts, inside the range; default: the range's centre."""
     layer_groups: int | None = Field(default=None, ge=1)
+    """Layer groups for this parameter alone; default: ``merge.layer_groups``."""
     filters: tuple[str, ...] | None = None
+    """Tensor-name filters for this parameter alone (``[]``: one value for every tensor); default: ``merge.filters``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -277,11 +289,18 @@ class MergeSection(_Strict):
     """How candidates are merged: method(s), granularity and parameters."""
 
     method: tuple[str, ...] = Field(min_length=1)
+    """A merge method (``ties``), or a list of them, which makes the method a searched choice."""
     layer_groups: int = Field(default=1, ge=1)
+    """Contiguous groups of layers with values of their own (1: the whole model); must divide the layer count."""
     filters: tuple[str, ...] = ()
+    """Tensor-name substrings (``self_attn``, ``mlp``) with values of their own; a catch-all ``*`` comes last."""
     parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+    """Per parameter name: a number pins it, a mapping searches it; not listed: searched over the registry's range when
+    it has one, else the method's default."""
     dtype: str = "float32"
+    """The dtype candidates are merged and evaluated in (and the exported ``dtype``)."""
     random_seed: int = 0
+    """Seeds the random sparsifiers (dare, della), the same for every trial; exported as ``random_seed``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -439,8 +458,11 @@ class _Measured(_Strict):
     """Names one measurement: an lm-eval task's metric, or a measure evomerge computes."""
 
     task: str | None = Field(default=None, min_length=1)
+    """An lm-eval task name (from ``evaluation.include_path`` or lm-eval's own tasks); give ``metric`` with it."""
     metric: str | None = Field(default=None, min_length=1)
+    """The task's metric, as lm-eval reports it (``acc``, ``exact_match,strict-match``)."""
     measure: str | None = None
+    """Instead of a task: a measure evomerge computes, ``l2_from_base`` (distance of the merged weights from the base)."""
 
     @field_validator("measure")
     @classmethod
@@ -471,7 +493,10 @@ class Objective(_Measured):
     """A measurement to optimise. ``weight`` scales it when a driver (CMA-ES) needs one score."""
 
     direction: str
+    """``maximize`` or ``minimize``."""
     weight: float = Field(default=1.0, gt=0)
+    """Its weight in the one score CMA-ES ranks by (the sum of weight x value, minimised ones negated); Optuna drivers
+    keep objectives apart."""
 
     @model_validator(mode="before")
     @classmethod
@@ -498,7 +523,9 @@ class Constraint(_Measured):
     """A bound a candidate must keep (``max`` and/or ``min``), e.g. l2_from_base at most 0.5."""
 
     min: float | None = None
+    """Lower bound (not supported yet: refused before a run starts)."""
     max: float | None = None
+    """Upper bound: a candidate above it breaks the constraint (ranked below every feasible one)."""
 
     @model_validator(mode="after")
     def _bounded(self) -> Constraint:
@@ -515,7 +542,9 @@ class TaskEvaluation(_Strict):
     """Per-task overrides of the evaluation defaults."""
 
     items: int | tuple[int, ...] | None = None
+    """This task's item count or list of item indices; default: ``evaluation.items``."""
     num_fewshot: int | None = Field(default=None, ge=0)
+    """This task's few-shot count; default: ``evaluation.num_fewshot``."""
 
     @field_validator("items")
     @classmethod
@@ -542,12 +571,20 @@ class Evaluation(_Strict):
     """
 
     items: int | None = None
+    """Items each trial scores per task: N drawn once with ``seed`` (the same N for every trial); absent: every item."""
     num_fewshot: int | None = Field(default=None, ge=0)
+    """Few-shot examples per item (lm-eval's ``num_fewshot``); absent: the task's own default."""
     batch_size: int | Literal["auto"] = 8
+    """lm-eval's batch size, a number or ``auto``."""
     seed: int = 0
+    """Seeds the draw of ``items`` (per task, independent of the other tasks)."""
     include_path: tuple[str, ...] = ()
+    """Folders of lm-eval task YAMLs to search for the tasks named by objectives and constraints; empty: the project's
+    ``eval_tasks/``. lm-eval's own tasks are found either way."""
     tasks: dict[str, TaskEvaluation] = Field(default_factory=dict)
+    """Per-task overrides of ``items`` and ``num_fewshot``, keyed by task name."""
     lm_eval_args: dict[str, Any] = Field(default_factory=dict)
+    """Further arguments for lm-eval's ``simple_evaluate`` (plain values), except those evomerge sets itself."""
 
     @field_validator("items")
     @classmethod
@@ -620,10 +657,15 @@ class Search(_Strict):
     """
 
     driver: str
+    """Who proposes candidates: ``cma`` (pycma's CMA-ES), or Optuna's ``tpe``, ``nsga2``, ``gp``, ``random``."""
     budget: int = Field(ge=1)
+    """Trials in all, across resumes (a larger budget continues the same run)."""
     population: int | None = Field(default=None, ge=2)
+    """Candidates per generation (cma, nsga2); absent: the driver's default."""
     sigma0: float | None = Field(default=None, gt=0, le=1)
+    """CMA-ES's initial step size in the unit cube of the coordinates (cma only; 0.25 when absent)."""
     seed: int = 0
+    """Seeds the driver's own random generator."""
 
     @model_validator(mode="before")
     @classmethod
@@ -656,12 +698,18 @@ class Workers(_Strict):
     """Where candidates run. No ``ray_address``: a local Ray cluster sized by these numbers."""
 
     ray_address: str | None = None
+    """An existing Ray cluster to join (``HEAD_IP:6379``); absent: a local cluster sized by these numbers."""
     count: int = Field(default=1, ge=1)
+    """Worker actors, each holding the models and evaluating one candidate at a time."""
     gpus_per_worker: float = Field(default=0.0, ge=0)
+    """GPUs each worker asks Ray for (0: CPU)."""
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs each worker asks Ray for; also its torch thread count."""
     # Seconds one candidate may take on a worker before the worker is killed and replaced and the
     # trial fails "timed out" (not retried: a slow candidate is as slow elsewhere). None: no limit.
     timeout_s: float | None = Field(default=None, gt=0)
+    """Seconds one candidate may take: then its worker is replaced and the trial fails "timed out" (not retried);
+    absent: no limit."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -680,8 +728,11 @@ class ScaleSpec(_Strict):
     """Per-included-layer scale on the layer's output projections: a number pins it, a range searches it."""
 
     value: float | None = None
+    """Pins the scale (write the number alone: ``scale: 1.0``)."""
     range: tuple[float, float] | None = None
+    """Searches the scale over ``[low, high]``, within (0, 2]."""
     init: float | None = None
+    """Where the search starts, inside the range."""
 
     @model_validator(mode="before")
     @classmethod
@@ -724,12 +775,21 @@ class RouteSection(_Strict):
     """
 
     pool: tuple[str, ...] = Field(min_length=1)
+    """Models whose layers the route may use: ``base``, donor names, or ``merged`` (this candidate's parameter merge)."""
     repeats: int = Field(default=1, ge=1, le=16)
+    """How many times the pool's layers, in order, make up the route's slots."""
     depth: tuple[int, int]
+    """``[min, max]`` layers of the routed model."""
     scale: ScaleSpec | None = None
+    """A scale per included layer on its residual outputs (o_proj, down_proj): a number pins it, ``{range: [low,
+    high]}`` searches it; absent: none."""
     init: tuple[tuple[str, int], ...] | None = None
+    """The starting route as ``[model, layer]`` pairs; default: the first pool model's layers in order."""
     merged: str | dict[str, Any] | None = None
+    """A two-stage search: a finished run folder (its best trial) or a mergekit YAML whose merge the route uses as
+    ``merged``."""
     dtype: str | None = None  # a route-only space's load and output dtype; with merge: it is merge.dtype
+    """A route-only space's dtype (with ``merge:`` it is ``merge.dtype``); absent: float32."""
 
     @field_validator("dtype")
     @classmethod
@@ -771,16 +831,28 @@ class SpaceConfig(_Strict):
     """A validated, frozen space file."""
 
     name: str
+    """The run's name, and its folder ``runs/<name>/``; default: the space file's stem."""
     models: Models
+    """The base model and its fine-tunes."""
     merge: MergeSection | None = None
+    """The parameter merge to search; a space has ``merge:``, ``route:``, or both."""
     objectives: tuple[Objective, ...] = Field(min_length=1)
+    """What to optimise, at least one: ``{task, metric, direction}`` or ``{measure: l2_from_base, direction}``."""
     constraints: tuple[Constraint, ...] = ()
+    """Bounds a candidate must keep, e.g. ``{measure: l2_from_base, max: 0.5}``."""
     evaluation: Evaluation = Evaluation()
+    """How lm-eval scores each candidate."""
     search: Search
+    """The driver and its budget."""
     workers: Workers = Workers()
+    """Where candidates are merged and scored."""
     storage: str | None = None
+    """A database URL for the trial log (PostgreSQL for several hosts; a password only as ``${VAR}``); absent: SQLite
+    in the run folder."""
     trust_remote_code: bool = False
+    """Run model code shipped in the model folders (``auto_map``); read that code first."""
     route: RouteSection | None = None
+    """Layer routing (frankenmerges): which layers, from which models, in which order."""
 
     _source: str = PrivateAttr(default="space config")
 

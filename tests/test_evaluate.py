@@ -107,3 +107,79 @@ def test_filtered_metrics_are_named_as_scores_name_them(tiny, tmp_path: Path) ->
     assert scorer.metrics() == {"toy_arith_filtered": ("acc,first",)}
     model, tokenizer = tiny
     assert set(scorer.score(model, tokenizer)) == {"task:toy_arith_filtered/acc,first"}
+
+
+def _simple_evaluate_scores(model, tokenizer, tasks, include_path, **kwargs) -> dict[str, float]:
+    """lm-eval's own ``simple_evaluate`` on the model: the independent path the fast one must equal."""
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    results = evaluator.simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16), tasks=list(tasks),
+        task_manager=TaskManager(include_path=str(include_path), include_defaults=False), bootstrap_iters=0,
+        log_samples=False, random_seed=None, numpy_random_seed=None, torch_random_seed=None, **kwargs)
+    out = {}
+    for task in tasks:
+        for key, value in results["results"][task].items():
+            metric, _, filter_name = key.partition(",")
+            if metric != "sample_len" and not metric.endswith("_stderr") and isinstance(value, (int, float)):
+                out[f"task:{task}/{metric if filter_name == 'none' else key}"] = float(value)
+    return out
+
+
+@pytest.mark.slow
+def test_scores_equal_simple_evaluate_on_one_live_model_rewritten_in_place(toy_world) -> None:
+    """The fast path (requests built once, reused for every candidate) scores what lm-eval's own
+    ``simple_evaluate`` scores, on one live model whose weights change in place between calls, as
+    a search worker's do; and it counts one loglikelihood request per item of these tasks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tasks = ["toy_arith", "toy_reverse"]
+    samples = {"toy_arith": list(range(0, 200, 5)), "toy_reverse": list(range(3, 200, 5))}
+    scorer = LmEvalScorer(tasks, include_path=toy_world.include_path, samples=samples, batch_size=16)
+    tokenizer = AutoTokenizer.from_pretrained(str(toy_world.base))
+    model = AutoModelForCausalLM.from_pretrained(str(toy_world.base), dtype="float32").eval()
+    seen = []
+    for folder in (toy_world.base, *toy_world.specialists.values(), toy_world.base):
+        other = AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32")
+        model.load_state_dict(other.state_dict())
+        fast = scorer.evaluate(model, tokenizer)
+        assert fast.scores == _simple_evaluate_scores(model, tokenizer, tasks, toy_world.include_path, samples=samples)
+        assert fast.cost.items == {"toy_arith": 40, "toy_reverse": 40}
+        assert fast.cost.requests == {"loglikelihood": 80} and fast.cost.forward_passes == 80
+        seen.append(fast.scores)
+    assert seen[0] == seen[-1] and len({tuple(s.values()) for s in seen}) == 3  # each model scored as itself
+
+
+def test_generation_tasks_score_as_simple_evaluate_and_count_tokens(tiny, tmp_path: Path) -> None:
+    """generate_until requests: the same scores as simple_evaluate, and the tokens generated counted."""
+    import shutil
+
+    from evomerge.evaluate import EVAL_TASKS_DIR
+
+    for name in ("toy_data.py", "toy_reverse.jsonl"):
+        shutil.copy(EVAL_TASKS_DIR / name, tmp_path / name)
+    text = (EVAL_TASKS_DIR / "toy_reverse.yaml").read_text().replace("task: toy_reverse", "task: toy_reverse_gen")
+    text = text.replace("tag: [toy_search]\n", "").replace("output_type: loglikelihood", "output_type: generate_until")
+    text = text.replace("metric: acc", "metric: exact_match")
+    text += "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+    (tmp_path / "toy_reverse_gen.yaml").write_text(text)
+    model, tokenizer = tiny
+    scorer = LmEvalScorer(["toy_reverse_gen"], include_path=tmp_path, limit=6, batch_size=8)
+    fast = scorer.evaluate(model, tokenizer)
+    assert fast.scores == _simple_evaluate_scores(model, tokenizer, ["toy_reverse_gen"], tmp_path, limit=6)
+    assert fast.cost.requests == {"generate_until": 6}
+    assert 0 < fast.cost.generated_tokens <= 6 * 6
+
+
+def test_options_only_simple_evaluate_knows_take_its_path_with_the_same_scores(tiny) -> None:
+    """An lm_eval_args key the fast path does not apply sends scoring through simple_evaluate: same
+    scores, and its requests are still counted."""
+    model, tokenizer = tiny
+    samples = {"toy_arith": [0, 4, 9, 13]}
+    fast = LmEvalScorer(["toy_arith"], samples=samples).evaluate(model, tokenizer)
+    general = LmEvalScorer(["toy_arith"], samples=samples, extra_args={"write_out": False}).evaluate(model, tokenizer)
+    assert general.scores == fast.scores
+    assert general.cost.requests == fast.cost.requests == {"loglikelihood": 4}
+    assert general.cost.items == fast.cost.items == {"toy_arith": 4}

@@ -303,9 +303,9 @@ CASES = [
     Case("seed-negative", lambda c: c.search(c.space(**{"search.seed": -1})),
          ("space.yaml: search.seed: seed -1 is outside 0 .. 4294967295",)),
     Case("density-range-above-one", lambda c: c.search(c.space(**{"merge.parameters.density": {"range": [0.3, 1.5]}})),
-         ("space.yaml: merge.parameters.density.range: range [0.3, 1.5] reaches outside [0.0, 1.0]", "narrow it")),
+         ("space.yaml: merge.parameters.density.range: range [0.3, 1.5] reaches outside [0, 1]", "narrow it")),
     Case("density-pinned-negative", lambda c: c.search(c.space(**{"merge.parameters.density": -0.2})),
-         ("space.yaml: merge.parameters.density: density -0.2 is outside [0.0, 1.0]",)),
+         ("space.yaml: merge.parameters.density: density -0.2 is outside [0, 1]",)),
     Case("merge-density-above-one", lambda c: ["merge", _merge_yaml(c, models=[
         {"model": str(p), "parameters": {"weight": 0.5, "density": [0.5, 1.5]}} for _, p in sorted(c.world.specialists.items())]),
         str(c.runs / "out")],
