@@ -54,6 +54,9 @@ def check(space_file: Path, *, runs_dir: Path = Path("runs"), ray_address: str |
 
     config = resolve_merged(load_space_config(space_file))
     prepared = prepare(config)
+    from .preflight import check_run_inputs
+
+    check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)  # storage, Ray address, runs folder, workers
     _check_reachable(ray_address or config.workers.ray_address)
     models = [_summary(f, ref) for f, ref in _model_fields(config)]
     return Checked(config, prepared, models, _run_state(config, runs_dir))
