@@ -23,6 +23,16 @@ class _Group(click.Group):
         except EvomergeError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(err.exit_code)
+        except Exception as err:
+            from .errors import disk_full
+
+            if not disk_full(err):
+                raise
+            # every write is atomic (store.write_atomic, SQLite's WAL): what was recorded stays whole
+            click.secho(f"error: a write failed ({disk_full(err)}): the disk is full, or failing. Nothing recorded was "
+                        "lost: free space, then run the same command again (a search resumes where it stopped)",
+                        fg="red", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)
@@ -218,11 +228,13 @@ def plot_cmd(run_dir: Path, out: Path | None) -> None:
 def export_cmd(run_dir: Path, trial: int | None, best: bool, pareto: bool, out: Path | None) -> None:
     """Write chosen recipes as plain mergekit YAML."""
     from .errors import EvomergeError
-    from .export import choose, export
+    from .export import check_out_path, choose, export
     from .store import RunStore
 
     if sum([trial is not None, best, pareto]) > 1:
         raise EvomergeError("give one of --trial N, --best, --pareto")
+    if out is not None:
+        check_out_path(out, single=not pareto)  # before reading the run: a bad -o is the first thing said
     store = RunStore.open(run_dir)
     try:
         for path in export(store, choose(store, trial=trial, best=best, pareto=pareto), out):

@@ -29,6 +29,26 @@ class ModelError(EvomergeError):
     """A model folder is missing, unreadable, unsafe or incompatible with the others."""
 
 
+def disk_full(err: BaseException) -> str | None:
+    """The reason, when ``err`` (or its cause) is a write that found the disk full; else None.
+
+    SQLite says ``database or disk is full``, or ``disk I/O error`` when it cannot even grow its
+    journal (through SQLAlchemy or not); the OS says ENOSPC (or EDQUOT, over quota).
+    """
+    import errno
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror)
+        for text in ("database or disk is full", "disk I/O error"):
+            if text in str(err):
+                return text
+        err = getattr(err, "orig", None) or err.__cause__ or err.__context__  # type: ignore[assignment]
+    return None
+
+
 def close_matches(word: str, choices: Iterable[str]) -> str:
     """A ' Did you mean ...?' suffix for an unknown name, or '' when nothing is close."""
     found = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)

@@ -201,6 +201,12 @@ class LmEvalScorer:
         """How many documents ``task`` scores from (its test split, else validation)."""
         return len(list(self._task(task).eval_docs))
 
+    def fewshot_pool_size(self, task: str) -> int:
+        """How many documents lm-eval draws ``task``'s few-shot examples from (its fewshot
+        split, else training, validation, then test documents)."""
+        docs = self._task(task).fewshot_docs()
+        return len(list(docs)) if docs is not None else 0
+
     def metrics(self) -> dict[str, tuple[str, ...]]:
         """The metric names each task reports, e.g. ``{"toy_arith": ("acc",)}``; a task with
         filters (gsm8k) also reports ``metric,filter`` names, as :meth:`score` names them."""

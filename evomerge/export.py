@@ -63,6 +63,24 @@ def choose(store: Any, *, trial: int | None, best: bool, pareto: bool, weights: 
     return [max(records, key=lambda r: scalar_score(r, store.directions, weights))]
 
 
+def check_out_path(out: Path, *, single: bool) -> None:
+    """``-o`` names a new .yaml file, an earlier export (replaced), or a folder; never a user's other file."""
+    yaml_file = single and out.suffix in (".yaml", ".yml")
+    if yaml_file and out.is_dir():
+        raise EvomergeError(f"-o {out} is a folder; give a new .yaml file name, or the folder without .yaml")
+    if yaml_file and out.is_file() and not out.read_text(encoding="utf-8", errors="replace").startswith("# evomerge run "):
+        raise EvomergeError(f"-o {out} exists and is not an evomerge export; choose another file name, or remove it first")
+    if not yaml_file and out.exists() and not out.is_dir():
+        what = "a .yaml file name holds one trial only" if out.suffix in (".yaml", ".yml") else "give a folder or a .yaml file name"
+        raise EvomergeError(f"-o {out} is a file, and several recipes go into a folder; {what}" if not single else
+                            f"-o {out} is a file that is not .yaml; {what}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EvomergeError(f"-o {out}: {parent} is a file, not a folder")
+            break
+
+
 def export(store: Any, records: Sequence[Any], out: Path | None) -> list[Path]:
     """Write each record's recipe; ``out`` is a file for one record, a folder for several."""
     run = store.path.name
@@ -76,6 +94,7 @@ def export(store: Any, records: Sequence[Any], out: Path | None) -> list[Path]:
             f"{', '.join(str(r.number) for r in records[:8])}{', ...' if len(records) > 8 else ''}); give a folder "
             f"(-o {out.with_suffix('')}/), or export one of them with --trial N"
         )
+    check_out_path(out, single=len(records) == 1)
     for r in records:
         text = _header(run, r, store.directions) + Recipe.from_json(r.recipe_json).to_yaml()
         if len(records) == 1 and out.suffix in (".yaml", ".yml"):

@@ -34,9 +34,14 @@ def prepare(config: SpaceConfig) -> Prepared:
     One step per concern, in the order a user would fix them; each raises a :class:`ConfigError`
     naming the space file's field. Add a check as one more step.
     """
+    from . import preflight
     from .space import SearchSpace
 
+    preflight.check_seeds(config)
+    preflight.check_parameter_ranges(config)
+    preflight.check_lm_eval_args(config)
     fields, folders = _open_models(config)
+    preflight.check_distinct_models(config, folders)
     base = folders[config.models.base]
     config.validate_against_models(base.num_layers, base.tensor_names)
     space = SearchSpace.from_config(config, base.num_layers)
@@ -46,6 +51,8 @@ def prepare(config: SpaceConfig) -> Prepared:
     _check_constraints(config)
     scorer = _scorer(config)
     _check_metrics(config, scorer)
+    preflight.check_num_fewshot(config, scorer)
+    preflight.warn_unrelated_donors(config, folders)
     return Prepared(config, space, base.num_layers, _draw_items(config, scorer))
 
 

@@ -61,6 +61,7 @@ def run_search(
     """
     import optuna
 
+    from . import preflight
     from .pool import make_pool
     from .route_space import resolve_merged
 
@@ -71,10 +72,14 @@ def run_search(
         failpoints.hit("search.start")
         config = resolve_merged(config)
         prepared = prepare(config)
+        preflight.check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)
         interrupts.check()
-        workers = make_pool(pool or config.workers.pool, worker_spec(prepared), config.workers, ray_address=ray_address)
+        pool_kind = pool or config.workers.pool
+        workers = make_pool(pool_kind, worker_spec(prepared), config.workers, ray_address=ray_address)
         try:
-            workers.open()
+            workers.open()  # joins a given cluster before the run folder exists: a bad address changes nothing
+            if pool_kind == "ray" and (ray_address or config.workers.ray_address):
+                preflight.check_cluster_resources(config, where=ray_address or config.workers.ray_address)
             store = open_store(config, runs_dir)
             store.remove_stale_temp_files()
             store.requeue_interrupted()
@@ -198,16 +203,20 @@ def search_file(path: Path, **kwargs: Any) -> Path:
 
 def resume_config(run_dir: Path) -> SpaceConfig:
     """The frozen space config a run folder was created with."""
-    import yaml
+    from .strict_yaml import load
 
     run_dir = Path(run_dir)
     space_file = run_dir / "space.yaml"
     if not space_file.is_file():
         raise EvomergeError(f"{run_dir} is not an evomerge run folder (no space.yaml)")
-    data = yaml.safe_load(space_file.read_text(encoding="utf-8"))
+    data = load(space_file.read_text(encoding="utf-8"), source=str(space_file))
+    if isinstance(data, dict):
+        # a run is its folder (run.json names its study): a renamed folder resumes in place,
+        # never as a fresh run under the name it had
+        data["name"] = run_dir.resolve().name
     return parse_space_config(data, source=str(space_file), default_name=run_dir.name)
 
 
 def resume(run_dir: Path, **kwargs: Any) -> Path:
     """``evomerge resume runs/<name>``: the run's own frozen space file, same run folder."""
-    return run_search(resume_config(run_dir), runs_dir=Path(run_dir).parent, **kwargs)
+    return run_search(resume_config(run_dir), runs_dir=Path(run_dir).resolve().parent, **kwargs)

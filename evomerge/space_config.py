@@ -1,6 +1,7 @@
 """The space file: what to merge, what to search, how to score it, and where to run.
 
-A space file is YAML, read with ``yaml.safe_load`` and validated into frozen pydantic models.
+A space file is YAML, read by :mod:`evomerge.strict_yaml` (``yaml.safe_load`` that refuses a key
+written twice) and validated into frozen pydantic models.
 Every mistake becomes one :class:`~evomerge.errors.ConfigError` whose message names the file and
 the field path and says how to fix it (``space.yaml: merge.parameters.density.range: low 0.9 is
 above high 0.2; write [low, high]``), so the CLI can print it and exit with status 2 before any
@@ -1272,10 +1273,10 @@ def load_space_config(path: str | Path) -> SpaceConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such space file: {path}")
+    from .strict_yaml import load  # duplicate keys refused, with both lines
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", where=str(path)) from None
+        data = load(path.read_text(encoding="utf-8"), source=str(path))
     except UnicodeDecodeError as err:
         raise ConfigError(f"not UTF-8 text: {err}", where=str(path)) from None
     return parse_space_config(data, source=str(path), default_name=path.stem)

@@ -1,7 +1,7 @@
 """``evomerge validate space.yaml``: a dry run. Every check a search makes before it starts, then
 one real evaluation of the base model, and nothing written.
 
-The checks are the search's own (:func:`evomerge.search.prepare`, imported once below, so a
+The checks are the search's own (:func:`evomerge.prepare.prepare`, imported once below, so a
 check added there is a check here), in the order the search makes them: the space file, a
 two-stage route's first-stage merge, the models, the tasks and metrics, the Ray address, and
 whether the run name is free or holds this same config. Then the base model scores one item of
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, EvomergeError
-from .search import Prepared, prepare  # the search's own checks: the one line to change if they move
+from .prepare import Prepared, prepare  # the search's own checks
 from .space_config import SpaceConfig, load_space_config
 
 
@@ -50,11 +50,14 @@ class Checked:
 def check(space_file: Path, *, runs_dir: Path = Path("runs"), ray_address: str | None = None) -> Checked:
     """Run every check ``evomerge search`` makes before it starts; raise its error, write nothing."""
     from .route_space import resolve_merged
-    from .search import _check_reachable
+    from .pool.ray_pool import check_reachable
 
     config = resolve_merged(load_space_config(space_file))
     prepared = prepare(config)
-    _check_reachable(ray_address or config.workers.ray_address)
+    from .preflight import check_run_inputs
+
+    check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)  # storage, Ray address, runs folder, workers
+    check_reachable(ray_address or config.workers.ray_address)
     models = [_summary(f, ref) for f, ref in _model_fields(config)]
     return Checked(config, prepared, models, _run_state(config, runs_dir))
 

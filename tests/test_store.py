@@ -146,6 +146,7 @@ def test_open_or_create_resumes_the_same_config(tmp_path):
     first = RunStore.open_or_create(tmp_path, "demo", CONFIG, "hash-a", directions=DIRS)
     n = first.start_trial({"method": "linear", "g0/*/arith/weight": 0.1}, DISTS)
     first.complete_trial(n, {"task:arith/acc": 0.5, "l2_from_base": 1.0})
+    first.close()  # one writer per run: `first` holds it until then (evomerge.run_lock)
     again = RunStore.open_or_create(tmp_path, "demo", CONFIG, "hash-a", directions=DIRS)
     assert [t.number for t in again.trials()] == [0]
 

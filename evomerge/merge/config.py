@@ -220,8 +220,11 @@ def load_merge_config(path: Path) -> MergeConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such config file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", where=str(path)) from None
-    return parse_merge_config(data, source=str(path))
+    from ..strict_yaml import load  # duplicate keys refused, with both lines
+
+    from ..preflight import check_merge_config_ranges
+
+    data = load(path.read_text(encoding="utf-8"), source=str(path))
+    config = parse_merge_config(data, source=str(path))
+    check_merge_config_ranges(config, source=str(path))  # density in [0, 1]...
+    return config

@@ -42,10 +42,9 @@ class Stage:
 
 def documents(text: str, *, source: str) -> list[Any]:
     """The YAML documents of ``text``, empty ones (a stray ``---``) dropped."""
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", where=source) from None
+    from ..strict_yaml import load_all  # duplicate keys refused, with both lines
+
+    docs = load_all(text, source=source)
     return [d for d in docs if d is not None]
 
 
@@ -164,7 +163,12 @@ def load_stages(path: Path) -> list[Stage]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such config file: {path}")
-    return parse_stages(path.read_text(encoding="utf-8"), source=str(path))
+    from ..preflight import check_merge_config_ranges
+
+    stages = parse_stages(path.read_text(encoding="utf-8"), source=str(path))
+    for i, stage in enumerate(stages):
+        check_merge_config_ranges(stage.config, source=f"{path} (document {i + 1})")
+    return stages
 
 
 def stages_to_yaml(stages: Sequence[Stage]) -> str:
@@ -217,9 +221,16 @@ def merge_stages(
     """
     from .run import merge_config
 
+    from ..preflight import check_out_spares_inputs
+
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EvomergeError(f"output {out} is a file; give a folder for the merged model")
     if out.exists() and not overwrite:
         raise EvomergeError(f"output folder {out} already exists; choose another or pass --overwrite")
+    names = {s.name for s in stages}
+    check_out_spares_inputs(out, {ref: Path(ref) for s in stages for ref in s.config.referenced_models()
+                                  if ref not in names and Path(ref).exists()})
     ordered = _dependency_order(list(stages), {s.name: f"stage {s.name or '(final)'}" for s in stages})
     keep = intermediate_dir is not None
     work = Path(intermediate_dir) if keep else out.parent / f".{out.name}.stages"

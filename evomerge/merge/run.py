@@ -285,12 +285,17 @@ def merge_config(
     all its stages there, since the final stage alone names intermediates that may be gone), else
     ``config`` itself.
     """
+    from ..preflight import check_out_spares_inputs
+
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EvomergeError(f"output {out} is a file; give a folder for the merged model")
     if out.exists() and not overwrite:
         raise EvomergeError(f"output folder {out} already exists; choose another or pass --overwrite")
     max_shard = parse_size(shard_size)
     _release_large_frees()
     models = open_models(config, allow_pickle=allow_pickle)
+    check_out_spares_inputs(out, {ref: m.path for ref, m in models.items()})  # --overwrite never replaces an input
     plan = plan_merge(config, models)
     tokenizer_from = _tokenizer_folder(config, plan, models)
 

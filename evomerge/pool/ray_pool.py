@@ -231,9 +231,9 @@ def check_reachable(address: str | None) -> None:
     """Refuse an unreachable ``host:port`` in seconds (ray.init would retry for minutes)."""
     import socket
 
-    if not address or "://" in address or address == "auto":
+    if not address or address == "auto" or ("://" in address and not address.startswith("ray://")):
         return
-    host, _, port = address.rpartition(":")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError) as err:

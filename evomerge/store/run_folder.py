@@ -147,11 +147,24 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         # journal_mode=WAL is a property of the database file: set it before Optuna builds tables.
         with contextlib.closing(sqlite3.connect(url[len("sqlite:///") :])) as con:
             con.execute("PRAGMA journal_mode=WAL")
-    storage = optuna.storages.RDBStorage(url)
+    storage = _rdb_storage(url)
     if sqlite_file:
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_connection_pragmas)
         storage.engine.dispose()  # connections made while building tables lack the pragma
     return storage
+
+
+def _rdb_storage(url: str, attempts: int = 3) -> optuna.storages.RDBStorage:
+    """Optuna's storage; on a new shared database, two processes may create its tables at once and
+    one of them lose the race (PostgreSQL: ``type "studydirection" already exists``). The loser
+    tries again and finds the tables made."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _sqlite_connection_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -178,14 +178,16 @@ class RunStore:
         that differs (``diff(old_text, new_text)`` when given, else a key-by-key comparison of the
         two YAML documents), so the user can restore it or pick a new name.
         """
+        from evomerge.run_lock import hold  # one writer per run: a second driver is refused
+
         path = Path(root) / name
         remove_stale_creations(root)
         if not path.exists():
-            return cls.create(
+            return hold(path, lambda: cls.create(
                 root, name, config_yaml_text, config_hash,
                 directions=directions, constraints=constraints, storage_url=storage_url,
                 pareto_interval_s=pareto_interval_s,
-            )
+            ))
         # Compare before opening the database, so a refused config touches nothing in the folder.
         found_hash = recorded_hash(path)
         if found_hash is None:
@@ -201,23 +203,29 @@ class RunStore:
                 f"Restore the original config to resume, or choose a new run name.",
                 where=str(path / SPACE_FILE),
             )
-        store = cls.open(path, storage_url=storage_url, pareto_interval_s=pareto_interval_s)
-        if store.directions != dict(directions) or store.constraints != dict(constraints or {}):
-            store.close()
-            raise ConfigError(
-                f"run {name!r} was created with objectives {store.directions} and constraints "
-                f"{store.constraints}, not {dict(directions)} and {dict(constraints or {})}",
-                where=str(path),
-            )
-        return store
+        def opened() -> RunStore:
+            store = cls.open(path, storage_url=storage_url, pareto_interval_s=pareto_interval_s)
+            if store.directions != dict(directions) or store.constraints != dict(constraints or {}):
+                store.close()
+                raise ConfigError(
+                    f"run {name!r} was created with objectives {store.directions} and constraints "
+                    f"{store.constraints}, not {dict(directions)} and {dict(constraints or {})}",
+                    where=str(path),
+                )
+            return store
+
+        return hold(path, opened)
 
     def close(self) -> None:
-        """Bring pareto.json up to date and release database connections (the folder can then be
-        moved or deleted)."""
+        """Bring pareto.json up to date, release database connections and the run, when held (the
+        folder can then be moved or deleted)."""
         try:
             if self._front.stale:
                 self.write_pareto()
         finally:
+            if getattr(self, "_writer_lock", None) is not None:
+                self._writer_lock.release()
+                self._writer_lock = None
             self._storage.engine.dispose()
 
     # ---- trials ---------------------------------------------------------------------------

@@ -83,6 +83,11 @@ def test_nothing_unpickles_or_loads_yaml_unsafely() -> None:
     assert not bad, bad
     text = "\n".join(p.read_text(encoding="utf-8") for p in SOURCES)
     assert "import pickle" not in text and "from pickle" not in text
+    import yaml
+
+    from evomerge.strict_yaml import _StrictLoader
+
+    assert issubclass(_StrictLoader, yaml.SafeLoader)  # the strict reader of user files is safe_load's loader
 
 
 def test_trust_remote_code_is_never_switched_on_in_code() -> None:

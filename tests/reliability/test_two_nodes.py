@@ -105,7 +105,7 @@ def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
     assert after and all(_pid(r) not in node2_pids for r in after)  # the rest ran on the head
     # every file was renamed into place: no temp file left behind, nothing but the run's own files
     assert {p.name for p in run.iterdir()} <= {"space.yaml", "config_hash", "run.json", "trials.db", "trials.db-wal",
-                                                "trials.db-shm", "pareto.json"}
+                                                "trials.db-shm", "pareto.json", "writer.lock"}
     assert not list(run.parent.glob(".*"))
     print(f"two-node search: {len(before)} trials before the loss, {len(after)} after; "
           f"retried: {[r.number for r in complete if r.attrs.get('attempts', 1) > 1]}; {time.time() - started:.0f} s")
@@ -129,3 +129,18 @@ def test_without_an_address_a_search_starts_its_own_cluster(ray_cluster, toy_wor
     space = write_yaml(tmp_path / "space.yaml", good_space(toy_world))
     own = _own_cluster_address(space, cli_env(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled"), tmp_path)
     assert own.rsplit(":", 1)[1] != address.rsplit(":", 1)[1]
+
+
+def test_workers_the_cluster_cannot_place_are_refused_before_the_run_exists(cluster, toy_world, tmp_path):
+    """The cluster has 3 CPUs (2 on the head, 1 on node 2): 2 workers of 2 CPUs would leave one
+    pending for ever, and a worker of 3 CPUs fits on no node."""
+    address, _, _ = cluster
+    env = cli_env(RAY_AUTH_MODE="disabled")
+    for workers, expect in (({"count": 2, "cpus_per_worker": 2}, "workers.count: 2 workers of 2 CPUs need 4; the cluster at"),
+                            ({"count": 1, "cpus_per_worker": 3}, "workers.cpus_per_worker: each worker asks for 3 CPUs; "
+                                                                 "no node of the cluster at")):
+        space = write_yaml(tmp_path / "space.yaml", good_space(toy_world, workers=workers))
+        done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(space), "--runs-dir", str(tmp_path / "runs"),
+                               "--ray-address", address], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and expect in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert not (tmp_path / "runs").exists()
