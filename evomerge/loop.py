@@ -76,6 +76,7 @@ class Progress:
     failed: int = 0
     started_at: float = field(default_factory=time.perf_counter)
     best: dict[str, float] = field(default_factory=dict)
+    forward_passes: int = 0  # spent by the whole run, resumed parts included
 
     def rate(self) -> float:
         elapsed = time.perf_counter() - self.started_at
@@ -131,7 +132,8 @@ class SearchLoop:
         self.retries: deque[Flight] = deque()  # candidates whose worker failed, waiting for another
         self.infra_faults_in_a_row = 0
         self.announced = False
-        self.progress = Progress(budget=budget, finished_before=store.counts().finished)
+        self.progress = Progress(budget=budget, finished_before=store.counts().finished,
+                                 forward_passes=store.spent().forward_passes)
         self.progress.note_best(store.trials(), store.directions)
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -268,6 +270,8 @@ class SearchLoop:
                                  "worker": result.worker, "attempts": flight.attempts}
         if flight.generation is not None:
             attrs["generation"] = flight.generation
+        if result.cost is not None:
+            attrs["cost"] = result.cost
         failpoints.hit("search.before_tell")  # a result is here and not yet recorded
         self._recorded(self.driver.tell(flight.number, result.objectives, failed_reason=result.error, attrs=attrs))
         failpoints.hit("search.after_tell")
@@ -281,6 +285,7 @@ class SearchLoop:
     def _recorded(self, record: Any) -> None:
         """Count a told trial, whatever its outcome, and show it."""
         self.progress.finished += 1
+        self.progress.forward_passes += record.forward_passes
         if record.state != "complete":
             self.progress.failed += 1
         self.progress.note_best([record], self.store.directions)

@@ -50,11 +50,20 @@ class LiveDisplay:
         eta = state.eta_s()
         best = "  ".join(f"{k.removeprefix('task:')}={v:.3g}" for k, v in state.best.items())
         failed = f"  failed={state.failed}" if state.failed else ""
+        passes = f"  fwd={_count(state.forward_passes)}" if state.forward_passes else ""
         self.progress.update(
             self.task, completed=done,
             rate=f"{state.rate() * 60:.1f}/min", eta=f"ETA {eta:.0f}s" if eta is not None else "ETA -",
-            best=best + failed,
+            best=best + failed + passes,
         )
+
+
+def _count(n: int) -> str:
+    """12345 -> '12.3k': a count that stays short on a live line."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= limit:
+            return f"{n / limit:.3g}{suffix}"
+    return str(n)
 
 
 def counts_sentence(counts: Any) -> str:
@@ -76,11 +85,12 @@ def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, st
     table.add_column("trial", justify="right")
     for name, direction in directions.items():
         table.add_column(f"{name.removeprefix('task:')} {'↑' if direction == 'maximize' else '↓'}", justify="right")
+    table.add_column("fwd passes", justify="right")
     table.add_column("merge s", justify="right")
     table.add_column("eval s", justify="right")
     for r in records:
         row = [str(r.number)] + [_fmt((r.objectives or {}).get(n)) for n in directions]
-        row += [_fmt(r.timings.get("merge_s")), _fmt(r.timings.get("eval_s"))]
+        row += [str(r.forward_passes) if r.cost else "-", _fmt(r.timings.get("merge_s")), _fmt(r.timings.get("eval_s"))]
         table.add_row(*row)
     return table
 
@@ -91,6 +101,11 @@ def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
     records = store.trials()
     counts = store.counts()
     console.print(f"[bold]{store.path}[/]: {counts_sentence(counts)}")
+    spent = store.spent()
+    if spent.scored_trials:
+        tokens = f" and {spent.generated_tokens} generated tokens" if spent.generated_tokens else ""
+        console.print(f"scoring cost {spent.forward_passes} forward passes{tokens} over {spent.scored_trials} scored trials "
+                      f"({spent.forward_passes / spent.scored_trials:.0f} a trial)")
     directions = store.directions
     front = sorted(store.pareto(records), key=lambda r: r.number)
     console.print(trials_table(f"Pareto front ({len(front)} trials)", front, directions))

@@ -60,6 +60,7 @@ class EvalResult:
     merge_s: float = 0.0
     eval_s: float = 0.0
     worker: str = ""
+    cost: dict[str, Any] | None = None  # what scoring cost (EvalCost.to_dict()); None when not scored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,14 +139,15 @@ class CandidateEvaluator:
             return EvalResult(None, error=f"merge produced non-finite weights in {len(broken)} tensor(s): "
                               f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}",
                               merge_s=merged - start, worker=self.name)
-        scores = self.scorer.score(model, self.tokenizer)
+        evaluation = self.scorer.evaluate(model, self.tokenizer)
         done = time.perf_counter()
-        objectives = {**scores, **measured}
+        cost = evaluation.cost.to_dict()  # spent whether or not the scores are usable
+        objectives = {**evaluation.scores, **measured}
         bad = [k for k, v in objectives.items() if not math.isfinite(v)]
         if bad:
             return EvalResult(None, error=f"non-finite objective(s): {', '.join(bad)}", merge_s=merged - start,
-                              eval_s=done - merged, worker=self.name)
-        return EvalResult(objectives, merge_s=merged - start, eval_s=done - merged, worker=self.name)
+                              eval_s=done - merged, worker=self.name, cost=cost)
+        return EvalResult(objectives, merge_s=merged - start, eval_s=done - merged, worker=self.name, cost=cost)
 
     def _routed(self, route_config: Any) -> Any:
         """The candidate's routed model: layers of the resident models (and of this candidate's

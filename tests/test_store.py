@@ -107,7 +107,7 @@ def test_pareto_json_is_written_on_a_timer_and_on_close(tmp_path):
     store.close()
     doc = _pareto(store)
     assert [m["number"] for m in doc["front"]] == [2] and doc["counts"]["complete"] == 3
-    assert set(doc["front"][0]) == {"number", "objectives", "violation"}  # by reference: recipes stay in the log
+    assert set(doc["front"][0]) == {"number", "objectives", "violation", "forward_passes"}  # by reference: recipes stay in the log
 
 
 def test_constraint_breakers_leave_the_front_to_feasible_trials(tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evomerge.pareto import IncrementalFront
@@ -25,6 +25,21 @@ from evomerge.store.run_folder import PARETO_FILE, write_atomic
 from evomerge.store.trial_log import TrialCounts, TrialRecord
 
 DEFAULT_INTERVAL_S = 2.0
+
+
+@dataclass
+class Spent:
+    """What a run's scoring has cost so far: the budget that decides a real search (DESIGN.md)."""
+
+    forward_passes: int = 0
+    generated_tokens: int = 0
+    scored_trials: int = 0
+
+    def add(self, record: TrialRecord) -> None:
+        if record.cost:
+            self.forward_passes += record.forward_passes
+            self.generated_tokens += record.generated_tokens
+            self.scored_trials += 1
 
 
 class RunFront:
@@ -44,6 +59,7 @@ class RunFront:
         self.constraints = dict(constraints)
         self.interval_s = interval_s
         self._front: IncrementalFront[TrialRecord] | None = None  # built from the log when first needed
+        self.spent = Spent()  # forward passes and generated tokens of every scored trial, kept as they finish
         self._last_write = -float("inf")
         self._stale = False
 
@@ -54,14 +70,18 @@ class RunFront:
     def build(self, records: list[TrialRecord]) -> None:
         """The front of ``records`` (every trial of the run), from scratch."""
         self._front = IncrementalFront(self.directions)
+        self.spent = Spent()
         for r in records:
+            self.spent.add(r)
             if r.state == "complete":
                 self._front.add(r)
 
     def add(self, record: TrialRecord) -> None:
         """A trial finished; it joins the front when nothing on the front dominates it."""
-        if self._front is not None and record.state == "complete":
-            self._front.add(record)
+        if self._front is not None:
+            self.spent.add(record)
+            if record.state == "complete":
+                self._front.add(record)
         self._stale = True
 
     def members(self) -> list[TrialRecord]:
@@ -75,7 +95,8 @@ class RunFront:
 
     def rewrite(self, counts: TrialCounts) -> None:
         """Rewrite pareto.json now (atomically; build first)."""
-        write_atomic(self.path, pareto_text(self.run_name, self.directions, self.constraints, self.members(), counts))
+        write_atomic(self.path, pareto_text(self.run_name, self.directions, self.constraints, self.members(), counts,
+                                            self.spent))
         self._last_write = time.monotonic()
         self._stale = False
 
@@ -90,14 +111,17 @@ def pareto_text(
     constraints: Mapping[str, float],
     front: list[TrialRecord],
     counts: TrialCounts,
+    spent: Spent | None = None,
 ) -> str:
     doc = {
         "run": name,
         "objectives": dict(directions),
         "constraints": dict(constraints),
         "counts": {**asdict(counts), "finished": counts.finished},
+        "spent": asdict(spent or Spent()),
         "front": [
-            {"number": t.number, "objectives": dict(t.objectives or {}), "violation": t.violation}
+            {"number": t.number, "objectives": dict(t.objectives or {}), "violation": t.violation,
+             "forward_passes": t.forward_passes}
             for t in sorted(front, key=lambda t: t.number)
         ],
         "recipes": "in the trial log: evomerge show / evomerge export --trial N",

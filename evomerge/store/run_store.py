@@ -26,7 +26,7 @@ from optuna.distributions import BaseDistribution
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.pareto import DIRECTIONS, pareto_front
-from evomerge.store.front import DEFAULT_INTERVAL_S, RunFront, pareto_text
+from evomerge.store.front import DEFAULT_INTERVAL_S, RunFront, Spent, pareto_text
 from evomerge.store.run_folder import (
     PARETO_FILE,
     SPACE_FILE,
@@ -320,6 +320,12 @@ class RunStore:
         if not self._front.built:
             self._front.build(self.trials())
         return self._front.members()
+
+    def spent(self) -> Spent:
+        """Forward passes and generated tokens of every scored trial so far (kept as trials finish)."""
+        if not self._front.built:
+            self._front.build(self.trials())
+        return self._front.spent
 
     def write_pareto(self) -> None:
         """Rewrite pareto.json now (atomically)."""

@@ -40,6 +40,7 @@ RECIPE_ATTR = "recipe"
 ERROR_ATTR = "error"
 FAIL_KIND_ATTR = "fail_kind"
 TIMINGS_ATTR = "timings"
+COST_ATTR = "cost"  # what scoring cost: see TrialRecord.cost
 _RESERVED = {OBJECTIVES_ATTR, ERROR_ATTR, FAIL_KIND_ATTR}
 STUDY_ATTR = "evomerge"  # study user attr: objective names, directions and constraint bounds
 
@@ -79,6 +80,20 @@ class TrialRecord:
     def finished(self) -> bool:
         """Whether the trial used up budget: complete, or failed for a reason of its own."""
         return self.state == "complete" or (self.state == "failed" and not self.interrupted)
+
+    @property
+    def cost(self) -> Mapping[str, Any]:
+        """What scoring this trial cost (:class:`evomerge.evaluate.EvalCost` as a dict): items per
+        task, requests by kind, ``forward_passes``, ``generated_tokens``; empty when not scored."""
+        return self.attrs.get(COST_ATTR) or {}
+
+    @property
+    def forward_passes(self) -> int:
+        return int(self.cost.get("forward_passes", 0))
+
+    @property
+    def generated_tokens(self) -> int:
+        return int(self.cost.get("generated_tokens", 0))
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,35 @@ def test_optuna_drivers_keep_every_worker_busy_and_use_the_budget_once(toy_world
     assert [r.number for r in records] == list(range(5)) and all(r.state == "complete" for r in records)
     assert len({r.params["g0/mlp/arith/weight"] for r in records}) == 5  # the sampler proposed, not repeated
     assert pareto["counts"]["complete"] == 5 and pareto["front"]
+
+
+def test_every_trial_records_what_its_scoring_cost_and_the_run_adds_it_up(toy_world, tmp_path):
+    """Forward passes are the budget of a real search: each scored trial records its items and
+    requests (here one loglikelihood request per item: 8 items of each of 2 tasks), a candidate
+    that fails after scoring still records what it spent, and pareto.json, ``show`` and a resumed
+    run add them up over the whole run."""
+    from rich.console import Console
+
+    from evomerge.report import show
+    from evomerge.store import RunStore
+
+    cfg = config(toy_world, tmp_path, budget=4, count=1)
+    run = run_search(cfg, runs_dir=tmp_path / "runs", on_notice=lambda _: None)
+    cfg = config(toy_world, tmp_path, budget=6, count=1)
+    seen = []
+    run_search(cfg, runs_dir=tmp_path / "runs", on_notice=lambda _: None, on_progress=lambda p, r: seen.append(p.forward_passes))
+    records, pareto = read_run(run)
+    assert len(records) == 6
+    for r in records:
+        assert r.cost["items"] == {"toy_arith": 8, "toy_reverse": 8}
+        assert r.cost["requests"] == {"loglikelihood": 16} and r.forward_passes == 16
+    assert pareto["spent"] == {"forward_passes": 96, "generated_tokens": 0, "scored_trials": 6}
+    assert all(m["forward_passes"] == 16 for m in pareto["front"])
+    assert seen == [80, 96]  # the resumed part counts on from the first part's 64
+    out = io.StringIO()
+    store = RunStore.open(run)
+    try:
+        show(store, console=Console(file=out, width=200))
+    finally:
+        store.close()
+    assert "scoring cost 96 forward passes over 6 scored trials (16 a trial)" in out.getvalue()
