@@ -36,6 +36,7 @@ class Prepared:
     space: Any  # SearchSpace
     num_layers: int
     samples: dict[str, list[int]] | None
+    memory: Any = None  # MemoryPlan: where each worker stores the models (printed by search and validate)
 
 
 @dataclass
@@ -117,7 +118,24 @@ def prepare(config: SpaceConfig) -> Prepared:
         indices = config.evaluation.item_indices(task, scorer.num_docs(task))
         if indices is not None:
             samples[task] = indices
-    return Prepared(config, space, num_layers, samples or None)
+    return Prepared(config, space, num_layers, samples or None, memory_plan(config, folders))
+
+
+def memory_plan(config: SpaceConfig, folders: dict[str, Any]) -> Any:
+    """The workers' memory plan from the models' headers; a plan that cannot fit is refused here,
+    before the run folder exists (see :mod:`evomerge.memory_plan`)."""
+    import torch
+
+    from .memory_plan import detect_devices, plan_memory, size_from_folder
+
+    w = config.workers
+    refs = list(folders)
+    plan = plan_memory([size_from_folder(folders[r]) for r in refs], base=refs.index(config.models.base),
+                       workers=w.count, merge_dtype=getattr(torch, config.dtype),
+                       devices=detect_devices(w.gpus_per_worker, device_memory=w.device_memory, host_memory=w.host_memory))
+    if not plan.fits:
+        raise ConfigError(f"the models do not fit: {plan.problem}; {plan.fix}", where=f"{config.source}: workers")
+    return plan
 
 
 def _check_route_models(config: SpaceConfig, folders: dict[str, Any]) -> None:
@@ -391,6 +409,7 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
     config = resolve_merged(config)
     prepared = prepare(config)
+    print("\n".join(prepared.memory.describe()), flush=True)  # the memory plan, before anything starts
     if ray_address or config.workers.ray_address:
         _init_ray(config, ray_address)  # join the cluster before the run folder exists: a bad address changes nothing
     store = open_store(config, runs_dir)
