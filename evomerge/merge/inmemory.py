@@ -1,9 +1,19 @@
-"""The search workers' merge path: the same plan and method code, on resident tensors.
+"""The search workers' merge path: the same plan and method code, on stored input tensors.
 
-A worker loads the base and donors once and keeps their tensors (and the donors' task vectors)
-resident, on its GPU when it has one. Each candidate is merged tensor by tensor straight into
-the parameters of one resident model, in place, so no candidate is ever written to disk and no
-second copy of the model is made. Because the plan and the method functions are the ones
+Storage is apart from math (the worker's memory plan, :mod:`evomerge.memory_plan`, chooses):
+
+- ``resident``: the base and donors are loaded once into memory of the worker's own, in the
+  merge dtype, on the math device (a GPU when everything fits there);
+- ``mapped``: they stay memory-mapped safetensors (:mod:`evomerge.merge.mapped`), shared by every
+  worker of the node through the page cache; each candidate reads each input tensor from the map
+  and converts it (dtype, device) only while that tensor is merged: on CPU zero-copy when the
+  file's dtype is the merge dtype, on a GPU streamed tensor by tensor.
+
+The donors' task vectors are kept (in the worker's own memory) only when asked; otherwise the
+method forms them per tensor, with the same subtraction, so every storage gives the same merge bit
+for bit. Each candidate is merged tensor by tensor straight into the parameters of one live
+model, in place, so no candidate is ever written to disk and the live model is the only copy the
+worker owns in the mapped storage. Because the plan and the method functions are the ones
 ``evomerge merge`` uses, an exported recipe reproduces exactly what the search evaluated.
 """
 
@@ -16,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MergeConfig
+from .mapped import MappedFiles
 from .model_folder import ModelFolder
 from .plan import MergePlan, plan_merge
 from .run import compute_task
@@ -29,32 +40,52 @@ class MergeOutcome:
     num_tensors: int
 
 
+STORAGES = ("resident", "mapped")
+
+
 class ResidentModels:
-    """Base and donor tensors held in memory, with the donors' task vectors precomputed."""
+    """The base and donors as a worker stores them (see the module docstring), with the donors'
+    task vectors precomputed when ``task_vectors`` is true."""
 
     def __init__(self, references: list[str], base: str | None, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, allow_pickle: bool = False, storage: str = "resident",
+                 task_vectors: bool = True) -> None:
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         self.device = torch.device(device)
+        self.dtype = dtype
+        self.storage = storage
         self.base = base
         self.folders = {ref: ModelFolder(ref, allow_pickle=allow_pickle) for ref in references}
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
-        for ref, folder in self.folders.items():
-            self.tensors[ref] = {
-                name: (t.to(dtype) if t.is_floating_point() else t).to(self.device)
-                for name in folder.tensor_names
-                for t in [folder.read(name)]
-            }
+        self._maps = MappedFiles()
+        #: per model, its tensors as stored: owned (resident) or views of the files' maps (mapped)
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {
+            ref: {name: self._stored(folder, name) for name in folder.tensor_names}
+            for ref, folder in self.folders.items()
+        }
         self.deltas: dict[str, dict[str, torch.Tensor]] = {}
-        if base is not None:
-            base_tensors = self.tensors[base]
+        if base is not None and task_vectors:
             for ref, tensors in self.tensors.items():
                 if ref == base:
                     continue
                 self.deltas[ref] = {
-                    name: t - base_tensors[name]
+                    name: self._for_math(t) - self._for_math(self.tensors[base][name])
                     for name, t in tensors.items()
-                    if name in base_tensors and t.is_floating_point() and t.shape == base_tensors[name].shape
+                    if name in self.tensors[base] and t.is_floating_point() and t.shape == self.tensors[base][name].shape
                 }
+
+    def _stored(self, folder: ModelFolder, name: str) -> torch.Tensor:
+        if self.storage == "mapped":
+            info = folder.tensor_info(name)
+            if info is not None:
+                return self._maps.tensor(info)  # a pickled checkpoint has no file offsets: owned below
+        return self._for_math(folder.read(name))
+
+    def _for_math(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the merge dtype on the math device (itself when it already is: no copy)."""
+        if t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return t.to(self.device, non_blocking=True)
 
     def plan(self, config: MergeConfig) -> MergePlan:
         """Plan a candidate over the resident models (headers only: cheap)."""
@@ -62,10 +93,10 @@ class ResidentModels:
 
     def _get(self, ref: str, name: str) -> torch.Tensor:
         tensors = self.tensors[ref]
-        if name in tensors:
-            return tensors[name]
-        # tied heads: a model without lm_head.weight uses its embeddings, as mergekit does
-        return tensors[self.folders[ref]._require(name)]
+        if name not in tensors:
+            # tied heads: a model without lm_head.weight uses its embeddings, as mergekit does
+            name = self.folders[ref]._require(name)
+        return self._for_math(tensors[name])
 
     def merge_into(self, plan: MergePlan, target: MutableMapping[str, torch.Tensor]) -> MergeOutcome:
         """Write every planned tensor into ``target`` (e.g. a model's parameters) in place."""

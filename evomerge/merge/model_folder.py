@@ -174,6 +174,10 @@ class ModelFolder:
             return self._index[real].dtype
         return self._pickled[real].dtype
 
+    def tensor_info(self, name: str) -> TensorInfo | None:
+        """Where ``name`` lives in its safetensors file (None for a pickled checkpoint's tensor)."""
+        return self._index.get(self._require(name))
+
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         """Tensor ``name`` in memory of its own (its buffer from ``pool`` when given)."""
         real = self._require(name)
