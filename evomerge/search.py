@@ -121,6 +121,14 @@ def prepare(config: SpaceConfig) -> Prepared:
     return Prepared(config, space, num_layers, samples or None, memory_plan(config, folders))
 
 
+def storage_settings(plan: Any) -> dict[str, Any]:
+    """The worker's storage from its memory plan: inputs resident on a GPU that holds them all,
+    else memory-mapped (on CPU shared through the page cache; to a GPU streamed per tensor)."""
+    resident = plan.device.kind == "cuda" and plan.placement == "device"
+    return dict(storage="resident" if resident else "mapped", task_vectors=plan.task_vectors == "resident",
+                gpus=max(1, int(plan.device.gpus_per_worker)))
+
+
 def memory_plan(config: SpaceConfig, folders: dict[str, Any]) -> Any:
     """The workers' memory plan from the models' headers; a plan that cannot fit is refused here,
     before the run folder exists (see :mod:`evomerge.memory_plan`)."""
@@ -318,6 +326,7 @@ def _worker_spec(prepared: Prepared) -> Any:
         evaluation=settings,
         dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
+        **storage_settings(prepared.memory),
     )
 
 

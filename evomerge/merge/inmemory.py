@@ -81,31 +81,36 @@ class ResidentModels:
                 return self._maps.tensor(info)  # a pickled checkpoint has no file offsets: owned below
         return self._for_math(folder.read(name))
 
-    def _for_math(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` in the merge dtype on the math device (itself when it already is: no copy)."""
+    def _for_math(self, t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """``t`` in the merge dtype on ``device`` (default: the math device); itself when it
+        already is (no copy). From a map to a GPU this is the per-tensor stream."""
         if t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)
-        return t.to(self.device, non_blocking=True)
+        return t.to(device or self.device, non_blocking=True)
 
     def plan(self, config: MergeConfig) -> MergePlan:
         """Plan a candidate over the resident models (headers only: cheap)."""
         return plan_merge(config, self.folders)
 
-    def _get(self, ref: str, name: str) -> torch.Tensor:
+    def _get(self, ref: str, name: str, device: torch.device | None = None) -> torch.Tensor:
         tensors = self.tensors[ref]
         if name not in tensors:
             # tied heads: a model without lm_head.weight uses its embeddings, as mergekit does
             name = self.folders[ref]._require(name)
-        return self._for_math(tensors[name])
+        return self._for_math(tensors[name], device)
 
     def merge_into(self, plan: MergePlan, target: MutableMapping[str, torch.Tensor]) -> MergeOutcome:
         """Write every planned tensor into ``target`` (e.g. a model's parameters) in place."""
         squared = 0.0
         for task in plan.tasks:
-            inputs = [self._get(m, n) for m, n in task.sources]
-            deltas = self._task_deltas(task.sources, task.base_index)
-            result = compute_task(plan, task, inputs, deltas)
             dest = target[task.name]
+            # computed where the live model holds this tensor (with a device map: one of several GPUs)
+            device = dest.device if self.storage == "mapped" else None
+            inputs = [self._get(m, n, device) for m, n in task.sources]
+            deltas = self._task_deltas(task.sources, task.base_index)
+            if deltas is not None and device is not None:
+                deltas = [None if d is None else d.to(device, non_blocking=True) for d in deltas]
+            result = compute_task(plan, task, inputs, deltas)
             with torch.no_grad():
                 dest.copy_(result)
             if task.base_index is not None and result.is_floating_point():
