@@ -180,6 +180,7 @@ class MemoryPlan:
     shared_host_bytes: int  # inputs in the page cache, once per node
     transfer_bytes_per_candidate: int  # host to device, per candidate
     reserve_bytes: int  # kept back for evaluation (activations); batch_size: auto probes within it
+    merge_work_bytes: int = 0  # one tensor's merge temporaries (and streamed inputs): left free by the probe
     fits: bool = True
     problem: str = ""
     fix: str = ""
@@ -223,7 +224,8 @@ def plan_memory(inputs: Sequence[ModelSize], *, base: int, workers: int, devices
     inputs_on_device = sum(m.bytes_in(dtype) for m in inputs)
     task_vectors = sum(m.bytes_in(dtype) for m in donors)
     stored = sum(m.stored_bytes for m in inputs)
-    common = dict(merge_dtype=str(dtype).removeprefix("torch."), workers=workers, device=devices, live_bytes=live)
+    common = dict(merge_dtype=str(dtype).removeprefix("torch."), workers=workers, device=devices, live_bytes=live,
+                  merge_work_bytes=work + (len(inputs) * largest if devices.kind == "cuda" else 0))
     if devices.kind == "cuda":
         return _plan_gpu(devices, live=live, work=work, inputs_on_device=inputs_on_device,
                          task_vectors=task_vectors, stored=stored, stream=len(inputs) * largest,

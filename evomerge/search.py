@@ -126,7 +126,7 @@ def storage_settings(plan: Any) -> dict[str, Any]:
     else memory-mapped (on CPU shared through the page cache; to a GPU streamed per tensor)."""
     resident = plan.device.kind == "cuda" and plan.placement == "device"
     return dict(storage="resident" if resident else "mapped", task_vectors=plan.task_vectors == "resident",
-                gpus=max(1, int(plan.device.gpus_per_worker)))
+                gpus=max(1, int(plan.device.gpus_per_worker)), keep_free_bytes=plan.merge_work_bytes)
 
 
 def memory_plan(config: SpaceConfig, folders: dict[str, Any]) -> Any:

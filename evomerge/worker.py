@@ -54,6 +54,7 @@ class WorkerSpec:
     storage: str = "mapped"
     task_vectors: bool = False  # keep the donors' task vectors (only where the plan says they fit)
     gpus: int = 1  # GPUs the live model is spread over (a device map) when above 1
+    keep_free_bytes: int = 0  # the merge's temporaries: left free when batch_size: auto is probed
 
 
 @dataclass
@@ -109,7 +110,8 @@ class CandidateEvaluator:
         self.params = state_view(self.model)
         ev = spec.evaluation
         options: dict[str, Any] = dict(samples=ev.samples, limit=ev.limit, batch_size=ev.batch_size,
-                                       num_fewshot=ev.num_fewshot, extra_args=dict(ev.extra_args))
+                                       num_fewshot=ev.num_fewshot, extra_args=dict(ev.extra_args),
+                                       keep_free_bytes=spec.keep_free_bytes)
         if ev.include_path:
             options["include_path"] = [Path(p) for p in ev.include_path]
         self.scorer = LmEvalScorer(ev.tasks, **options)
