@@ -195,12 +195,16 @@ class MemoryPlan:
                   else "memory-mapped, shared by the node's workers through the page cache"
                   + (", streamed per tensor to the GPU" if d.kind == "cuda" else ""))
         lines = [f"memory plan ({where}, {self.workers} worker(s), merged in {self.merge_dtype}):",
-                 f"  inputs: {inputs}; task vectors {self.task_vectors}",
-                 f"  per worker: {_gb(self.device_bytes_per_worker)} on the device"
-                 + (f" (live model {_gb(self.live_bytes)}, evaluation reserve {_gb(self.reserve_bytes)})"),
-                 f"  per worker in host memory: {_gb(self.host_bytes_per_worker)}; shared per node: "
-                 f"{_gb(self.shared_host_bytes)} (host memory usable: {_gb(d.host_available)})",
-                 f"  transfer per candidate: {_gb(self.transfer_bytes_per_candidate)}"]
+                 f"  inputs: {inputs}; task vectors {self.task_vectors}"]
+        if d.kind == "cuda":
+            lines += [f"  per worker: {_gb(self.device_bytes_per_worker)} on its GPU(s) (live model "
+                      f"{_gb(self.live_bytes)}, evaluation reserve {_gb(self.reserve_bytes)}), "
+                      f"{_gb(self.host_bytes_per_worker)} in host memory",
+                      f"  shared per node: {_gb(self.shared_host_bytes)} (host memory usable: {_gb(d.host_available)})",
+                      f"  transfer per candidate: {_gb(self.transfer_bytes_per_candidate)}"]
+        else:
+            lines += [f"  per worker: {_gb(self.device_bytes_per_worker)} of its own (live model {_gb(self.live_bytes)})",
+                      f"  shared per node: {_gb(self.shared_host_bytes)} (host memory usable: {_gb(d.host_available)})"]
         lines += [f"  note: {n}" for n in self.notes]
         if not self.fits:
             lines.append(f"  does not fit: {self.problem}; {self.fix}")
