@@ -6,6 +6,9 @@ supports (``models:`` and ``slices:`` forms, parameters as scalars, gradients or
 never silently read differently from mergekit. Unknown keys are errors with a close match: a
 misspelled ``densty`` must not quietly fall back to a default.
 
+A model may be named ``base+adapter``: the base with a PEFT LoRA adapter merged in, read exactly
+as mergekit's ``ModelReference`` reads it (see :mod:`evomerge.merge.lora`).
+
 ``random_seed`` is an evomerge extension that mergekit ignores (mergekit takes ``--random-seed``
 on its command line instead); it seeds the random sparsifiers (DARE, DELLA).
 """
@@ -14,12 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError, close_matches
+from ..errors import ConfigError, EvomergeError, close_matches
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -40,13 +43,27 @@ ParameterSetting = Union[ScalarOrGradient, Conditional, list[Conditional]]
 Parameters = dict[str, ParameterSetting]
 
 
+def _check_reference(value: str) -> str:
+    """A model reference is a folder or Hub id, or ``base+adapter`` (a LoRA adapter, as in mergekit)."""
+    from .lora import split_reference
+
+    try:
+        split_reference(value)
+    except EvomergeError as err:
+        raise ValueError(str(err)) from None
+    return value
+
+
+ModelReference = Annotated[str, AfterValidator(_check_reference)]
+
+
 class InputModel(_Strict):
-    model: str
+    model: ModelReference
     parameters: Parameters | None = None
 
 
 class InputSlice(_Strict):
-    model: str
+    model: ModelReference
     layer_range: tuple[int, int]
     parameters: Parameters | None = None
 
@@ -61,7 +78,7 @@ class InputSlice(_Strict):
 
 class OutputSlice(_Strict):
     sources: list[InputSlice] = Field(min_length=1)
-    base_model: str | None = None
+    base_model: ModelReference | None = None
     parameters: Parameters | None = None
 
     @model_validator(mode="after")
@@ -89,7 +106,7 @@ class MergeConfig(_Strict):
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
-    base_model: str | None = None
+    base_model: ModelReference | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
     out_dtype: str | None = None

@@ -15,6 +15,11 @@ for bit. Each candidate is merged tensor by tensor straight into the parameters 
 model, in place, so no candidate is ever written to disk and the live model is the only copy the
 worker owns in the mapped storage. Because the plan and the method functions are the ones
 ``evomerge merge`` uses, an exported recipe reproduces exactly what the search evaluated.
+
+A LoRA donor (``base+adapter``) stays low-rank: only its factors (and any full tensors saved with
+the adapter) are resident, and each adapted tensor is formed from the resident base when a
+candidate is merged, exactly as :meth:`ModelFolder.read` forms it for ``evomerge merge``. It
+costs the factors' bytes, not a model's, and a few small matrix products per candidate.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MergeConfig
+from .lora import split_reference
 from .mapped import MappedFiles
 from .model_folder import ModelFolder
 from .plan import MergePlan, plan_merge
@@ -55,24 +61,32 @@ class ResidentModels:
         self.device = torch.device(device)
         self.dtype = dtype
         self.storage = storage
+        self._maps = MappedFiles()
         self.base = base
         self.folders = {ref: ModelFolder(ref, allow_pickle=allow_pickle) for ref in references}
-        self._maps = MappedFiles()
-        #: per model, its tensors as stored: owned (resident) or views of the files' maps (mapped)
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {
-            ref: {name: self._stored(folder, name) for name in folder.tensor_names}
-            for ref, folder in self.folders.items()
-        }
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for ref, folder in self.folders.items():
+            if folder.adapter is None:
+                self.tensors[ref] = self._load(folder)
+        self.adapters = {ref: _ResidentAdapter(folder, self.device) for ref, folder in self.folders.items()
+                         if folder.adapter is not None}
+        self._base_of = {ref: self._adapter_base(ref, allow_pickle) for ref in self.adapters}
         self.deltas: dict[str, dict[str, torch.Tensor]] = {}
         if base is not None and task_vectors:
-            for ref, tensors in self.tensors.items():
-                if ref == base:
+            base_tensors = self.model_tensors(base)
+            for ref in references:
+                tensors = self.tensors.get(ref)
+                if ref == base or tensors is None:  # an adapter donor's deltas are formed per merge
                     continue
                 self.deltas[ref] = {
-                    name: self._for_math(t) - self._for_math(self.tensors[base][name])
+                    name: self._for_math(t) - self._for_math(base_tensors[name])
                     for name, t in tensors.items()
-                    if name in self.tensors[base] and t.is_floating_point() and t.shape == self.tensors[base][name].shape
+                    if name in base_tensors and t.is_floating_point() and t.shape == base_tensors[name].shape
                 }
+
+    def _load(self, folder: ModelFolder) -> dict[str, torch.Tensor]:
+        """A model's tensors as stored: owned (resident) or views of the files' maps (mapped)."""
+        return {name: self._stored(folder, name) for name in folder.tensor_names}
 
     def _stored(self, folder: ModelFolder, name: str) -> torch.Tensor:
         if self.storage == "mapped":
@@ -88,16 +102,64 @@ class ResidentModels:
             t = t.to(self.dtype)
         return t.to(device or self.device, non_blocking=True)
 
+    def _adapter_base(self, ref: str, allow_pickle: bool) -> str:
+        """The resident model an adapter donor applies to: one already resident from the same
+        folder (normally the search's base), else its base loaded once under its own reference."""
+        path = self.folders[ref].path.resolve()
+        for key in self.tensors:
+            if self.folders[key].path.resolve() == path:
+                return key
+        base_reference = split_reference(ref)[0]
+        self.folders[base_reference] = ModelFolder(base_reference, allow_pickle=allow_pickle)
+        self.tensors[base_reference] = self._load(self.folders[base_reference])
+        return base_reference
+
+    def resident_bytes(self, ref: str) -> int:
+        """Bytes this worker holds for model ``ref``: its tensors and task vectors, or, for an
+        adapter donor, its factors and saved full tensors (the base's tensors are the base's)."""
+        if ref in self.adapters:
+            return self.adapters[ref].nbytes
+        held = list(self.tensors[ref].values()) + list(self.deltas.get(ref, {}).values())
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def model_tensors(self, ref: str) -> Mapping[str, torch.Tensor]:
+        """Every tensor of model ``ref`` (an adapter donor's formed in full on first use and kept,
+        for the layer routes that build modules over them)."""
+        if ref not in self.tensors:
+            self.tensors[ref] = {name: self._get(ref, name) for name in self.folders[ref].tensor_names}
+        return self.tensors[ref]
+
     def plan(self, config: MergeConfig) -> MergePlan:
         """Plan a candidate over the resident models (headers only: cheap)."""
         return plan_merge(config, self.folders)
 
     def _get(self, ref: str, name: str, device: torch.device | None = None) -> torch.Tensor:
+        if ref in self.adapters and ref not in self.tensors:
+            adapted = self._adapted(ref, name)
+            return adapted if device is None else adapted.to(device, non_blocking=True)
         tensors = self.tensors[ref]
         if name not in tensors:
             # tied heads: a model without lm_head.weight uses its embeddings, as mergekit does
             name = self.folders[ref]._require(name)
         return self._for_math(tensors[name], device)
+
+    def _adapted(self, ref: str, name: str) -> torch.Tensor:
+        """Adapter donor ``ref``'s tensor ``name``, formed from the resident base as
+        :meth:`ModelFolder.read` forms it from the files (then cast like any resident tensor)."""
+        folder = self.folders[ref]
+        real = folder.resolve(name)
+        base_tensor = self._get(self._base_of[ref], real)
+        adapter = self.adapters[ref]
+        if not adapter.changes(real):
+            return base_tensor
+        stored = folder.dtype(real)
+        if _holds_exactly(base_tensor.dtype, stored):
+            weight = base_tensor.to(stored)
+        else:  # the resident copy was rounded: the adapter applies to the stored values
+            weight = folder.read_base(real).to(self.device)
+        merged = folder.adapter.apply(real, weight, factors=adapter.factors.get(real),
+                                      replacement=adapter.replacements.get(real))
+        return merged.to(self.dtype) if merged.is_floating_point() else merged
 
     def merge_into(self, plan: MergePlan, target: MutableMapping[str, torch.Tensor]) -> MergeOutcome:
         """Write every planned tensor into ``target`` (e.g. a model's parameters) in place."""
@@ -132,6 +194,31 @@ class ResidentModels:
                 return None  # a routed or renamed source: let the method compute it
             out.append(delta)
         return out
+
+
+class _ResidentAdapter:
+    """An adapter donor's resident part: its factors in their stored dtype, and any full tensors
+    saved with it in the base's dtype (as PEFT loads them)."""
+
+    def __init__(self, folder: ModelFolder, device: torch.device) -> None:
+        adapter = folder.adapter
+        assert adapter is not None
+        self.factors = {name: tuple(t.to(device) for t in adapter.read_factors(name)) for name in adapter.factors}
+        self.replacements = {name: adapter.read_replacement(name).to(device=device, dtype=folder.dtype(name))
+                             for name in adapter.replacements}
+
+    def changes(self, name: str) -> bool:
+        return name in self.factors or name in self.replacements
+
+    @property
+    def nbytes(self) -> int:
+        held = [t for pair in self.factors.values() for t in pair] + list(self.replacements.values())
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def _holds_exactly(resident: torch.dtype, stored: torch.dtype) -> bool:
+    """Whether every value of dtype ``stored`` survives a round trip through ``resident``."""
+    return resident == stored or torch.promote_types(resident, stored) == resident
 
 
 def state_view(model: torch.nn.Module) -> Mapping[str, torch.Tensor]:

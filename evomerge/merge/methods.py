@@ -1,9 +1,11 @@
 """Per-tensor kernels of the methods that are not task-vector merges: linear, slerp, model_stock,
-passthrough (the task-vector family lives in :mod:`evomerge.merge.task_vectors`).
+passthrough, nearswap, arcee_fusion (the task-vector family lives in
+:mod:`evomerge.merge.task_vectors`, the other spherical methods in :mod:`evomerge.merge.spherical`).
 
 Each reproduces mergekit 0.1.5 for one output tensor, including its dtypes: linear and slerp
 compute in float32 (float64 when the inputs are float64) and return the input dtype; model_stock
-computes in the input dtype; passthrough returns its input (scaled when asked). Inputs are
+computes in the input dtype; passthrough returns its input (scaled when asked); nearswap computes
+in the input dtype and arcee_fusion returns float32 for lower-precision inputs (its mask is). Inputs are
 expected in one dtype already; :mod:`evomerge.merge.registry` aligns them as mergekit does.
 """
 
@@ -21,6 +23,12 @@ SLERP_DOT_THRESHOLD = 0.9995
 SLERP_NORM_EPS = 1e-8
 #: model_stock's floor on the product of two offset norms, and its singular-denominator bound.
 MODEL_STOCK_EPS = 1e-6
+#: nearswap's floor on |base - other| before dividing t by it.
+NEARSWAP_DIFF_FLOOR = 1e-6
+#: Added to arcee_fusion's softmax probabilities so their logarithms stay finite.
+FUSION_PROB_EPS = 1e-8
+#: arcee_fusion keeps the entries whose importance is at least median + this * (q3 - q1).
+FUSION_IQR_FACTOR = 1.5
 
 
 def require_floating(method: str, tensor: torch.Tensor) -> None:
@@ -147,3 +155,48 @@ def model_stock_merge(
 def passthrough_merge(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """The tensor itself (no copy), or ``tensor * scale`` in its dtype when a scale is given."""
     return tensor if scale is None else tensor * scale
+
+
+def nearswap_merge(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """Per entry, move from the base toward ``other`` by ``min(1, t / |base - other|)``.
+
+    Entries where the two models are within ``t`` of each other take ``other``'s value; farther
+    ones move toward it by a fixed distance ``t`` (so large disagreements keep the base). The
+    difference is floored at 1e-6. Computed in the input dtype, as in mergekit.
+    """
+    require_floating("nearswap", base)
+    share = (t / (base - other).abs().clamp(min=NEARSWAP_DIFF_FLOOR)).clamp(min=0, max=1)
+    return share * other + (1 - share) * base
+
+
+def arcee_fusion_merge(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Keep ``other``'s changes where they matter most, the base elsewhere.
+
+    Importance of an entry is its change |other - base| times the KL divergence of its row's
+    softmax in ``other`` from that in the base (rows: the last axis). Entries at or above
+    median + 1.5 (q3 - q1) of the importances (an upper-outlier fence) take ``other``'s value.
+    Quantiles are exact order statistics at index ``floor(q * (n - 1))``; mergekit computes the
+    same ones exactly up to a million entries and estimates them from a random sample above
+    that, which no seed reproduces, so larger tensors agree with it only statistically. The
+    mask is float32, so the result is float32 for lower-precision inputs, as in mergekit.
+    """
+    require_floating("arcee_fusion", base)
+    change = other - base
+    p = torch.softmax(other, dim=-1) + FUSION_PROB_EPS
+    q = torch.softmax(base, dim=-1) + FUSION_PROB_EPS
+    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    importance = change.abs() * divergence
+    del p, q, divergence
+    q1, median, q3 = _order_statistics(importance.reshape(-1), (0.25, 0.5, 0.75))
+    fence = median + FUSION_IQR_FACTOR * (q3 - q1)
+    keep = (importance >= fence).float()
+    return base + change * keep
+
+
+def _order_statistics(values: torch.Tensor, quantiles: tuple[float, ...]) -> list[torch.Tensor]:
+    """The entries of rank ``floor(q * (n - 1))`` (0-based, ascending) of the 1-D ``values``,
+    found by selection (kthvalue) rather than a full sort. The positions are computed in
+    float32, as mergekit does, so both pick the same ranks."""
+    n = values.numel()
+    positions = (torch.tensor(quantiles, dtype=torch.float32) * (n - 1)).long().tolist()
+    return [torch.kthvalue(values, k + 1).values for k in positions]

@@ -3,6 +3,11 @@
 Weights are read from safetensors only. Pickled ``.bin`` checkpoints are refused unless the user
 opts in, and even then they are read with ``torch.load(weights_only=True)``, which restores
 tensors but runs no code from the file.
+
+A reference ``base+adapter`` (mergekit's form) is the base folder with a PEFT LoRA adapter merged
+in: its config, names, shapes and dtypes are the base's, and :meth:`ModelFolder.read` returns the
+merged tensors (see :mod:`evomerge.merge.lora`), so every consumer of a folder takes adapters
+without knowing about them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from .lora import LoraAdapter, split_reference
 from .safetensors_io import BufferPool, TensorInfo, read_header, read_tensor
 
 # "<prefix>.<index>.<rest>" where prefix is the decoder's layer container, e.g. "model.layers".
@@ -71,16 +77,26 @@ def resolve_model_path(reference: str) -> Path:
 
 @dataclass
 class ModelFolder:
-    """One input model: its config and a lazy index of its tensors."""
+    """One input model: its config and a lazy index of its tensors (with its LoRA adapter, if any)."""
 
     reference: str
     allow_pickle: bool = False
     path: Path = field(init=False)
+    #: the adapter of a ``base+adapter`` reference (``path`` is then the base's folder)
+    adapter: LoraAdapter | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.path = resolve_model_path(self.reference)
+        base_reference, adapter_reference = split_reference(self.reference)
+        self.path = resolve_model_path(base_reference)
         if not (self.path / "config.json").is_file():
+            if (self.path / "adapter_config.json").is_file():
+                raise ModelError(
+                    f"{self.path}: is a LoRA adapter, not a model; name it after its base model, as mergekit does: "
+                    f"BASE+{base_reference}"
+                )
             raise ModelError(f"{self.path}: no config.json; is this a Hugging Face model folder?")
+        if adapter_reference is not None:
+            self.adapter = LoraAdapter(adapter_reference, self, base_reference=base_reference)
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -179,11 +195,25 @@ class ModelFolder:
         return self._index.get(self._require(name))
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
-        """Tensor ``name`` in memory of its own (its buffer from ``pool`` when given)."""
+        """Tensor ``name`` in memory of its own (its buffer from ``pool`` when given), with the
+        adapter merged in for a ``base+adapter`` reference."""
+        tensor = self.read_base(name, pool)
+        if self.adapter is not None:
+            real = self._require(name)
+            if self.adapter.changes(real):
+                tensor = self.adapter.apply(real, tensor)
+        return tensor
+
+    def read_base(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """Tensor ``name`` as the folder stores it (without any adapter)."""
         real = self._require(name)
         if real in self._index:
             return read_tensor(self._index[real], pool)
         return self._pickled[real].clone()
+
+    def resolve(self, name: str) -> str:
+        """The stored tensor ``name`` refers to (``lm_head.weight`` may be the tied embeddings)."""
+        return self._require(name)
 
     def _require(self, name: str) -> str:
         self.tensor_names  # noqa: B018

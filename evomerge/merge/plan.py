@@ -141,13 +141,10 @@ def _base_index(sources: Sequence[InputSlice], base: str | None, method: MergeMe
         if base is None:
             raise ConfigError(f"merge method '{method.name}' needs a base_model; set 'base_model:'", where=where)
         raise ConfigError(f"base_model {base!r} is not among this slice's sources; add it as a source", where=where)
-    n = len(sources)
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        most = "any number" if method.max_models is None else str(method.max_models)
-        raise ConfigError(
-            f"merge method '{method.name}' takes {method.min_models} to {most} models (base included), got {n}",
-            where=where,
-        )
+    try:
+        method.check_inputs(len(sources), has_base=index is not None)
+    except ConfigError as err:
+        raise ConfigError(str(err), where=where) from None
     return index
 
 
@@ -226,11 +223,12 @@ def plan_merge(config: MergeConfig, models: Mapping[str, ModelFolder]) -> MergeP
         if out_dtype_cfg is not None:
             out_dtype = out_dtype_cfg
         elif load_dtype is not None:
-            out_dtype = load_dtype
+            out_dtype = method.result_dtype(load_dtype)
         else:
             out_dtype = models[sources[0][0]].dtype(sources[0][1])
             for m, n in sources[1:]:
                 out_dtype = torch.promote_types(out_dtype, models[m].dtype(n))
+            out_dtype = method.result_dtype(out_dtype)
         tasks.append(TensorTask(out_name, sources, base_index, per_input, shared, shape, load_dtype, out_dtype))
 
     for name in pre:

@@ -247,7 +247,7 @@ def module_over_tensors(
 
 def resident_module(resident: ResidentModels, reference: str, *, trust_remote_code: bool = False) -> nn.Module:
     """A CausalLM over a worker's resident tensors for ``reference`` (no copy), for routing."""
-    return module_over_tensors(resident.folders[reference].path, resident.tensors[reference],
+    return module_over_tensors(resident.folders[reference].path, resident.model_tensors(reference),
                                trust_remote_code=trust_remote_code)
 
 

@@ -25,6 +25,7 @@ from ..errors import ConfigError, EvomergeError, ModelError
 from .config import MergeConfig, load_merge_config, parse_merge_config
 from .model_folder import TOKENIZER_FILES, ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge
+from .registry import MergeInputs
 from .safetensors_io import BufferPool, PlannedTensor, ShardedWriter
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
@@ -107,7 +108,9 @@ def compute_task(
     generator = None
     if plan.method.stochastic:
         generator = torch.Generator(device=inputs[0].device).manual_seed(task.seed(plan.random_seed))
-    result = plan.method.merge(inputs, task.base_index, task.per_input, task.shared, generator=generator, deltas=deltas)
+    result = plan.method.merge(
+        MergeInputs(inputs, task.base_index, task.per_input, task.shared, generator, deltas, task.name)
+    )
     if not all_finite(result):
         raise ModelError(f"merging {task.name} gave NaN or infinite values; check the weights and parameters")
     return result.to(task.out_dtype)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evomerge.merge import sparsify as S
-from evomerge.merge.registry import get_method
+from evomerge.merge.registry import MergeInputs, get_method
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -24,7 +24,7 @@ def rand(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def merge(name, entries, base_index, per_input, shared=None, **kw) -> torch.Tensor:
-    return get_method(name).merge(entries, base_index, per_input, shared or {}, **kw)
+    return get_method(name).merge(MergeInputs(entries, base_index, per_input, shared or {}, **kw))
 
 
 @FAST

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.merge.registry import get_method
+from evomerge.merge.registry import MergeInputs, get_method
 
 SHAPE = (6, 10)
 
@@ -53,7 +53,7 @@ def run(
     shared: dict[str, Any] | None = None,
     **kw: Any,
 ) -> torch.Tensor:
-    return get_method(name).merge(entries, base_index, per_input, shared or {}, **kw)
+    return get_method(name).merge(MergeInputs(entries, base_index, per_input, shared or {}, **kw))
 
 
 # ---------------------------------------------------------------- plain references ----------

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.registry import METHODS, MergeMethod, Param, get_method, method_names
+from evomerge.merge.registry import METHODS, MergeInputs, MergeMethod, Param, get_method, method_names
 
 EXPECTED = {
     "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough",
+    "nuslerp", "multislerp", "karcher", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion",
 }
 
 
@@ -45,7 +46,8 @@ def test_unknown_parameter_suggests_close_names() -> None:
 def test_every_method_declares_its_params_coherently(name: str) -> None:
     method = get_method(name)
     assert isinstance(method, MergeMethod)
-    assert method.params, f"{name} declares no parameters"
+    # arcee_fusion is the one method mergekit declares without parameters
+    assert method.params or name == "arcee_fusion", f"{name} declares no parameters"
     assert len({p.name for p in method.params}) == len(method.params)
     for p in method.params:
         assert isinstance(p, Param)
@@ -61,9 +63,12 @@ def test_every_method_declares_its_params_coherently(name: str) -> None:
                 assert lo <= p.default <= hi
     assert method.min_models >= 1
     assert method.max_models is None or method.max_models >= method.min_models
+    # one uniform shape: every method is a function of one MergeInputs
     signature = inspect.signature(method.merge)
-    assert list(signature.parameters)[:4] == ["entries", "base_index", "per_input", "shared"]
-    assert {"generator", "deltas"} <= set(signature.parameters)
+    assert list(signature.parameters) == ["inputs"]
+    fields = list(inspect.signature(MergeInputs).parameters)
+    assert fields[:4] == ["entries", "base_index", "per_input", "shared"]
+    assert {"generator", "deltas", "tensor_name"} <= set(fields)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -84,8 +89,47 @@ def test_declarations_match_mergekit(name: str) -> None:
             assert p.default == q.default, pname
     method = get_method(name)
     assert method.needs_base == (spec.contract.base == BasePolicy.REQUIRED)
+    assert method.base_rule.value == spec.contract.base.value
     assert method.min_models == spec.contract.min_inputs
     assert method.max_models == spec.contract.max_inputs
+    assert method.min_donors == spec.contract.min_non_base
+    assert method.max_donors == spec.contract.max_non_base
+
+
+def test_the_registry_holds_every_mergekit_method() -> None:
+    registry = pytest.importorskip("mergekit.merge_methods.registry")
+    assert {m.spec.name for m in registry.registered_methods()} == set(METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_number_declares_the_range_it_is_valid_in(name: str) -> None:
+    """``valid_range`` bounds every numeric parameter (flags have none), contains the default
+    and the search range, and ``in_valid_range`` applies it."""
+    for p in get_method(name).params:
+        if p.kind is bool:
+            assert p.valid_range is None and p.in_valid_range(True)
+            continue
+        assert p.valid_range is not None, f"{name}.{p.name} declares no valid range"
+        low, high = p.valid_range
+        assert low < high
+        if p.default is not None:
+            assert low <= p.default <= high and p.in_valid_range(p.default)
+        if p.search_range is not None:
+            assert low <= p.search_range[0] and p.search_range[1] <= high
+        if low > float("-inf"):
+            assert not p.in_valid_range(low - 1e-3)
+        if high < float("inf"):
+            assert not p.in_valid_range(high + 1e-3)
+
+
+def test_fractions_are_valid_in_the_unit_interval() -> None:
+    for method, param in [("ties", "density"), ("dare_linear", "density"), ("breadcrumbs", "gamma"),
+                          ("sce", "select_topk"), ("slerp", "t")]:
+        p = get_method(method).param(param)
+        assert p.valid_range == (0.0, 1.0), (method, param)
+        assert p.in_valid_range(0.0) and p.in_valid_range(1.0) and not p.in_valid_range(1.5)
+    assert get_method("ties").param("weight").in_valid_range(-2.0)  # negative weights subtract
+    assert not get_method("nearswap").param("t").in_valid_range(-0.1)
 
 
 def test_only_dare_and_della_are_stochastic() -> None:
@@ -98,6 +142,9 @@ def test_searchable_parameters_cover_the_usual_knobs() -> None:
     assert ("linear", "weight") in ranged and ("slerp", "t") in ranged
     assert ("ties", "density") in ranged and ("della", "epsilon") in ranged
     assert ("breadcrumbs", "gamma") in ranged and ("ties", "lambda") in ranged
+    assert ("nuslerp", "weight") in ranged and ("multislerp", "weight") in ranged
+    assert ("sce", "select_topk") in ranged and ("nearswap", "t") in ranged
+    assert ("ramplus_tl", "r") in ranged and ("ramplus_tl", "alpha") in ranged
     # density does nothing in task_arithmetic, so a search should not spend a coordinate on it
     assert ("task_arithmetic", "density") not in ranged
 
@@ -111,6 +158,16 @@ def test_check_inputs_counts_models_including_base() -> None:
     with pytest.raises(ConfigError, match="at least 3"):
         get_method("model_stock").check_inputs(2, has_base=True)
     get_method("linear").check_inputs(5, has_base=False)
+    # nuslerp counts the models besides the base: two, with or without a base
+    get_method("nuslerp").check_inputs(2, has_base=False)
+    get_method("nuslerp").check_inputs(3, has_base=True)
+    with pytest.raises(ConfigError, match="exactly 2 models besides the base"):
+        get_method("nuslerp").check_inputs(4, has_base=True)
+    with pytest.raises(ConfigError, match="exactly 2 models besides the base"):
+        get_method("nuslerp").check_inputs(2, has_base=True)
+    with pytest.raises(ConfigError, match="exactly 2 models"):
+        get_method("nearswap").check_inputs(3, has_base=True)
+    get_method("karcher").check_inputs(4, has_base=True)
 
 
 def test_declared_defaults_are_what_merge_uses() -> None:
@@ -122,16 +179,16 @@ def test_declared_defaults_are_what_merge_uses() -> None:
         per = {"weight": 0.6, "density": 0.5}
         full_per = {p.name: per.get(p.name, p.default) for p in method.per_model_params}
         full_shared = {p.name: p.default for p in method.shared_params}
-        a = method.merge([base, donor], 0, [{}, per], {},
-                         generator=torch.Generator().manual_seed(4))
-        b = method.merge([base, donor], 0, [{}, full_per], full_shared,
-                         generator=torch.Generator().manual_seed(4))
+        a = method.merge(MergeInputs([base, donor], 0, [{}, per], {},
+                                     generator=torch.Generator().manual_seed(4)))
+        b = method.merge(MergeInputs([base, donor], 0, [{}, full_per], full_shared,
+                                     generator=torch.Generator().manual_seed(4)))
         assert torch.equal(a, b), name
 
 
 def test_per_input_must_match_entries() -> None:
     x = torch.ones(3)
     with pytest.raises(ValueError, match="per-input"):
-        get_method("linear").merge([x, x], None, [{"weight": 1.0}], {})
+        get_method("linear").merge(MergeInputs([x, x], None, [{"weight": 1.0}], {}))
     with pytest.raises(ConfigError, match="one value per tensor"):
-        get_method("slerp").merge([x, x], 0, [{}, {}], {})
+        get_method("slerp").merge(MergeInputs([x, x], 0, [{}, {}], {}))
