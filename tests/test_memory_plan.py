@@ -3,7 +3,6 @@ budget, and the refusal (exit 2, nothing written) when the workers cannot fit.""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
