@@ -141,6 +141,7 @@ class LmEvalScorer:
         batch_size: int = 32,
         num_fewshot: int | None = None,
         extra_args: Mapping[str, Any] | None = None,
+        keep_free_bytes: int = 0,
     ) -> None:
         from lm_eval.tasks import TaskManager
 
@@ -176,6 +177,7 @@ class LmEvalScorer:
         self.samples = {t: list(idx) for t, idx in samples.items()} if samples is not None else None
         self.limit = limit
         self.batch_size = batch_size
+        self.keep_free_bytes = keep_free_bytes  # held on the GPU while batch_size: auto is probed
         self.num_fewshot = num_fewshot
         self.extra_args = dict(extra_args or {})
         self._task_objects: dict[str, Any] = {}
@@ -273,7 +275,25 @@ class LmEvalScorer:
         if self._lm is None or self._lm_model is not model:
             self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=str(model.device))
             self._lm_model = model
+            if self.batch_size == "auto":
+                self._lm.batch_size_per_gpu = self._probe_batch_size(self._lm)
         return self._lm
+
+    def _probe_batch_size(self, lm: Any) -> int:
+        """``batch_size: auto`` resolved once per live model. lm-eval caches its probe for
+        loglikelihood requests only and probes again on every call for generation and rolling
+        loglikelihood; a fixed number afterwards turns every later probe off. On a GPU the probe
+        runs while the merge's temporaries (``keep_free_bytes``, from the memory plan) are held,
+        so the batch it finds leaves them room."""
+        import torch
+
+        held = None
+        if self.keep_free_bytes and lm.device.type == "cuda":  # GPU path: checked by scripts/gpu_check.py
+            held = torch.empty(self.keep_free_bytes, dtype=torch.uint8, device=lm.device)
+        try:
+            return int(lm._detect_batch_size())
+        finally:
+            del held
 
     def _prepare(self, lm: Any) -> dict[str, _PreparedTask]:
         """Each task configured as simple_evaluate would configure it, and its requests built, once."""

@@ -26,6 +26,7 @@ class Prepared:
     space: Any  # SearchSpace
     num_layers: int
     samples: dict[str, list[int]] | None
+    memory: Any = None  # MemoryPlan: where each worker stores the models (printed by search and validate)
 
 
 def prepare(config: SpaceConfig) -> Prepared:
@@ -53,7 +54,32 @@ def prepare(config: SpaceConfig) -> Prepared:
     _check_metrics(config, scorer)
     preflight.check_num_fewshot(config, scorer)
     preflight.warn_unrelated_donors(config, folders)
-    return Prepared(config, space, base.num_layers, _draw_items(config, scorer))
+    return Prepared(config, space, base.num_layers, _draw_items(config, scorer), memory_plan(config, folders))
+
+
+def memory_plan(config: SpaceConfig, folders: dict[str, Any]) -> Any:
+    """The workers' memory plan from the models' headers; a plan that cannot fit is refused here,
+    before the run folder exists (see :mod:`evomerge.memory_plan`)."""
+    import torch
+
+    from .memory_plan import detect_devices, plan_memory, size_from_folder
+
+    w = config.workers
+    refs = list(folders)
+    plan = plan_memory([size_from_folder(folders[r]) for r in refs], base=refs.index(config.models.base),
+                       workers=w.count, merge_dtype=getattr(torch, config.dtype),
+                       devices=detect_devices(w.gpus_per_worker, device_memory=w.device_memory, host_memory=w.host_memory))
+    if not plan.fits:
+        raise ConfigError(f"the models do not fit: {plan.problem}; {plan.fix}", where=f"{config.source}: workers")
+    return plan
+
+
+def storage_settings(plan: Any) -> dict[str, Any]:
+    """The worker's storage from its memory plan: inputs resident on a GPU that holds them all,
+    else memory-mapped (on CPU shared through the page cache; to a GPU streamed per tensor)."""
+    resident = plan.device.kind == "cuda" and plan.placement == "device"
+    return dict(storage="resident" if resident else "mapped", task_vectors=plan.task_vectors == "resident",
+                gpus=max(1, int(plan.device.gpus_per_worker)), keep_free_bytes=plan.merge_work_bytes)
 
 
 def _open_models(config: SpaceConfig) -> tuple[Any, dict[str, Any]]:
@@ -190,4 +216,5 @@ def worker_spec(prepared: Prepared) -> Any:
         evaluation=settings,
         dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
+        **storage_settings(prepared.memory),
     )

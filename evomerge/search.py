@@ -72,6 +72,8 @@ def run_search(
         failpoints.hit("search.start")
         config = resolve_merged(config)
         prepared = prepare(config)
+        if on_notice:
+            on_notice("\n".join(prepared.memory.describe()))  # the memory plan, before anything starts
         preflight.check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)
         interrupts.check()
         pool_kind = pool or config.workers.pool

@@ -720,6 +720,32 @@ class Workers(_Strict):
     timeout_s: float | None = Field(default=None, gt=0)
     """Seconds one candidate may take: then its worker is replaced and the trial fails "timed out" (not retried);
     absent: no limit."""
+    device_memory: int | str | None = None
+    """Caps the memory one worker's GPU may use (``24GB``, ``80GiB`` or bytes; a CPU worker: its host memory);
+    absent: the free memory torch reports. The memory plan must fit within it."""
+    host_memory: int | str | None = None
+    """The host memory of a node the plan may count on (``64GB``); absent: what psutil reports available."""
+
+    @field_validator("device_memory", "host_memory")
+    @classmethod
+    def _memory_size(cls, value: int | str | None) -> int | None:
+        return None if value is None else parse_bytes(value)
+
+
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``24GB`` (powers of 10), ``80GiB`` (powers of 2) or a number of bytes, as bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"a memory size must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if m is None or m[2].upper() not in _BYTE_UNITS or float(m[1]) <= 0:
+        raise ValueError(f"not a memory size: {value!r}; write e.g. 24GB or 80GiB")
+    return int(float(m[1]) * _BYTE_UNITS[m[2].upper()])
 
     @field_validator("pool")
     @classmethod

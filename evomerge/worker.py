@@ -49,6 +49,12 @@ class WorkerSpec:
     dtype: str = "float32"
     trust_remote_code: bool = False
     threads: int | None = None  # torch intra-op threads; None: what the worker was given
+    # where the inputs are stored, from the memory plan (see evomerge.merge.inmemory):
+    # "mapped" (shared through the page cache; streamed per tensor to a GPU) or "resident"
+    storage: str = "mapped"
+    task_vectors: bool = False  # keep the donors' task vectors (only where the plan says they fit)
+    gpus: int = 1  # GPUs the live model is spread over (a device map) when above 1
+    keep_free_bytes: int = 0  # the merge's temporaries: left free when batch_size: auto is probed
 
 
 @dataclass
@@ -90,17 +96,24 @@ class CandidateEvaluator:
         self.spec = spec
         self.device = _device()
         dtype = getattr(torch, spec.dtype)
-        self.resident = ResidentModels([spec.base, *spec.donors], spec.base, device=self.device, dtype=dtype)
+        self.resident = ResidentModels([spec.base, *spec.donors], spec.base, device=self.device, dtype=dtype,
+                                       storage=spec.storage, task_vectors=spec.task_vectors)
         base_path = self.resident.folders[spec.base].path
         self.tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=spec.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            base_path, dtype=dtype, trust_remote_code=spec.trust_remote_code
-        ).to(self.device)
+        if self.device == "cuda" and spec.gpus > 1:  # GPU path: checked by scripts/gpu_check.py
+            from .device_map import spread_over_gpus
+
+            self.model = spread_over_gpus(base_path, dtype, spec.gpus, trust_remote_code=spec.trust_remote_code)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                base_path, dtype=dtype, trust_remote_code=spec.trust_remote_code
+            ).to(self.device)
         self.model.eval()
         self.params = state_view(self.model)
         ev = spec.evaluation
         options: dict[str, Any] = dict(samples=ev.samples, limit=ev.limit, batch_size=ev.batch_size,
-                                       num_fewshot=ev.num_fewshot, extra_args=dict(ev.extra_args))
+                                       num_fewshot=ev.num_fewshot, extra_args=dict(ev.extra_args),
+                                       keep_free_bytes=spec.keep_free_bytes)
         if ev.include_path:
             options["include_path"] = [Path(p) for p in ev.include_path]
         self.scorer = LmEvalScorer(ev.tasks, **options)

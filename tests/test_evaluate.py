@@ -183,3 +183,24 @@ def test_options_only_simple_evaluate_knows_take_its_path_with_the_same_scores(t
     assert general.scores == fast.scores
     assert general.cost.requests == fast.cost.requests == {"loglikelihood": 4}
     assert general.cost.items == fast.cost.items == {"toy_arith": 4}
+
+
+def test_batch_size_auto_is_probed_once_per_live_model(tiny, monkeypatch) -> None:
+    """lm-eval probes again on every generation call; the scorer resolves ``auto`` once."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny
+    probes = []
+    real = HFLM._detect_batch_size
+
+    def counted(self, *args, **kwargs):  # a spy: the real probe runs, its calls are counted
+        probes.append(args)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_detect_batch_size", counted)
+    scorer = LmEvalScorer(["toy_arith"], limit=4, batch_size="auto")
+    first = scorer.score(model, tokenizer)
+    assert scorer.score(model, tokenizer) == first
+    assert len(probes) == 1
+    assert isinstance(scorer._wrap(model, tokenizer).batch_size, int)
+    assert first == LmEvalScorer(["toy_arith"], limit=4, batch_size=4).score(model, tokenizer)

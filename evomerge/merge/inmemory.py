@@ -1,9 +1,19 @@
-"""The search workers' merge path: the same plan and method code, on resident tensors.
+"""The search workers' merge path: the same plan and method code, on stored input tensors.
 
-A worker loads the base and donors once and keeps their tensors (and the donors' task vectors)
-resident, on its GPU when it has one. Each candidate is merged tensor by tensor straight into
-the parameters of one resident model, in place, so no candidate is ever written to disk and no
-second copy of the model is made. Because the plan and the method functions are the ones
+Storage is apart from math (the worker's memory plan, :mod:`evomerge.memory_plan`, chooses):
+
+- ``resident``: the base and donors are loaded once into memory of the worker's own, in the
+  merge dtype, on the math device (a GPU when everything fits there);
+- ``mapped``: they stay memory-mapped safetensors (:mod:`evomerge.merge.mapped`), shared by every
+  worker of the node through the page cache; each candidate reads each input tensor from the map
+  and converts it (dtype, device) only while that tensor is merged: on CPU zero-copy when the
+  file's dtype is the merge dtype, on a GPU streamed tensor by tensor.
+
+The donors' task vectors are kept (in the worker's own memory) only when asked; otherwise the
+method forms them per tensor, with the same subtraction, so every storage gives the same merge bit
+for bit. Each candidate is merged tensor by tensor straight into the parameters of one live
+model, in place, so no candidate is ever written to disk and the live model is the only copy the
+worker owns in the mapped storage. Because the plan and the method functions are the ones
 ``evomerge merge`` uses, an exported recipe reproduces exactly what the search evaluated.
 
 A LoRA donor (``base+adapter``) stays low-rank: only its factors (and any full tensors saved with
@@ -22,6 +32,7 @@ import torch
 
 from .config import MergeConfig
 from .lora import split_reference
+from .mapped import MappedFiles
 from .model_folder import ModelFolder
 from .plan import MergePlan, plan_merge
 from .run import compute_task
@@ -35,13 +46,22 @@ class MergeOutcome:
     num_tensors: int
 
 
+STORAGES = ("resident", "mapped")
+
+
 class ResidentModels:
-    """Base and donor tensors held in memory, with the donors' task vectors precomputed."""
+    """The base and donors as a worker stores them (see the module docstring), with the donors'
+    task vectors precomputed when ``task_vectors`` is true."""
 
     def __init__(self, references: list[str], base: str | None, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, allow_pickle: bool = False, storage: str = "resident",
+                 task_vectors: bool = True) -> None:
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         self.device = torch.device(device)
         self.dtype = dtype
+        self.storage = storage
+        self._maps = MappedFiles()
         self.base = base
         self.folders = {ref: ModelFolder(ref, allow_pickle=allow_pickle) for ref in references}
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -52,24 +72,35 @@ class ResidentModels:
                          if folder.adapter is not None}
         self._base_of = {ref: self._adapter_base(ref, allow_pickle) for ref in self.adapters}
         self.deltas: dict[str, dict[str, torch.Tensor]] = {}
-        if base is not None:
+        if base is not None and task_vectors:
             base_tensors = self.model_tensors(base)
             for ref in references:
                 tensors = self.tensors.get(ref)
                 if ref == base or tensors is None:  # an adapter donor's deltas are formed per merge
                     continue
                 self.deltas[ref] = {
-                    name: t - base_tensors[name]
+                    name: self._for_math(t) - self._for_math(base_tensors[name])
                     for name, t in tensors.items()
                     if name in base_tensors and t.is_floating_point() and t.shape == base_tensors[name].shape
                 }
 
     def _load(self, folder: ModelFolder) -> dict[str, torch.Tensor]:
-        return {
-            name: (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
-            for name in folder.tensor_names
-            for t in [folder.read(name)]
-        }
+        """A model's tensors as stored: owned (resident) or views of the files' maps (mapped)."""
+        return {name: self._stored(folder, name) for name in folder.tensor_names}
+
+    def _stored(self, folder: ModelFolder, name: str) -> torch.Tensor:
+        if self.storage == "mapped":
+            info = folder.tensor_info(name)
+            if info is not None:
+                return self._maps.tensor(info)  # a pickled checkpoint has no file offsets: owned below
+        return self._for_math(folder.read(name))
+
+    def _for_math(self, t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """``t`` in the merge dtype on ``device`` (default: the math device); itself when it
+        already is (no copy). From a map to a GPU this is the per-tensor stream."""
+        if t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return t.to(device or self.device, non_blocking=True)
 
     def _adapter_base(self, ref: str, allow_pickle: bool) -> str:
         """The resident model an adapter donor applies to: one already resident from the same
@@ -102,14 +133,15 @@ class ResidentModels:
         """Plan a candidate over the resident models (headers only: cheap)."""
         return plan_merge(config, self.folders)
 
-    def _get(self, ref: str, name: str) -> torch.Tensor:
+    def _get(self, ref: str, name: str, device: torch.device | None = None) -> torch.Tensor:
         if ref in self.adapters and ref not in self.tensors:
-            return self._adapted(ref, name)
+            adapted = self._adapted(ref, name)
+            return adapted if device is None else adapted.to(device, non_blocking=True)
         tensors = self.tensors[ref]
-        if name in tensors:
-            return tensors[name]
-        # tied heads: a model without lm_head.weight uses its embeddings, as mergekit does
-        return tensors[self.folders[ref]._require(name)]
+        if name not in tensors:
+            # tied heads: a model without lm_head.weight uses its embeddings, as mergekit does
+            name = self.folders[ref]._require(name)
+        return self._for_math(tensors[name], device)
 
     def _adapted(self, ref: str, name: str) -> torch.Tensor:
         """Adapter donor ``ref``'s tensor ``name``, formed from the resident base as
@@ -133,10 +165,14 @@ class ResidentModels:
         """Write every planned tensor into ``target`` (e.g. a model's parameters) in place."""
         squared = 0.0
         for task in plan.tasks:
-            inputs = [self._get(m, n) for m, n in task.sources]
-            deltas = self._task_deltas(task.sources, task.base_index)
-            result = compute_task(plan, task, inputs, deltas)
             dest = target[task.name]
+            # computed where the live model holds this tensor (with a device map: one of several GPUs)
+            device = dest.device if self.storage == "mapped" else None
+            inputs = [self._get(m, n, device) for m, n in task.sources]
+            deltas = self._task_deltas(task.sources, task.base_index)
+            if deltas is not None and device is not None:
+                deltas = [None if d is None else d.to(device, non_blocking=True) for d in deltas]
+            result = compute_task(plan, task, inputs, deltas)
             with torch.no_grad():
                 dest.copy_(result)
             if task.base_index is not None and result.is_floating_point():

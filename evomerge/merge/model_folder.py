@@ -190,14 +190,18 @@ class ModelFolder:
             return self._index[real].dtype
         return self._pickled[real].dtype
 
+    def tensor_info(self, name: str) -> TensorInfo | None:
+        """Where ``name`` lives in its safetensors file, as stored, without any adapter (None for a
+        pickled checkpoint's tensor)."""
+        return self._index.get(self._require(name))
+
     def stored(self, name: str) -> TensorInfo | None:
-        """Where tensor ``name`` lies in a safetensors file (None for pickled weights): lets a
-        merge that copies it unchanged copy its bytes file to file. None too for a tensor an
-        adapter changes: its stored bytes are not the tensor this reference means."""
-        real = self._require(name)
-        if self.adapter is not None and self.adapter.changes(real):
+        """Where tensor ``name``, as this reference means it, lies in a safetensors file: lets a
+        merge that copies it unchanged copy its bytes file to file. None for pickled weights, and
+        for a tensor an adapter changes (its stored bytes are not the tensor this reference means)."""
+        if self.adapter is not None and self.adapter.changes(self._require(name)):
             return None
-        return self._index.get(real)
+        return self.tensor_info(name)
 
     def read(self, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         """Tensor ``name`` in memory of its own (its buffer from ``pool`` when given), with the

@@ -1,0 +1,95 @@
+"""Storage apart from math: memory-mapped inputs, and task vectors formed on the fly, merge bit for
+bit as the resident path does, for every family of methods and for float32 and bfloat16 files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge.merge.config import parse_merge_config
+from evomerge.merge.inmemory import ResidentModels
+
+from .tiny_models import write_state_dict_model, write_tiny_llama
+
+# wide enough that the CPU merge's row chunks are used (a tensor larger than one chunk)
+SHAPE = dict(hidden_size=128, intermediate_size=640, num_attention_heads=4, num_key_value_heads=2)
+
+TIES = {"merge_method": "ties", "parameters": {"weight": 0.7, "density": 0.5}}
+DARE = {"merge_method": "dare_ties", "parameters": {"weight": 0.6, "density": 0.4}, "random_seed": 3}
+ARITHMETIC = {"merge_method": "task_arithmetic", "parameters": {"weight": 0.5}}
+LINEAR = {"merge_method": "linear", "parameters": {"weight": 0.5}}
+SLERP = {"merge_method": "slerp", "parameters": {"t": 0.3}}
+# (method, stored dtype, merge dtype): the machine is shared, so each case earns its place
+CASES = [(TIES, "float32", torch.float32), (TIES, "bfloat16", torch.bfloat16), (DARE, "float32", torch.float32),
+         (ARITHMETIC, "bfloat16", torch.float32), (ARITHMETIC, "bfloat16", torch.bfloat16),
+         (LINEAR, "bfloat16", torch.float32), (SLERP, "float32", torch.float32)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("storage")
+    base = write_tiny_llama(root / "base", seed=0, **SHAPE)
+    donors = [write_tiny_llama(root / f"d{i}", seed=i + 1, base=base, **SHAPE) for i in range(2)]
+    out = {"float32": (base, donors)}
+    halves = []
+    for folder in (base, *donors):
+        tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(folder / "model.safetensors")).items()}
+        config = json.loads((folder / "config.json").read_text())
+        halves.append(write_state_dict_model(root / f"{folder.name}_bf16", tensors, {**config, "dtype": "bfloat16"}))
+    out["bfloat16"] = (halves[0], halves[1:])
+    return out
+
+
+def _merge(base, donors, method, **storage) -> dict[str, torch.Tensor]:
+    data = {"merge_method": method["merge_method"], "base_model": str(base), "dtype": storage.pop("dtype_name"),
+            "models": [{"model": str(d), "parameters": dict(method["parameters"])} for d in donors]}
+    if method["merge_method"] == "slerp":
+        data["models"] = [{"model": str(base)}, {"model": str(donors[0])}]
+        data["parameters"] = method["parameters"]
+        data["models"][0]["parameters"] = {}
+        data["models"][1]["parameters"] = {}
+    if method["merge_method"] == "linear":
+        data["models"].insert(0, {"model": str(base), "parameters": {"weight": 0.2}})
+    if "random_seed" in method:
+        data["random_seed"] = method["random_seed"]
+    config = parse_merge_config(data)
+    resident = ResidentModels([str(base), *map(str, donors)], str(base), **storage)
+    target = {k: torch.zeros_like(resident._for_math(v)) for k, v in resident.tensors[str(base)].items()}
+    outcome = resident.merge_into(resident.plan(config), target)
+    target["l2"] = torch.tensor(outcome.l2_from_base, dtype=torch.float64)
+    return target
+
+
+@pytest.mark.parametrize("method,files,merge_dtype", CASES,
+                         ids=[f"{m['merge_method']}-{f}-{str(d)[6:]}" for m, f, d in CASES])
+def test_mapped_storage_and_task_vectors_on_the_fly_merge_bit_for_bit(models, method, files, merge_dtype):
+    base, donors = models[files]
+    name = str(merge_dtype).removeprefix("torch.")
+    reference = _merge(base, donors, method, dtype=merge_dtype, dtype_name=name)  # today's resident path
+    for storage, task_vectors in (("mapped", True), ("mapped", False), ("resident", False)):
+        got = _merge(base, donors, method, dtype=merge_dtype, dtype_name=name, storage=storage,
+                     task_vectors=task_vectors)
+        assert got.keys() == reference.keys()
+        for key, want in reference.items():
+            assert got[key].dtype == want.dtype and torch.equal(got[key], want), (storage, task_vectors, key)
+    assert any(not torch.equal(reference[k], load_file(str(base / "model.safetensors"))[k].to(merge_dtype))
+               for k in reference if k != "l2")  # the merge changed something
+
+
+def test_mapped_inputs_are_views_of_the_files_not_copies(models):
+    base, donors = models["float32"]
+    mapped = ResidentModels([str(base), *map(str, donors)], str(base), storage="mapped", task_vectors=False)
+    owned = ResidentModels([str(base)], str(base))
+    name = "model.layers.0.mlp.up_proj.weight"
+    view = mapped.tensors[str(base)][name]
+    assert mapped._get(str(base), name).data_ptr() == view.data_ptr()  # float32 files merged in float32: no copy
+    assert torch.equal(view, owned.tensors[str(base)][name])
+    assert mapped.deltas == {}
+    # bfloat16 files merged in float32: converted per tensor, the map itself untouched
+    half_base, half_donors = models["bfloat16"]
+    half = ResidentModels([str(half_base)], str(half_base), storage="mapped", dtype=torch.float32)
+    assert half.tensors[str(half_base)][name].dtype == torch.bfloat16
+    assert half._get(str(half_base), name).dtype == torch.float32
