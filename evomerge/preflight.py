@@ -130,15 +130,21 @@ def check_distinct_models(config: Any, folders: Mapping[str, Any]) -> None:
     would get two weights and twice the say in the merge, and the base as a donor has a task
     vector of zeros.
     """
+    def identity(folder: Any) -> tuple[Path, Path | None]:
+        """The model a reference means: its folder, and its LoRA adapter's folder for ``base+adapter``."""
+        adapter = getattr(folder, "adapter", None)
+        return Path(folder.path).resolve(), Path(adapter.path).resolve() if adapter is not None else None
+
     base = config.models.base
-    seen: dict[Path, str] = {Path(folders[base].path).resolve(): "models.base"}
+    seen: dict[tuple[Path, Path | None], str] = {identity(folders[base]): "models.base"}
     for i, donor in enumerate(config.models.donors):
-        real = Path(folders[donor.model].path).resolve()
+        real = identity(folders[donor.model])
         if real in seen:
             other = seen[real]
             what = "the base; donors are the fine-tunes of it" if other == "models.base" else \
                 f"the same folder as {other}; list each donor once"
-            raise ConfigError(f"{donor.model!r} ({real}) is {what}", where=f"{config.source}: models.donors[{i}].model")
+            shown = str(real[0]) + (f"+{real[1]}" if real[1] is not None else "")
+            raise ConfigError(f"{donor.model!r} ({shown}) is {what}", where=f"{config.source}: models.donors[{i}].model")
         seen[real] = f"models.donors[{i}]"
 
 
