@@ -72,8 +72,6 @@ def run_search(
         failpoints.hit("search.start")
         config = resolve_merged(config)
         prepared = prepare(config)
-        if on_notice:
-            on_notice("\n".join(prepared.memory.describe()))  # the memory plan, before anything starts
         preflight.check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)
         interrupts.check()
         pool_kind = pool or config.workers.pool
@@ -83,6 +81,8 @@ def run_search(
             if pool_kind == "ray" and (ray_address or config.workers.ray_address):
                 preflight.check_cluster_resources(config, where=ray_address or config.workers.ray_address)
             store = open_store(config, runs_dir)
+            if on_notice:  # every check has passed: a refusal stays one line
+                on_notice("\n".join(prepared.memory.describe()))
             store.remove_stale_temp_files()
             store.requeue_interrupted()
             store.write_pareto()  # a process killed between a trial's record and this file left it stale

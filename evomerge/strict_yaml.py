@@ -67,7 +67,10 @@ def load_all(text: str, *, source: str, single: bool = False) -> list[Any]:
     The loader is driven directly (as ``yaml.safe_load`` drives ``SafeLoader``), so no call in the
     package names ``yaml.load``: the safe-defaults test bans that name outright.
     """
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)  # its reader already refuses control characters
+    except yaml.YAMLError as err:
+        raise ConfigError(_message(err), where=source) from None
     try:
         if single:
             return [loader.get_single_data()]
