@@ -146,6 +146,9 @@ class SearchLoop:
             self.starting[worker] = 1
         while True:
             interrupts.check()
+            if self.store.lost_hold:
+                raise SearchStopped(f"another process took over {self.store.path} while this one stalled; this one stops "
+                                    "and writes nothing more (the other holds the run now)")
             self._dispatch_retries()
             wanted = self._ask_and_submit()
             if not self.flights and not self.retries and (wanted <= 0 or self.idle):

@@ -105,7 +105,7 @@ def _stop(store: Any, config: SpaceConfig) -> int:
     """Close the store; mark the trials still out as interrupted (a resume runs them again)."""
     if store is None:
         return 0
-    running = store.counts().running
+    running = 0 if store.lost_hold else store.counts().running  # another process holds the run: touch nothing
     store.close()
     if not running:
         return 0

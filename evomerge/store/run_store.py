@@ -216,6 +216,13 @@ class RunStore:
 
         return hold(path, opened)
 
+    @property
+    def lost_hold(self) -> bool:
+        """Whether another process took this run over (this one stalled past its lease on a shared
+        database): from then on this process must write nothing more (see :mod:`evomerge.run_lock`)."""
+        lock = getattr(self, "_writer_lock", None)
+        return lock is not None and lock.lost
+
     def close(self) -> None:
         """Bring pareto.json up to date, release database connections and the run, when held (the
         folder can then be moved or deleted)."""

@@ -166,3 +166,31 @@ def test_two_runs_from_two_processes_share_one_database(toy_world, tmp_path, pos
         assert shown.returncode == 0 and name in shown.stdout, shown.stderr[-2000:]
     assert not units["pg_a"] & units["pg_b"]  # two seeds, two studies: nothing mixed
     assert not (Path(tmp_path / "runs" / "pg_a") / "trials.db").exists()  # the log is in PostgreSQL, not the folder
+
+
+def test_a_holder_whose_lease_was_taken_over_stops_and_writes_nothing_more(toy_world, tmp_path, postgres_url):
+    """A holder that stalls past its lease (here: paused after its first recorded trial while the
+    row is taken over, as a process on another host would once the lease looked stale) learns of it
+    at its next heartbeat and stops at its next step, exit 1, without another record and without
+    marking the run's running trials interrupted: never two writers on one study. The new holder's
+    lease is left alone."""
+    from optuna.trial import TrialState
+
+    cfg = write_space(tmp_path, toy_space(toy_world, budget=8, items=8, storage=postgres_url, name="stolen"))
+    runs = tmp_path / "runs"
+    env = env_with("search.after_tell=sleep(20)@1")
+    holder = start(["search", str(cfg), "--runs-dir", str(runs)], cwd=tmp_path, env=env, log=tmp_path / "holder.txt")
+    try:
+        done = lambda: [t for t in _records(postgres_url, "stolen") if t.state == TrialState.COMPLETE]  # noqa: E731
+        _wait_for(lambda: (runs / "stolen" / "run.json").exists() and len(done()) >= 1, what="a first trial")
+        _put_lease(postgres_url, "stolen", "new-host", time.time())  # taken over while the holder is paused
+        before = len(done())
+        assert holder.wait(timeout=300) == 1
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        reap_session(holder.pid)
+    log = (tmp_path / "holder.txt").read_text()
+    assert "another process took over" in log, log[-3000:]
+    assert len(done()) == before  # nothing recorded after the takeover
+    assert json.loads(_lease(postgres_url, "stolen").holder)["host"] == "new-host"
