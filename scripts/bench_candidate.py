@@ -5,8 +5,9 @@ For one recipe and the same task items, measured side by side in one run:
   (a) evomerge: merge into the worker's resident model in place, then score it with lm-eval;
   (b) the scripted pipeline: `mergekit-yaml` to a folder, then the `lm_eval` command on it;
   (c) the floor: the forward passes alone, the same requests run on task objects already built;
-  (d) lm-eval's ``simple_evaluate`` on the model already loaded (what its Python API costs per call).
-Prints (b)/(a) (goal: at least 5), (a)/(c) (goal: at most 1.2) and (d)/(a).
+  (d) lm-eval's ``simple_evaluate`` on the model already loaded (what its Python API costs per call);
+  (e) evomerge's scoring alone (filters, metrics, aggregation included), without the merge.
+Prints (b)/(a) (goal: at least 5), (a)/(c) (goal: at most 1.2), (e)/(c) and (d)/(a).
 
     python scripts/bench_candidate.py [--toy-world toy_world] [--repeat 3] [--items 64]
 """
@@ -74,6 +75,7 @@ def main() -> None:
     a = timed(lambda: evaluator.evaluate(recipe))
     scorer: LmEvalScorer = evaluator.scorer
     c = timed(lambda: scorer.run_requests(evaluator.model, evaluator.tokenizer))
+    e = timed(lambda: scorer.evaluate(evaluator.model, evaluator.tokenizer))
     general = LmEvalScorer(list(tasks), include_path=include, samples=samples, batch_size=32,
                            extra_args={"write_out": False})  # an option only simple_evaluate applies: its path
     d = timed(lambda: general.score(evaluator.model, evaluator.tokenizer))
@@ -99,15 +101,17 @@ def main() -> None:
 
     b = timed(pipeline)
     shutil.rmtree(work, ignore_errors=True)
-    ma, mb, mc, md = (statistics.median(x) for x in (a, b, c, d))
+    ma, mb, mc, md, me = (statistics.median(x) for x in (a, b, c, d, e))
     print(f"recipe: ties over {len(donors)} toy specialists; tasks {', '.join(tasks)}, {args.items} items each; "
           f"median of {args.repeat}")
     print(f"(a) evomerge in-memory merge + lm-eval : {ma:8.2f} s/candidate")
     print(f"(b) mergekit-yaml + lm_eval commands   : {mb:8.2f} s/candidate")
     print(f"(c) forward passes alone (the floor)   : {mc:8.2f} s/candidate ({cost.forward_passes} requests)")
     print(f"(d) simple_evaluate on a loaded model  : {md:8.2f} s/candidate")
+    print(f"(e) evomerge's scoring alone, no merge : {me:8.2f} s/candidate")
     print(f"(b)/(a) = {mb / ma:.1f}   (goal: at least 5)")
-    print(f"(a)/(c) = {ma / mc:.2f}  (goal: at most 1.2)")
+    print(f"(a)/(c) = {ma / mc:.2f}  (goal: at most 1.2; the merge is the rest)")
+    print(f"(e)/(c) = {me / mc:.2f}  (scoring's own cost beyond the forward passes)")
     print(f"(d)/(a) = {md / ma:.2f}  (lm-eval's per-call costs that the search no longer pays)")
 
 

@@ -15,6 +15,7 @@ drive the run rewrites it first thing. The dominance rules are :mod:`evomerge.pa
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -24,7 +25,20 @@ from evomerge.pareto import IncrementalFront
 from evomerge.store.run_folder import PARETO_FILE, write_atomic
 from evomerge.store.trial_log import TrialCounts, TrialRecord
 
-DEFAULT_INTERVAL_S = 2.0
+INTERVAL_ENV = "EVOMERGE_PARETO_INTERVAL_S"
+
+
+def _interval_from_env(default: float = 2.0) -> float:
+    """The rewrite interval: ``EVOMERGE_PARETO_INTERVAL_S`` when set to a number of seconds (0: after
+    every trial, which a reliability test that kills a search inside the Nth write of pareto.json
+    needs, and a person following a run live may want), else ``default``."""
+    try:
+        return max(0.0, float(os.environ.get(INTERVAL_ENV, default)))
+    except ValueError:
+        return default
+
+
+DEFAULT_INTERVAL_S = _interval_from_env()
 
 
 @dataclass

@@ -47,6 +47,8 @@ def space(toy_world: Any, *, budget: int, driver: str = "cma", items: int = 16, 
 def env_with(failpoints: str | None = None, counter_dir: Path | None = None, **extra: str) -> dict[str, str]:
     """This worktree's code on PYTHONPATH (Ray workers inherit it), plus the failpoints asked for."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVOMERGE_FAILPOINTS")}
+    # pareto.json after every trial, not on a timer: failpoints count its writes (store.before_replace)
+    env["EVOMERGE_PARETO_INTERVAL_S"] = "0"
     env.update(extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if failpoints:
