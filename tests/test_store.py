@@ -268,3 +268,18 @@ def test_trials_the_store_writes_whole_read_back_through_optunas_own_api(tmp_pat
     assert done.datetime_start <= done.datetime_complete and failed.values is None
     assert failed.user_attrs == {"attempts": 2, "error": "merge raised", "fail_kind": "candidate"}
     assert [t.number for t in study.best_trials] == [a]  # Optuna's own front sees the values, feasible
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_run_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Atomic writes go through a temp file (mkstemp makes it 0600); the file a user gets has the
+    mode any other file of theirs would have."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "space.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "space.yaml").stat().st_mode) == mode

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from ..store.run_folder import current_umask
 from .skills import SKILLS, Example, training_stream
 from .tasks import EVAL_TASKS_DIR, task_name
 from .train import TrainSettings
@@ -174,6 +175,7 @@ def build_toy_world(directory: Path, *, seed: int = 0, force: bool = False) -> T
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the world is the user's folder like any other
     try:
         manifest = _build_into(staging, seed=seed, console=console)
         _write_json_atomic(staging / "manifest.json", manifest)
