@@ -731,6 +731,21 @@ class Workers(_Strict):
     def _memory_size(cls, value: int | str | None) -> int | None:
         return None if value is None else parse_bytes(value)
 
+    @field_validator("pool")
+    @classmethod
+    def _known_pool(cls, value: str) -> str:
+        from .pool.base import POOL_KINDS
+
+        if value not in POOL_KINDS:
+            raise ValueError(f"unknown worker pool {value!r}; use one of {', '.join(POOL_KINDS)}.{close_matches(value, POOL_KINDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> Workers:
+        if self.pool == "inprocess" and self.ray_address is not None:
+            raise FieldError(("ray_address",), "the in-process pool runs no Ray; remove ray_address, or set pool: ray")
+        return self
+
 
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -746,21 +761,6 @@ def parse_bytes(value: int | str) -> int:
     if m is None or m[2].upper() not in _BYTE_UNITS or float(m[1]) <= 0:
         raise ValueError(f"not a memory size: {value!r}; write e.g. 24GB or 80GiB")
     return int(float(m[1]) * _BYTE_UNITS[m[2].upper()])
-
-    @field_validator("pool")
-    @classmethod
-    def _known_pool(cls, value: str) -> str:
-        from .pool.base import POOL_KINDS
-
-        if value not in POOL_KINDS:
-            raise ValueError(f"unknown worker pool {value!r}; use one of {', '.join(POOL_KINDS)}.{close_matches(value, POOL_KINDS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _address_needs_ray(self) -> Workers:
-        if self.pool == "inprocess" and self.ray_address is not None:
-            raise FieldError(("ray_address",), "the in-process pool runs no Ray; remove ray_address, or set pool: ray")
-        return self
 
 
 # ------------------------------------------------------------------------------------------------

@@ -435,3 +435,12 @@ def test_loader_accepts_or_raises_config_error(data: Any) -> None:
     assert isinstance(config, SpaceConfig)
     config.config_hash()
     assert parse_space_config(yaml.safe_load(config.to_yaml())) == config
+
+
+@pytest.mark.parametrize("workers, field, says", [
+    ({"pool": "inproces"}, r"workers\.pool", r"unknown worker pool 'inproces'.*Did you mean 'inprocess'"),
+    ({"pool": "inprocess", "ray_address": "head:6379"}, r"workers\.ray_address", "the in-process pool runs no Ray"),
+])
+def test_worker_pool_is_checked(tmp_path: Path, workers: dict, field: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}: .*{says}"):
+        load_space_config(write(tmp_path, minimal_config(workers=workers)))
