@@ -237,7 +237,7 @@ def test_cma_lookahead_converges_and_resumes_by_replay_after_a_crash(tmp_path):
 
     store = new_store(tmp_path / "run")
     driver = cma(store, lookahead=AHEAD)
-    done = run_stream(driver, 2 * POP + 1, lambda n: n // 2)  # mid-generation 2, candidates of 3 out
+    run_stream(driver, 2 * POP + 1, lambda n: n // 2)  # mid-generation 2, candidates of 3 out
     lost = [driver.ask() for _ in range(3)]
     store.close()
     store = RunStore.open(store.path)
