@@ -29,10 +29,19 @@ SUBCOMMANDS = ("merge", "validate", "search", "resume", "show", "plot", "export"
 START_TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: every socket stays bound until all are chosen (binding port 0
+    again after closing may return the same port, and Ray refuses one port for two components)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _run(args: list[str]) -> None:
@@ -69,7 +78,7 @@ def check_ray_head() -> None:
         log = Path(tmp) / "ray.log"
         command = [ray, "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard=false",
                    "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--object-store-memory={80 * 2**20}",
-                   *(f"{p}={_free_port()}" for p in ports)]
+                   *(f"{p}={n}" for p, n in zip(ports, _free_ports(len(ports)), strict=True))]
         with open(log, "w") as out:
             node = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:

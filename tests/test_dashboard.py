@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,11 @@ from pathlib import Path
 import pytest
 
 from evomerge.store import RunStore
+from tests.ports import free_port
 from tests.runs_without_models import make_toy_run
 
 START_TIMEOUT_S = 120
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> dict:
@@ -38,7 +33,7 @@ def dashboard(tmp_path):
     """``optuna-dashboard sqlite:///runs/toy_ties/trials.db`` on a loopback port; yields (run, base URL)."""
     exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).with_name("optuna-dashboard"))
     run, _config = make_toy_run(tmp_path / "runs", trials=12)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "dashboard.log", "wb")
     proc = subprocess.Popen([exe, f"sqlite:///{run / 'trials.db'}", "--host", "127.0.0.1", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)

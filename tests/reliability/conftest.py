@@ -84,18 +84,16 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ``--ray-address`` (and ``RAY_AUTH_MODE=disabled`` in their environment). Starting a cluster
     costs tens of seconds on 2 shared cores; the tests where a search must start (and stop) its
     own, or where a node is lost, start their own."""
-    from .ray_nodes import RayNode, free_port, node_env
+    from .ray_nodes import RayNode, node_env
 
-    gcs = free_port()
     temp = Path(f"/tmp/evmrc{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
     # logical CPUs: room for two searches of two workers, and for the actors of a killed search
     # while Ray removes them
-    node = RayNode(["--head", f"--port={gcs}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
-                    "--num-cpus=8", f"--temp-dir={temp}"], node_env(str(ROOT)),
-                   tmp_path_factory.mktemp("ray_cluster") / "head.log")
+    node = RayNode(["--include-dashboard=false", "--num-cpus=8", f"--temp-dir={temp}"], node_env(str(ROOT)),
+                   tmp_path_factory.mktemp("ray_cluster") / "head.log", head=True)
     try:
         node.wait_started()
-        yield f"127.0.0.1:{gcs}"
+        yield node.address
     finally:
         node.kill()
         shutil.rmtree(temp, ignore_errors=True)

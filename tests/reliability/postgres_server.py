@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.ports import free_port
 
 USER = "evomerge"  # the server's superuser (initdb -U)
 DATABASE = "evo"
@@ -31,11 +32,6 @@ def bin_dir() -> Path | None:
     found = shutil.which("pg_ctl")
     return Path(found).parent if found else None
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_server_user(args: list[str]) -> list[str]:
@@ -51,7 +47,7 @@ def running_server() -> Iterator[str]:
     if bindir is None:
         raise FileNotFoundError("PostgreSQL is not installed; run scripts/install.sh (as root) or apt-get install postgresql")
     folder = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     if os.geteuid() == 0:
         user = pwd.getpwnam("postgres")
         os.chown(folder, user.pw_uid, user.pw_gid)

@@ -6,32 +6,41 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 
+from tests.ports import free_ports
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
+HEAD_PORT_FLAGS = ("--port", "--ray-client-server-port")
+START_ATTEMPTS = 3
 
 
 class RayNode:
     """One ``ray start --block`` process and everything it runs (raylet, agents, workers)."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        # every port a node opens is given, so two nodes on one host never collide
-        ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, head: bool = False) -> None:
+        self.args, self.env, self.log, self.head = args, env, log, head
+        self.address = ""
+        self._start()
+
+    def _start(self) -> None:
+        # every port a node opens is given, all distinct, so two nodes on one host never collide
+        flags = (*PORT_FLAGS, *(HEAD_PORT_FLAGS if self.head else ()))
+        ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+        if self.head:
+            self.address = f"127.0.0.1:{ports['--port']}"
         command = ["ray", "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                   f"--object-store-memory={100 * 2**20}", *(f"{p}={free_port()}" for p in ports), *args]
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                   f"--object-store-memory={100 * 2**20}", *(f"{f}={p}" for f, p in ports.items()),
+                   *(["--head"] if self.head else []), *self.args]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
     def processes(self) -> list[psutil.Process]:
         try:
@@ -43,10 +52,17 @@ class RayNode:
         return {p.pid for p in self.processes()}
 
     def wait_started(self, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
+        """Wait for the node; start it again on fresh ports when another process took one of its
+        ports between choosing and binding (a race no choice of ports can rule out)."""
+        deadline, attempts = time.time() + timeout, 1
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {self.log.read_text()[-2000:]}")
+                text = self.log.read_text()
+                if attempts < START_ATTEMPTS and _port_taken(text):
+                    attempts += 1
+                    self._start()
+                    continue
+                raise RuntimeError(f"ray start exited: {text[-2000:]}")
             if "Ray runtime started" in self.log.read_text():
                 return
             time.sleep(0.5)
@@ -63,6 +79,10 @@ class RayNode:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.kill(self.proc.pid, signal.SIGKILL)
+
+
+def _port_taken(log: str) -> bool:
+    return "is used by other components" in log or "already in use" in log.lower()
 
 
 def node_env(pythonpath: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, cli_env, good_space, write_yaml
-from .ray_nodes import RayNode, free_port, node_env
+from .ray_nodes import RayNode, node_env
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +28,18 @@ BUDGET = 10
 
 @pytest.fixture
 def cluster(tmp_path):
-    gcs = free_port()
     temp = Path(f"/tmp/evm2n{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
     env = node_env(str(ROOT))
-    head = RayNode(["--head", f"--port={gcs}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
-                    "--num-cpus=2", f"--temp-dir={temp}"], env, tmp_path / "head.log")
+    head = RayNode(["--include-dashboard=false", "--num-cpus=2", f"--temp-dir={temp}"], env, tmp_path / "head.log",
+                   head=True)
     nodes = [head]
     try:
         head.wait_started()
-        second = RayNode([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", '--resources={"node2": 1}'], env,
+        second = RayNode([f"--address={head.address}", "--num-cpus=1", '--resources={"node2": 1}'], env,
                          tmp_path / "node2.log")
         nodes.append(second)
         second.wait_started()
-        yield f"127.0.0.1:{gcs}", head, second
+        yield head.address, head, second
     finally:
         for node in reversed(nodes):
             node.kill()
