@@ -63,7 +63,7 @@ def run_search(
 
     from . import preflight
     from .pool import make_pool
-    from .route_space import resolve_merged
+    from .space.route import resolve_merged
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
     store = None

@@ -49,7 +49,7 @@ class Checked:
 
 def check(space_file: Path, *, runs_dir: Path = Path("runs"), ray_address: str | None = None) -> Checked:
     """Run every check ``evomerge search`` makes before it starts; raise its error, write nothing."""
-    from .route_space import resolve_merged
+    from .space.route import resolve_merged
     from .pool.ray_pool import check_reachable
 
     config = resolve_merged(load_space_config(space_file))

@@ -1,0 +1,13 @@
+"""The search space: named coordinates, the space they make, and the route part of it.
+
+:mod:`~evomerge.space.search_space` turns a validated space config into named coordinates and
+decodes a point into a :class:`~evomerge.recipe.Recipe`; :mod:`~evomerge.space.route` is the
+random-key encoding of layer routes. The names the rest of evomerge imports are re-exported here.
+"""
+
+from __future__ import annotations
+
+from evomerge.space.route import RouteEncoding
+from evomerge.space.search_space import Coordinate, SearchSpace
+
+__all__ = ["Coordinate", "RouteEncoding", "SearchSpace"]
