@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..merge.routing import RoutedLayer
 from ..space_config import RouteSection
+from .coordinate import Coordinate
 
 DEPTH = "route/depth"
 _IN = 0.8  # an initial route's keys: well above the others, so sigma0 explores near it first
@@ -77,13 +78,11 @@ class RouteEncoding:
 
     # -- coordinates ----------------------------------------------------------------------------
 
-    def coordinates(self) -> list[Any]:
+    def coordinates(self) -> list[Coordinate]:
         """The drivers' view: depth (unless fixed), a key per slot, and a scale per slot when searched."""
         return list(self._coordinates)
 
-    def _build_coordinates(self) -> tuple[Any, ...]:
-        from .search_space import Coordinate
-
+    def _build_coordinates(self) -> tuple[Coordinate, ...]:
         low, high = self.route.depth
         coords = [Coordinate(DEPTH, low=float(low), high=float(high), init=float(len(self.initial)))] if low < high else []
         chosen = set(self.initial)
