@@ -218,3 +218,53 @@ def worker_spec(prepared: Prepared) -> Any:
         trust_remote_code=cfg.trust_remote_code,
         **storage_settings(prepared.memory),
     )
+
+
+def resolve_merged(config: Any) -> Any:
+    """A two-stage space with ``route.merged`` naming a run folder or a mergekit YAML, with that
+    merge written inline, so the new run's space file and identity hold the merge itself (the
+    stage-1 run may go on, or move, without changing what this run searched over).
+
+    A run folder stands for its best trial, chosen as ``evomerge export --best`` chooses.
+    """
+    from .export import choose
+    from .merge.config import load_merge_config
+    from .recipe import Recipe
+    from .store import RunStore
+
+    route = config.route
+    if route is None or not isinstance(route.merged, str):
+        return config
+    where = f"{config.source}: route.merged"
+    path = Path(route.merged)
+    if (path / "space.yaml").is_file():
+        store = RunStore.open(path)
+        try:
+            record = choose(store, trial=None, best=True, pareto=False)[0]
+        finally:
+            store.close()
+        recipe = Recipe.from_json(record.recipe_json, source=f"{path} trial {record.number}")
+        if recipe.route is not None or recipe.merge is None:
+            raise ConfigError(f"the best trial of {path} is itself routed; route over a run of parameter merges",
+                              where=where)
+        merge = recipe.merge
+    elif path.is_file():
+        merge = load_merge_config(path)
+    else:
+        raise ConfigError(f"{path} is neither a run folder (runs/<name>) nor a mergekit YAML file", where=where)
+    known = {config.models.base, *(d.model for d in config.models.donors)}
+    strangers = [m for m in merge.referenced_models() if m not in known]
+    if strangers:
+        raise ConfigError(f"the merge uses {', '.join(map(repr, strangers))}, which models: does not list; the workers "
+                          "hold only the base and the donors", where=where)
+    dtypes = {d for d in (merge.dtype, merge.out_dtype) if d is not None}
+    if dtypes - {config.dtype}:
+        # the worker holds the merge in the route's dtype; a stage written in another one would be
+        # rounded differently on disk than in memory, and the export would not be what was scored
+        raise ConfigError(f"the merge is computed or written in {', '.join(sorted(dtypes))}, the route in "
+                          f"{config.dtype}; set route.dtype: {next(iter(dtypes))} (or the merge's dtype to match)",
+                          where=where)
+    data = merge.model_dump(mode="json", exclude_none=True)
+    resolved = config.model_copy(update={"route": route.model_copy(update={"merged": data})})
+    resolved._source = config.source
+    return resolved

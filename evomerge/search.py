@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from . import failpoints, interrupts
-from .errors import EvomergeError
 from .interrupts import Interrupted
 from .loop import MAX_INFRA_RETRIES, Progress, SearchLoop, SearchStopped
-from .prepare import Prepared, prepare, worker_spec
-from .space_config import SpaceConfig, load_space_config, parse_space_config
+from .prepare import Prepared, prepare, resolve_merged, worker_spec
+from .space_config import (
+    SpaceConfig,
+    load_space_config,
+    parse_space_config,
+    resume_config,
+)
 
 __all__ = [
     "MAX_INFRA_RETRIES",
@@ -37,7 +41,6 @@ __all__ = [
     "open_store",
     "prepare",
     "resume",
-    "resume_config",
     "run_search",
     "search_file",
 ]
@@ -63,7 +66,6 @@ def run_search(
 
     from . import preflight
     from .pool import make_pool
-    from .space.route import resolve_merged
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
     store = None
@@ -201,22 +203,6 @@ def open_store(config: SpaceConfig, runs_dir: Path) -> Any:
 def search_file(path: Path, **kwargs: Any) -> Path:
     """``evomerge search SPACE.yaml``."""
     return run_search(load_space_config(path), **kwargs)
-
-
-def resume_config(run_dir: Path) -> SpaceConfig:
-    """The frozen space config a run folder was created with."""
-    from .strict_yaml import load
-
-    run_dir = Path(run_dir)
-    space_file = run_dir / "space.yaml"
-    if not space_file.is_file():
-        raise EvomergeError(f"{run_dir} is not an evomerge run folder (no space.yaml)")
-    data = load(space_file.read_text(encoding="utf-8"), source=str(space_file))
-    if isinstance(data, dict):
-        # a run is its folder (run.json names its study): a renamed folder resumes in place,
-        # never as a fresh run under the name it had
-        data["name"] = run_dir.resolve().name
-    return parse_space_config(data, source=str(space_file), default_name=run_dir.name)
 
 
 def resume(run_dir: Path, **kwargs: Any) -> Path:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, close_matches
+from .errors import ConfigError, EvomergeError, close_matches
 from .merge.config import DTYPES
 from .drivers import DRIVER_NAMES as DRIVERS
 from .merge.registry import MergeMethod, Param, get_method
@@ -1306,3 +1306,19 @@ def load_space_config(path: str | Path) -> SpaceConfig:
     except UnicodeDecodeError as err:
         raise ConfigError(f"not UTF-8 text: {err}", where=str(path)) from None
     return parse_space_config(data, source=str(path), default_name=path.stem)
+
+
+def resume_config(run_dir: Path) -> SpaceConfig:
+    """The frozen space config a run folder was created with."""
+    from .strict_yaml import load
+
+    run_dir = Path(run_dir)
+    space_file = run_dir / "space.yaml"
+    if not space_file.is_file():
+        raise EvomergeError(f"{run_dir} is not an evomerge run folder (no space.yaml)")
+    data = load(space_file.read_text(encoding="utf-8"), source=str(space_file))
+    if isinstance(data, dict):
+        # a run is its folder (run.json names its study): a renamed folder resumes in place,
+        # never as a fresh run under the name it had
+        data["name"] = run_dir.resolve().name
+    return parse_space_config(data, source=str(space_file), default_name=run_dir.name)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, EvomergeError
-from .prepare import Prepared, prepare  # the search's own checks
+from .prepare import Prepared, prepare, resolve_merged  # the search's own checks
 from .space_config import SpaceConfig, load_space_config
 
 
@@ -49,7 +49,6 @@ class Checked:
 
 def check(space_file: Path, *, runs_dir: Path = Path("runs"), ray_address: str | None = None) -> Checked:
     """Run every check ``evomerge search`` makes before it starts; raise its error, write nothing."""
-    from .space.route import resolve_merged
     from .pool.ray_pool import check_reachable
 
     config = resolve_merged(load_space_config(space_file))

@@ -193,7 +193,7 @@ def test_route_merged_from_a_run_folder_is_its_best_trial_written_inline(tmp_pat
     trial's merge (as `export --best` picks it) copied into its own config, not the path."""
     from optuna.distributions import FloatDistribution
 
-    from evomerge.space.route import resolve_merged
+    from evomerge.prepare import resolve_merged
     from evomerge.store import RunStore
 
     stage1 = build(joint_space())  # its merge part decodes parameter merges over m/base, m/arith

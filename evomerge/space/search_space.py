@@ -216,7 +216,7 @@ class SearchSpace:
 
     def _fixed_merge(self) -> MergeConfig | None:
         """A two-stage route's parameter merge: the config ``route.merged`` resolved to (see
-        :func:`evomerge.space.route.resolve_merged`)."""
+        :func:`evomerge.prepare.resolve_merged`)."""
         route = self.config.route
         if route is None or route.merged is None:
             return None

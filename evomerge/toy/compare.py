@@ -34,7 +34,7 @@ def compare(run_dir: Path, *, include_path: Path | None = None) -> dict[str, dic
     from ..export import choose
     from ..merge.config import parse_merge_config
     from ..recipe import Recipe
-    from ..search import resume_config
+    from ..space_config import resume_config
     from ..store import RunStore
     from ..worker import CandidateEvaluator, EvalSettings, WorkerSpec
 
