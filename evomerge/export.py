@@ -37,8 +37,7 @@ def _header(run: str, record: Any, directions: Mapping[str, str]) -> str:
 def scalar_score(record: Any, directions: Mapping[str, str], weights: Mapping[str, float] | None = None) -> float:
     """The weighted sum a single 'best' is chosen by: CMA-ES's own scalarisation of the objectives,
     with any broken constraint ranking a trial below every feasible one."""
-    from .drivers.base import ObjectiveSpec
-    from .drivers.cma_driver import scalarize
+    from .objectives import ObjectiveSpec, scalarize
 
     measured = record.objectives or {}
     if any(name not in measured for name in directions):

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-Direction = Literal["maximize", "minimize"]
-DIRECTIONS: tuple[str, ...] = ("maximize", "minimize")
+from evomerge.objectives import DIRECTIONS
 
 
 class Scored(Protocol):

@@ -137,7 +137,8 @@ def _refuse_all_failed(store: Any) -> None:
 
 def build_driver(prepared: Prepared, store: Any) -> Any:
     """The driver the config names, rebuilt from whatever the store's log holds."""
-    from .drivers import ConstraintSpec, ObjectiveSpec, make_driver
+    from .drivers import make_driver
+    from .objectives import ConstraintSpec, ObjectiveSpec
 
     cfg = prepared.config
     space = prepared.space

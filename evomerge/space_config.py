@@ -44,7 +44,7 @@ from .errors import ConfigError, EvomergeError, close_matches
 from .merge.config import DTYPES
 from .drivers import DRIVER_NAMES as DRIVERS
 from .merge.registry import MergeMethod, Param, get_method
-from .pareto import DIRECTIONS
+from .objectives import DIRECTIONS
 
 MEASURES = ("l2_from_base",)
 #: Drivers that take ``search.population`` / ``search.sigma0``.

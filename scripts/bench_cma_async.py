@@ -53,7 +53,8 @@ def simulate(
     finished trial, the simulated time each trial finished at)."""
     from optuna.distributions import FloatDistribution
 
-    from evomerge.drivers import ObjectiveSpec, make_driver
+    from evomerge.drivers import make_driver
+    from evomerge.objectives import ObjectiveSpec
     from evomerge.store import RunStore
 
     name = f"la{lookahead}-w{workers}-cv{cv}-s{seed}-{len(list(folder.iterdir()))}"

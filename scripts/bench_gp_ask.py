@@ -29,8 +29,9 @@ def main() -> None:
     import optuna
     from optuna.distributions import FloatDistribution
 
-    from evomerge.drivers import ObjectiveSpec, make_driver
+    from evomerge.drivers import make_driver
     from evomerge.drivers.optuna_driver import BASELINE_ASKS
+    from evomerge.objectives import ObjectiveSpec
     from evomerge.store import RunStore
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -92,7 +92,8 @@ def evaluate(values: dict[str, Any]) -> dict[str, float]:
 
 
 def build_driver(name: str, store: Any, space: Any, config: Any) -> Any:
-    from evomerge.drivers import ObjectiveSpec, make_driver
+    from evomerge.drivers import make_driver
+    from evomerge.objectives import ObjectiveSpec
 
     return make_driver(
         name, store,

@@ -76,7 +76,8 @@ def indicator(space: Any) -> tuple[list[float], Callable, Callable, dict]:
 
 
 def run(encode: Callable, space: Any, seed: int, budget: int, folder: Path) -> tuple[int, int | None, float]:
-    from evomerge.drivers import ObjectiveSpec, make_driver
+    from evomerge.drivers import make_driver
+    from evomerge.objectives import ObjectiveSpec
     from evomerge.store import RunStore
 
     x0, from_unit, decode, dists = encode(space)

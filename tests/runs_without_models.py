@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evomerge.drivers import ConstraintSpec, ObjectiveSpec, make_driver
+from evomerge.drivers import make_driver
+from evomerge.objectives import ConstraintSpec, ObjectiveSpec
 from evomerge.space import SearchSpace
 from evomerge.space_config import SpaceConfig, load_space_config
 from evomerge.store import RunStore

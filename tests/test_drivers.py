@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from evomerge.drivers import ConstraintSpec, ObjectiveSpec, make_driver
-from evomerge.drivers.cma_driver import FAIL_FITNESS_BEFORE_ANY_SUCCESS, FAIL_MARGIN, scalarize
+from evomerge.drivers import make_driver
+from evomerge.drivers.cma_driver import FAIL_FITNESS_BEFORE_ANY_SUCCESS, FAIL_MARGIN
+from evomerge.objectives import ConstraintSpec, ObjectiveSpec, scalarize
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.store import RunStore
 

@@ -26,17 +26,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 from optuna.distributions import BaseDistribution
 
-from evomerge.drivers.base import ConstraintSpec, Driver, ObjectiveSpec, Proposal, Value
+from evomerge.drivers.base import Driver, Proposal, Value
 from evomerge.errors import ConfigError, close_matches
+from evomerge.objectives import ConstraintSpec, ObjectiveSpec
 from evomerge.store import RunStore
 
 DRIVER_NAMES: tuple[str, ...] = ("cma", "tpe", "nsga2", "gp", "random")
 
 __all__ = [
     "DRIVER_NAMES",
-    "ConstraintSpec",
     "Driver",
-    "ObjectiveSpec",
     "Proposal",
     "make_driver",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from evomerge.pareto import DIRECTIONS
+from evomerge.objectives import ConstraintSpec, ObjectiveSpec
 from evomerge.store import RunStore, TrialRecord
 
 Value = float | int | str
@@ -26,28 +26,6 @@ class Proposal:
     number: int
     values: Mapping[str, Value]
     generation: int | None = None  # CMA generation (for logs); None for the Optuna samplers
-
-
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    """A named objective, which way is better, and its weight when a driver needs one number."""
-
-    name: str
-    direction: str  # "maximize" | "minimize"
-    weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"objective {self.name!r}: direction must be 'maximize' or 'minimize'")
-
-
-@dataclass(frozen=True)
-class ConstraintSpec:
-    """``value(name) <= bound``; ``penalty`` per unit of excess in a scalarised score (CMA)."""
-
-    name: str
-    bound: float
-    penalty: float = 1.0
 
 
 class Driver(Protocol):

@@ -31,7 +31,7 @@ Why it looks the way it does:
   in ``scripts/bench_cma_async.py`` a lookahead of one population reached the same scores as
   the generational scheme in the same simulated time while keeping 8 workers 98% busy, and
   larger ones lost more to staleness than they gained in throughput.
-- **One number per candidate.** CMA-ES ranks candidates by one value; see :func:`scalarize`.
+- **One number per candidate.** CMA-ES ranks candidates by one value; see :func:`evomerge.objectives.scalarize`.
 - **Failed candidates** (no objectives, or a NaN the store refused) get a defined fitness when
   their generation completes: the worst finite fitness of any successful trial so far (this
   generation included) plus ``FAIL_MARGIN``, or ``FAIL_FITNESS_BEFORE_ANY_SUCCESS`` when nothing
@@ -58,8 +58,6 @@ from optuna.distributions import BaseDistribution
 from threadpoolctl import ThreadpoolController
 
 from evomerge.drivers.base import (
-    ConstraintSpec,
-    ObjectiveSpec,
     Proposal,
     Value,
     check_against_store,
@@ -67,6 +65,7 @@ from evomerge.drivers.base import (
     refuse_running_trials,
 )
 from evomerge.errors import EvomergeError
+from evomerge.objectives import ConstraintSpec, ObjectiveSpec, scalarize
 from evomerge.store import RunStore, TrialRecord
 
 with warnings.catch_warnings():  # pycma warns at import when matplotlib is absent; plots are not used
@@ -90,21 +89,6 @@ def _one_thread() -> Any:
 
 FAIL_MARGIN = 1.0
 FAIL_FITNESS_BEFORE_ANY_SUCCESS = 1e6
-
-
-def scalarize(
-    measured: Mapping[str, float],
-    objectives: Sequence[ObjectiveSpec],
-    constraints: Sequence[ConstraintSpec] = (),
-) -> float:
-    """The score CMA-ES maximises (it minimises ``-score``).
-
-    ``score = sum(w_i * s_i * v_i) - sum(penalty_j * max(0, v_j - bound_j))`` with ``s_i = +1``
-    for a maximised objective and ``-1`` for a minimised one.
-    """
-    score = sum(o.weight * (1.0 if o.direction == "maximize" else -1.0) * measured[o.name] for o in objectives)
-    score -= sum(c.penalty * max(0.0, measured[c.name] - c.bound) for c in constraints)
-    return score
 
 
 class CmaDriver:

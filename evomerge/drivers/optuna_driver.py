@@ -30,13 +30,12 @@ from optuna.distributions import BaseDistribution
 
 from evomerge.drivers import DRIVER_NAMES
 from evomerge.drivers.base import (
-    ConstraintSpec,
-    ObjectiveSpec,
     Proposal,
     check_against_store,
     record_result,
     refuse_running_trials,
 )
+from evomerge.objectives import ConstraintSpec, ObjectiveSpec
 from evomerge.store import RunStore, TrialRecord
 
 SAMPLERS = tuple(n for n in DRIVER_NAMES if n != "cma")

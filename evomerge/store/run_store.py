@@ -25,7 +25,8 @@ import yaml
 from optuna.distributions import BaseDistribution
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.pareto import DIRECTIONS, pareto_front
+from evomerge.objectives import DIRECTIONS
+from evomerge.pareto import pareto_front
 from evomerge.store.front import DEFAULT_INTERVAL_S, RunFront, Spent, pareto_text
 from evomerge.store.run_folder import (
     PARETO_FILE,

@@ -78,7 +78,8 @@ def test_optuna_drivers_get_failed_trials_as_fail_and_go_on(tmp_path, driver_nam
     import optuna
     from optuna.distributions import FloatDistribution
 
-    from evomerge.drivers import ObjectiveSpec, make_driver
+    from evomerge.drivers import make_driver
+    from evomerge.objectives import ObjectiveSpec
     from evomerge.store import RunStore
 
     store = RunStore.create(tmp_path, "run", "seed: 1\n", "h", directions={"loss": "minimize"})

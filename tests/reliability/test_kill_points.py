@@ -48,8 +48,7 @@ def _by_member(records) -> dict[tuple[int, int], object]:
 
 
 def _best(records, config):
-    from evomerge.drivers import ObjectiveSpec
-    from evomerge.drivers.cma_driver import scalarize
+    from evomerge.objectives import ObjectiveSpec, scalarize
 
     objectives = [ObjectiveSpec(o.key, o.direction, o.weight) for o in config.objectives]
     complete = [r for r in records if r.state == "complete"]

@@ -48,8 +48,8 @@ def attempts_by_candidate(counters: Path) -> dict[str, list[int]]:
 def test_faults_are_retried_elsewhere_or_recorded_and_the_search_goes_on(toy_world, tmp_path, set_failpoints):
     import optuna
 
-    from evomerge.drivers import ObjectiveSpec
-    from evomerge.drivers.cma_driver import FAIL_MARGIN, scalarize
+    from evomerge.drivers.cma_driver import FAIL_MARGIN
+    from evomerge.objectives import ObjectiveSpec, scalarize
     from evomerge.report import show
     from evomerge.store import RunStore
 
