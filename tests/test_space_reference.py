@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from evomerge import space_config as sc
+from evomerge.space_config.schema import _model_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,6 @@ def test_every_field_of_every_section_is_listed_with_its_meaning():
     reached = {m for _, m in script._sections()}
     for model in reached:
         for field in model.model_fields.values():
-            inner = sc._model_in(field.annotation)
+            inner = _model_in(field.annotation)
             assert inner is None or inner in reached, f"{inner.__name__} has no section in the reference"
     assert "| `include_path` | list of text | `[]` |" in text

@@ -38,13 +38,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .errors import ConfigError, EvomergeError, close_matches
-from .merge.config import DTYPES
-from .drivers import DRIVER_NAMES as DRIVERS
-from .merge.registry import MergeMethod, Param, get_method
-from .objectives import DIRECTIONS
+from ..drivers import DRIVER_NAMES as DRIVERS
+from ..errors import ConfigError, EvomergeError, close_matches
+from ..merge.config import DTYPES
+from ..merge.registry import MergeMethod, Param, get_method
+from ..objectives import DIRECTIONS
 
 MEASURES = ("l2_from_base",)
 #: Drivers that take ``search.population`` / ``search.sigma0``.
@@ -734,7 +742,7 @@ class Workers(_Strict):
     @field_validator("pool")
     @classmethod
     def _known_pool(cls, value: str) -> str:
-        from .pool.base import POOL_KINDS
+        from ..pool.base import POOL_KINDS
 
         if value not in POOL_KINDS:
             raise ValueError(f"unknown worker pool {value!r}; use one of {', '.join(POOL_KINDS)}.{close_matches(value, POOL_KINDS)}")
@@ -1299,7 +1307,7 @@ def load_space_config(path: str | Path) -> SpaceConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such space file: {path}")
-    from .strict_yaml import load  # duplicate keys refused, with both lines
+    from ..strict_yaml import load  # duplicate keys refused, with both lines
 
     try:
         data = load(path.read_text(encoding="utf-8"), source=str(path))
@@ -1310,7 +1318,7 @@ def load_space_config(path: str | Path) -> SpaceConfig:
 
 def resume_config(run_dir: Path) -> SpaceConfig:
     """The frozen space config a run folder was created with."""
-    from .strict_yaml import load
+    from ..strict_yaml import load
 
     run_dir = Path(run_dir)
     space_file = run_dir / "space.yaml"
