@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from evomerge.space_config.schema import _model_in
+from evomerge.space_config.messages import _model_in
 
 ROOT = Path(__file__).resolve().parents[1]
 
