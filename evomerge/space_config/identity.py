@@ -8,7 +8,9 @@ Fields outside the identity (:data:`NON_IDENTITY_FIELDS`) may change on resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .base import _dotted
@@ -17,6 +19,41 @@ from .params import ResolvedParam
 #: Fields that do not change which candidates are proposed or how they are scored: a run may be
 #: resumed with more workers, another storage URL or a larger budget.
 NON_IDENTITY_FIELDS = ("name", "workers", "storage", "search.budget")
+
+
+def identity_data(data: dict[str, Any], parameters: Sequence[ResolvedParam]) -> dict[str, Any]:
+    """The part of a config's plain data (``SpaceConfig.to_data()``) that defines a run: all but
+    :data:`NON_IDENTITY_FIELDS`.
+
+    ``merge.parameters`` appears resolved against the registry (``parameters``), so spelling out
+    a default (``weight: {range: [0, 1]}``) is the same run as leaving it out, and a registry
+    whose default ranges changed since the run started is a different run.
+    """
+    if "merge" in data:
+        data["merge"]["parameters"] = {p.name: _resolved_data(p) for p in parameters}
+    for field in NON_IDENTITY_FIELDS:
+        *parents, last = field.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node.pop(last, None)
+    return data
+
+
+def canonical_json(identity: Mapping[str, Any]) -> str:
+    return json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def identity_hash(identity: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON: equal for configs that define the same run."""
+    return hashlib.sha256(canonical_json(identity).encode("ascii")).hexdigest()
+
+
+def differences(old: Any, new: Any) -> list[str]:
+    """Every field where two configs' plain data differ, as ``path: old -> new``."""
+    out: list[str] = []
+    _diff(old, new, (), out)
+    return out
 
 
 def _resolved_data(p: ResolvedParam) -> dict[str, Any]:

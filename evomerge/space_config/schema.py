@@ -13,8 +13,6 @@ Layer groups must divide the models' layer count, which is only known once the m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -27,9 +25,9 @@ from ..drivers import DRIVER_NAMES as DRIVERS
 from ..errors import ConfigError, close_matches
 from ..merge.config import DTYPES
 from ..objectives import DIRECTIONS
+from . import identity
 from .base import FieldError, _dotted, _finite, _Strict
 from .evaluation import Evaluation
-from .identity import NON_IDENTITY_FIELDS, _diff, _resolved_data
 from .params import MergeSection, ResolvedParam, resolve_parameters
 
 MEASURES = ("l2_from_base",)
@@ -659,35 +657,21 @@ class SpaceConfig(_Strict):
 
     __hash__ = None  # type: ignore[assignment]  # holds dicts; never a dict key
 
-    def identity_data(self) -> dict[str, Any]:
-        """The part of the config that defines a run (see NON_IDENTITY_FIELDS).
+    # -- the run's identity (see :mod:`evomerge.space_config.identity`) ---------------------------
 
-        ``merge.parameters`` appears resolved against the registry, so spelling out a default
-        (``weight: {range: [0, 1]}``) is the same run as leaving it out, and a registry whose
-        default ranges changed since the run started is a different run.
-        """
-        data = self.to_data()
-        if self.merge is not None:
-            data["merge"]["parameters"] = {p.name: _resolved_data(p) for p in self.parameters()}
-        for field in NON_IDENTITY_FIELDS:
-            *parents, last = field.split(".")
-            node = data
-            for p in parents:
-                node = node[p]
-            node.pop(last, None)
-        return data
+    def identity_data(self) -> dict[str, Any]:
+        """The part of the config that defines a run, with ``merge.parameters`` resolved."""
+        return identity.identity_data(self.to_data(), self.parameters())
 
     def canonical_json(self) -> str:
-        return json.dumps(self.identity_data(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return identity.canonical_json(self.identity_data())
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON: equal for configs that define the same run."""
-        return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
+        return identity.identity_hash(self.identity_data())
 
     def diff(self, other: SpaceConfig, *, identity_only: bool = True) -> list[str]:
         """The fields that differ, as ``path: old -> new`` (empty when the runs are the same)."""
         a = self.identity_data() if identity_only else self.to_data()
         b = other.identity_data() if identity_only else other.to_data()
-        out: list[str] = []
-        _diff(a, b, (), out)
-        return out
+        return identity.differences(a, b)
