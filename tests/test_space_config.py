@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from evomerge.errors import ConfigError
 from evomerge.space_config import SpaceConfig, load_space_config, parse_space_config
+from evomerge.space_config.identity import differences
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -325,6 +327,15 @@ def test_hash_ignores_layout_and_resume_settings_but_not_the_search() -> None:
     assert changed.config_hash() != config.config_hash()
     assert config.diff(changed) == ["merge.parameters.density.range: [0.1, 1.0] -> [0.2, 1.0]", "search.seed: 0 -> 1"]
     assert "workers.count: 1 -> 8" in config.diff(parse_space_config(resumed), identity_only=False)
+
+
+def test_the_config_diff_names_nested_paths_and_items_of_section_lists() -> None:
+    old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 1, "objectives": [{"task": "t", "weight": 1.0}]}
+    new = {"a": 1, "b": {"c": [1, 3], "d": "x"}, "new": 2, "objectives": [{"task": "t", "weight": 2.0}]}
+    assert differences(old, new) == ["b.c: [1, 2] -> [1, 3]", "gone: 1 -> (absent)",
+                                      "objectives[0].weight: 1.0 -> 2.0", "new: (absent) -> 2"]
+    grown = {**new, "objectives": [*new["objectives"], {"task": "u"}]}  # another length: the list as a whole
+    assert differences(new, grown) == [f"objectives: {json.dumps(new['objectives'])} -> {json.dumps(grown['objectives'])}"]
 
 
 def test_config_is_frozen() -> None:

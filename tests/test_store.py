@@ -5,10 +5,12 @@ import pickle
 from pathlib import Path
 
 import pytest
+import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.store import PARETO_FILE, RunStore, config_differences, write_atomic
+from evomerge.space_config.identity import differences
+from evomerge.store import PARETO_FILE, RunStore, write_atomic
 
 DIRS = {"task:arith/acc": "maximize", "l2_from_base": "minimize"}
 DISTS = {
@@ -156,10 +158,11 @@ def test_a_different_config_under_the_same_name_is_refused_naming_the_field(tmp_
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").iterdir()}
     changed = CONFIG.replace("popsize: 8", "popsize: 16").replace("weight: 1.0", "weight: 2.0")
     with pytest.raises(ConfigError) as err:
-        RunStore.open_or_create(tmp_path, "demo", changed, "hash-b", directions=DIRS)
+        RunStore.open_or_create(tmp_path, "demo", changed, "hash-b", directions=DIRS,
+                                diff=lambda old, new: differences(yaml.safe_load(old), yaml.safe_load(new)))
     msg = str(err.value)
-    assert "search.popsize (was 8, now 16)" in msg and "objectives[0].weight (was 1.0, now 2.0)" in msg
-    assert "name" not in msg.split("(")[1]  # unchanged fields are not listed
+    assert "search.popsize: 8 -> 16" in msg and "objectives[0].weight: 1.0 -> 2.0" in msg
+    assert "name" not in msg.split("(")[1].split(")")[0]  # unchanged fields are not listed
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").iterdir()} == before  # nothing touched
 
 
@@ -236,12 +239,6 @@ def test_nothing_in_the_store_is_pickled(tmp_path, monkeypatch):
     store.complete_trial(n, {"task:arith/acc": 0.5, "l2_from_base": 1.0})
     store.close()
     assert RunStore.open(store.path).trials()[0].attrs["unit_x"] == [0.1, 0.2]
-
-
-def test_config_differences_names_nested_paths():
-    old = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "gone": 1}
-    new = {"a": 1, "b": {"c": [1, 3], "d": "x"}, "new": 2}
-    assert config_differences(old, new) == ["b.c[1] (was 2, now 3)", "gone (removed)", "new (added)"]
 
 
 def test_trials_the_store_writes_whole_read_back_through_optunas_own_api(tmp_path):

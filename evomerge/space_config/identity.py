@@ -50,7 +50,13 @@ def identity_hash(identity: Mapping[str, Any]) -> str:
 
 
 def differences(old: Any, new: Any) -> list[str]:
-    """Every field where two configs' plain data differ, as ``path: old -> new``."""
+    """Every field where two configs' plain data differ, as ``path: old -> new``: the one config
+    diff (``evomerge search`` and ``evomerge validate`` refuse a changed run with it).
+
+    Mappings are compared key by key; a list of sections (``objectives``, ``models.donors``) of
+    the same length item by item (``objectives[0].weight: 1.0 -> 2.0``); any other list, such as
+    a range, as one value (``merge.parameters.density.range: [0.1, 1.0] -> [0.2, 1.0]``).
+    """
     out: list[str] = []
     _diff(old, new, (), out)
     return out
@@ -77,5 +83,12 @@ def _diff(a: Any, b: Any, path: tuple[str | int, ...], out: list[str]) -> None:
                 out.append(f"{_dotted((*path, key))}: {json.dumps(a[key])} -> (absent)")
             else:
                 _diff(a[key], b[key], (*path, key), out)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and _sections(a, b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff(x, y, (*path, i), out)
     elif a != b:
         out.append(f"{_dotted(path)}: {json.dumps(a)} -> {json.dumps(b)}")
+
+
+def _sections(a: list[Any], b: list[Any]) -> bool:
+    return all(isinstance(x, dict) for x in (*a, *b))

@@ -24,7 +24,6 @@ import re
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -106,37 +105,6 @@ def recorded_hash(folder: Path) -> str | None:
     if not (folder / HASH_FILE).is_file():
         return None
     return (folder / HASH_FILE).read_text(encoding="utf-8").strip()
-
-
-def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted paths (``search.popsize``, ``objectives[1].weight``) where two configs differ.
-
-    Used to tell the user exactly which fields stop a run from being resumed under its name.
-    """
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                out.append(f"{path} (added)")
-            elif key not in new:
-                out.append(f"{path} (removed)")
-            else:
-                out.extend(config_differences(old[key], new[key], path))
-        return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        out = []
-        for i, (a, b) in enumerate(zip(old, new)):
-            out.extend(config_differences(a, b, f"{prefix}[{i}]"))
-        return out
-    if old == new and type(old) is type(new):
-        return []
-    return [f"{prefix or '<whole config>'} (was {_short(old)}, now {_short(new)})"]
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- the database -----------------------------------------------------------------------------

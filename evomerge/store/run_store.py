@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.distributions import BaseDistribution
 
 from evomerge.errors import ConfigError, EvomergeError
@@ -31,7 +30,6 @@ from evomerge.store.front import DEFAULT_INTERVAL_S, RunFront, Spent, pareto_tex
 from evomerge.store.run_folder import (
     PARETO_FILE,
     SPACE_FILE,
-    config_differences,
     open_storage,
     read_run_files,
     recorded_hash,
@@ -176,8 +174,9 @@ class RunStore:
         """Resume ``root/name`` when its config is the same, create it when missing, else refuse.
 
         A different config under an existing name raises :class:`ConfigError` naming every field
-        that differs (``diff(old_text, new_text)`` when given, else a key-by-key comparison of the
-        two YAML documents), so the user can restore it or pick a new name.
+        that differs, as ``diff(old_text, new_text)`` lists them (the store does not know what a
+        config means; :meth:`evomerge.space_config.SpaceConfig.diff` does), so the user can restore
+        it or pick a new name; without ``diff`` it names the two hashes.
         """
         from evomerge.run_lock import hold  # one writer per run: a second driver is refused
 
@@ -195,10 +194,10 @@ class RunStore:
             raise EvomergeError(f"{path} exists and is not an evomerge run folder; choose another run name")
         if found_hash != config_hash:
             old_text = (path / SPACE_FILE).read_text(encoding="utf-8")
-            found = diff(old_text, config_yaml_text) if diff else config_differences(
-                yaml.safe_load(old_text), yaml.safe_load(config_yaml_text)
-            )
-            listing = "; ".join(found) if found else "no field differs in the text, but the hashes do"
+            if diff is None:
+                listing = f"config hash {found_hash[:12]}..., not {config_hash[:12]}..."
+            else:
+                listing = "; ".join(diff(old_text, config_yaml_text)) or "no field differs in the text, but the hashes do"
             raise ConfigError(
                 f"run {name!r} already exists with a different config ({listing}). "
                 f"Restore the original config to resume, or choose a new run name.",
