@@ -7,7 +7,7 @@ minus its edit distance (insert, delete, replace a layer) to a hidden 5-layer ro
 two 4-layer models repeated twice (16 slots, depth 4 to 8). Both encodings go through the real CMA
 driver and run store:
 
-- random keys (``evomerge.route_space``): a key per slot and a depth; every point is a valid route;
+- random keys (``evomerge.space.route``): a key per slot and a depth; every point is a valid route;
 - indicator (Akiba et al.): a coordinate per slot, included when above 0.5; a point with a depth
   outside the bounds is an invalid route, told to CMA as a failed trial (its defined penalty).
 

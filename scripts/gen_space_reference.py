@@ -1,6 +1,6 @@
 """Write docs/space-reference.md, the space file's every field, from the schema itself.
 
-The pydantic models in ``evomerge/space_config.py`` are the reference: each field's type and
+The pydantic models in ``evomerge/space_config/`` are the reference: each field's type and
 default come from its annotation, its meaning from its docstring (pydantic's
 ``use_attribute_docstrings``), each section's introduction from its class docstring. A field
 added without a docstring fails this script, and ``tests/test_space_reference.py`` fails when the
@@ -28,7 +28,7 @@ OUT = ROOT / "docs" / "space-reference.md"
 HEADER = """\
 # The space file, field by field
 
-Generated from the schema (`evomerge/space_config.py`) by `python scripts/gen_space_reference.py`;
+Generated from the schema (`evomerge/space_config/`) by `python scripts/gen_space_reference.py`;
 do not edit by hand (`tests/test_space_reference.py` checks that this page is what the script
 writes now). A worked, commented example: `search_spaces/toy_ties.yaml`, shown in the README.
 
@@ -116,7 +116,7 @@ def render() -> str:
         for name, field in model.model_fields.items():
             if not field.description:
                 raise SystemExit(f"gen_space_reference: {model.__name__}.{name} has no docstring; write one under it "
-                                 "in evomerge/space_config.py")
+                                 f"in {model.__module__.replace('.', '/')}.py")
             out.append(f"| `{name}` | {type_name(field.annotation, paths)} | {default_text(field)} | "
                        f"{_markdown(field.description)} |")
         out.append("")

@@ -385,7 +385,7 @@ class RouteSection(_Strict):
 
     The pool's layers in order, repeated ``repeats`` times, are the route's slots (T = M x r for
     M pool layers); a candidate includes some slots, in slot order, between ``depth[0]`` and
-    ``depth[1]`` of them. See :mod:`evomerge.route_space` for the encoding the drivers search.
+    ``depth[1]`` of them. See :mod:`evomerge.space.route` for the encoding the drivers search.
     """
 
     pool: tuple[str, ...] = Field(min_length=1)
