@@ -23,15 +23,17 @@ crash left running, build the driver (which resumes from the log), then ask, eva
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-
-from optuna.distributions import BaseDistribution
+from typing import TYPE_CHECKING
 
 from evomerge.drivers.base import Driver, Proposal, Value
+from evomerge.drivers.names import DRIVER_NAMES
 from evomerge.errors import ConfigError, close_matches
 from evomerge.objectives import ConstraintSpec, ObjectiveSpec
-from evomerge.store import RunStore
 
-DRIVER_NAMES: tuple[str, ...] = ("cma", "tpe", "nsga2", "gp", "random")
+if TYPE_CHECKING:  # the drivers load Optuna and the store only when one is built
+    from optuna.distributions import BaseDistribution
+
+    from evomerge.store import RunStore
 
 __all__ = [
     "DRIVER_NAMES",

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from evomerge.objectives import ConstraintSpec, ObjectiveSpec
-from evomerge.store import RunStore, TrialRecord
+
+if TYPE_CHECKING:
+    from evomerge.store import RunStore, TrialRecord
 
 Value = float | int | str
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from ..drivers import DRIVER_NAMES as DRIVERS
+from ..drivers.names import DRIVER_NAMES as DRIVERS
 from ..errors import ConfigError, close_matches
 from ..merge.config import DTYPES
 from ..objectives import DIRECTIONS
