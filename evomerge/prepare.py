@@ -195,25 +195,32 @@ def _check_constraints(config: SpaceConfig) -> None:
             )
 
 
-def worker_spec(prepared: Prepared) -> Any:
-    """How each worker builds itself for this run: its resident models and what it scores."""
-    from .worker import EvalSettings, WorkerSpec
+def eval_settings(config: SpaceConfig, samples: dict[str, list[int]] | None) -> Any:
+    """What a candidate is scored with (:class:`~evomerge.worker.EvalSettings`): the one builder,
+    for the workers and for ``evomerge validate``'s scoring of the base."""
+    from .worker import EvalSettings
 
-    cfg = prepared.config
-    ev = cfg.evaluation
+    ev = config.evaluation
     paths = [str(Path(p).resolve()) for p in ev.include_path]
-    settings = EvalSettings(
-        tasks=tuple(cfg.task_names()),
+    return EvalSettings(
+        tasks=tuple(config.task_names()),
         include_path=tuple(paths) or None,
-        samples=prepared.samples,
+        samples=samples,
         batch_size=ev.batch_size,  # an int, or lm-eval's "auto"
         num_fewshot=ev.num_fewshot,
         extra_args=dict(ev.lm_eval_args),
     )
+
+
+def worker_spec(prepared: Prepared) -> Any:
+    """How each worker builds itself for this run: its resident models and what it scores."""
+    from .worker import WorkerSpec
+
+    cfg = prepared.config
     return WorkerSpec(
         base=cfg.models.base,
         donors=tuple(d.model for d in cfg.models.donors),
-        evaluation=settings,
+        evaluation=eval_settings(cfg, prepared.samples),
         dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
         **storage_settings(prepared.memory),

@@ -16,12 +16,11 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.distributions import BaseDistribution
 
 from evomerge.errors import ConfigError, EvomergeError
@@ -29,11 +28,9 @@ from evomerge.pareto import DIRECTIONS, pareto_front
 from evomerge.store.front import DEFAULT_INTERVAL_S, RunFront, Spent, pareto_text
 from evomerge.store.run_folder import (
     PARETO_FILE,
-    SPACE_FILE,
-    config_differences,
+    check_same_run,
     open_storage,
     read_run_files,
-    recorded_hash,
     redact_url,
     remove_stale_creations,
     remove_stale_temp_files,
@@ -170,39 +167,23 @@ class RunStore:
         constraints: Mapping[str, float] | None = None,
         storage_url: str | None = None,
         diff: Callable[[str, str], list[str]] | None = None,
+        earlier_hashes: Collection[str] = (),
         pareto_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> RunStore:
-        """Resume ``root/name`` when its config is the same, create it when missing, else refuse.
-
-        A different config under an existing name raises :class:`ConfigError` naming every field
-        that differs (``diff(old_text, new_text)`` when given, else a key-by-key comparison of the
-        two YAML documents), so the user can restore it or pick a new name.
+        """Resume ``root/name`` when its config is the same, create it when missing, else refuse
+        (see :func:`~evomerge.store.run_folder.check_same_run`, which ``evomerge validate`` asks too).
         """
         from evomerge.run_lock import hold  # one writer per run: a second driver is refused
 
         path = Path(root) / name
         remove_stale_creations(root)
-        if not path.exists():
+        if not check_same_run(path, config_yaml_text, config_hash, diff=diff, earlier_hashes=earlier_hashes):
             return hold(path, lambda: cls.create(
                 root, name, config_yaml_text, config_hash,
                 directions=directions, constraints=constraints, storage_url=storage_url,
                 pareto_interval_s=pareto_interval_s,
             ))
-        # Compare before opening the database, so a refused config touches nothing in the folder.
-        found_hash = recorded_hash(path)
-        if found_hash is None:
-            raise EvomergeError(f"{path} exists and is not an evomerge run folder; choose another run name")
-        if found_hash != config_hash:
-            old_text = (path / SPACE_FILE).read_text(encoding="utf-8")
-            found = diff(old_text, config_yaml_text) if diff else config_differences(
-                yaml.safe_load(old_text), yaml.safe_load(config_yaml_text)
-            )
-            listing = "; ".join(found) if found else "no field differs in the text, but the hashes do"
-            raise ConfigError(
-                f"run {name!r} already exists with a different config ({listing}). "
-                f"Restore the original config to resume, or choose a new run name.",
-                where=str(path / SPACE_FILE),
-            )
+
         def opened() -> RunStore:
             store = cls.open(path, storage_url=storage_url, pareto_interval_s=pareto_interval_s)
             if store.directions != dict(directions) or store.constraints != dict(constraints or {}):
