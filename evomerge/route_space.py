@@ -161,6 +161,7 @@ def resolve_merged(config: Any) -> Any:
 
     from .export import choose
     from .merge.config import load_merge_config
+    from .model_refs import resolve_merge
     from .recipe import Recipe
     from .store import RunStore
 
@@ -184,6 +185,7 @@ def resolve_merged(config: Any) -> Any:
         merge = load_merge_config(path)
     else:
         raise ConfigError(f"{path} is neither a run folder (runs/<name>) nor a mergekit YAML file", where=where)
+    merge = resolve_merge(merge, config)  # names the models as the (resolved) config does
     known = {config.models.base, *(d.model for d in config.models.donors)}
     strangers = [m for m in merge.referenced_models() if m not in known]
     if strangers:

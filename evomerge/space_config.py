@@ -53,7 +53,7 @@ SIGMA_DRIVERS = ("cma",)
 DEFAULT_SIGMA0 = 0.25
 #: Fields that do not change which candidates are proposed or how they are scored: a run may be
 #: resumed with more workers, another storage URL or a larger budget.
-NON_IDENTITY_FIELDS = ("name", "workers", "storage", "search.budget")
+NON_IDENTITY_FIELDS = ("name", "workers", "storage", "search.budget", "as_written")
 #: lm-eval arguments evomerge sets itself; passing them through would silently fight its own.
 RESERVED_LM_EVAL_ARGS = {
     "model": "evomerge passes the merged model itself",
@@ -904,6 +904,9 @@ class SpaceConfig(_Strict):
     """Run model code shipped in the model folders (``auto_map``); read that code first."""
     route: RouteSection | None = None
     """Layer routing (frankenmerges): which layers, from which models, in which order."""
+    as_written: dict[str, str] | None = None
+    """Set by evomerge in a run's stored config: each model path or task folder as the space file wrote it, by field,
+    where the run holds it resolved (absolute, or a Hub id pinned to a commit); see evomerge/model_refs.py."""
 
     _source: str = PrivateAttr(default="space config")
 
