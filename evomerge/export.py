@@ -1,9 +1,11 @@
 """``evomerge export``: a trial's recipe as plain mergekit YAML.
 
-The recipe a trial stored is the complete mergekit config the worker merged (original model
+The recipe a trial stored is the complete mergekit config the worker merged (the run's model
 references, every parameter explicit, per-layer values as gradients of one value per layer), so
 export writes it out as it is: running ``mergekit-yaml`` or ``evomerge merge`` on the file gives
-the weights the search evaluated. A routed recipe is a ``passthrough`` config in ``slices:``
+the weights the search evaluated. The references are the run's resolved ones (absolute folders,
+pinned Hub ids: :mod:`evomerge.model_refs`), so the file works from any folder; a recipe recorded
+by an earlier version, with the paths as written, is renamed through the run's stored config. A routed recipe is a ``passthrough`` config in ``slices:``
 form; one that routes over its own parameter merge is a multi-stage file (``mergekit-multi``'s
 format: the merge named ``merged``, then the route that names it).
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EvomergeError
+from .model_refs import portable_recipe
 from .recipe import Recipe
 
 
@@ -32,6 +35,22 @@ def _header(run: str, record: Any, directions: Mapping[str, str]) -> str:
         lines.append(f"# random method: reproduce with `mergekit-yaml THIS.yaml OUT --random-seed {seed}` (statistically)")
         lines.append("# or exactly with `evomerge merge THIS.yaml OUT`, which reads random_seed below")
     return "\n".join(lines) + "\n"
+
+
+def _run_config(run_dir: Path) -> Any:
+    """The run's stored config (which maps the models as written to where they are), if readable."""
+    from .search import resume_config
+
+    try:
+        return resume_config(run_dir)
+    except EvomergeError:
+        return None
+
+
+def _as_written(run_config: Any) -> str:
+    """Comment lines saying how the space file named the models the export names by full path."""
+    written = (run_config.as_written or {}) if run_config is not None else {}
+    return "".join(f"# the space file's {field}: {value}\n" for field, value in written.items())
 
 
 def scalar_score(record: Any, directions: Mapping[str, str], weights: Mapping[str, float] | None = None) -> float:
@@ -94,8 +113,10 @@ def export(store: Any, records: Sequence[Any], out: Path | None) -> list[Path]:
             f"(-o {out.with_suffix('')}/), or export one of them with --trial N"
         )
     check_out_path(out, single=len(records) == 1)
+    run_config = _run_config(store.path)
     for r in records:
-        text = _header(run, r, store.directions) + Recipe.from_json(r.recipe_json).to_yaml()
+        recipe = portable_recipe(Recipe.from_json(r.recipe_json), run_config)  # works from any folder
+        text = _header(run, r, store.directions) + _as_written(run_config) + recipe.to_yaml()
         if len(records) == 1 and out.suffix in (".yaml", ".yml"):
             target = out
         else:

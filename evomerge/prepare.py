@@ -195,25 +195,32 @@ def _check_constraints(config: SpaceConfig) -> None:
             )
 
 
-def worker_spec(prepared: Prepared) -> Any:
-    """How each worker builds itself for this run: its resident models and what it scores."""
-    from .worker import EvalSettings, WorkerSpec
+def eval_settings(config: SpaceConfig, samples: dict[str, list[int]] | None) -> Any:
+    """What a candidate is scored with (:class:`~evomerge.worker.EvalSettings`): the one builder,
+    for the workers and for ``evomerge validate``'s scoring of the base."""
+    from .worker import EvalSettings
 
-    cfg = prepared.config
-    ev = cfg.evaluation
+    ev = config.evaluation
     paths = [str(Path(p).resolve()) for p in ev.include_path]
-    settings = EvalSettings(
-        tasks=tuple(cfg.task_names()),
+    return EvalSettings(
+        tasks=tuple(config.task_names()),
         include_path=tuple(paths) or None,
-        samples=prepared.samples,
+        samples=samples,
         batch_size=ev.batch_size,  # an int, or lm-eval's "auto"
         num_fewshot=ev.num_fewshot,
         extra_args=dict(ev.lm_eval_args),
     )
+
+
+def worker_spec(prepared: Prepared) -> Any:
+    """How each worker builds itself for this run: its resident models and what it scores."""
+    from .worker import WorkerSpec
+
+    cfg = prepared.config
     return WorkerSpec(
         base=cfg.models.base,
         donors=tuple(d.model for d in cfg.models.donors),
-        evaluation=settings,
+        evaluation=eval_settings(cfg, prepared.samples),
         dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
         **storage_settings(prepared.memory),
@@ -229,6 +236,7 @@ def resolve_merged(config: Any) -> Any:
     """
     from .export import choose
     from .merge.config import load_merge_config
+    from .model_refs import resolve_merge
     from .recipe import Recipe
     from .store import RunStore
 
@@ -252,6 +260,7 @@ def resolve_merged(config: Any) -> Any:
         merge = load_merge_config(path)
     else:
         raise ConfigError(f"{path} is neither a run folder (runs/<name>) nor a mergekit YAML file", where=where)
+    merge = resolve_merge(merge, config)  # names the models as the (resolved) config does
     known = {config.models.base, *(d.model for d in config.models.donors)}
     strangers = [m for m in merge.referenced_models() if m not in known]
     if strangers:

@@ -28,7 +28,7 @@ MERGED_STAGE = "merged"
 class Recipe:
     """A merge candidate: a parameter merge, a layer route, or a route over a parameter merge.
 
-    ``merge`` names the models by their original references (as the space file wrote them) and
+    ``merge`` names the models by the run's references (resolved: see :mod:`evomerge.model_refs`) and
     sets every parameter explicitly, so the exported YAML does not depend on evomerge's
     defaults. ``route`` is a mergekit ``passthrough`` config in ``slices:`` form whose layers
     come from the base, the donors, or (as model ``merged``) the parameter merge; see

@@ -65,6 +65,7 @@ def run_search(
     import optuna
 
     from . import preflight
+    from .model_refs import resolve_config
     from .pool import make_pool
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
@@ -72,7 +73,7 @@ def run_search(
     interrupted = 0
     try:
         failpoints.hit("search.start")
-        config = resolve_merged(config)
+        config = resolve_merged(resolve_config(config))  # models by absolute path or pinned id: portable
         prepared = prepare(config)
         preflight.check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)
         interrupts.check()
@@ -174,14 +175,21 @@ def _default_popsize(dimension: int, driver: str) -> int | None:
     return None
 
 
-def open_store(config: SpaceConfig, runs_dir: Path) -> Any:
-    from .store import SPACE_FILE, RunStore, write_atomic
+def config_diff(config: SpaceConfig) -> Callable[[str, str], list[str]]:
+    """How a refusal of a different config under the run's name lists the fields that differ."""
 
     def diff(old_text: str, new_text: str) -> list[str]:
         import yaml
 
         old = parse_space_config(yaml.safe_load(old_text), source="the run's space.yaml", default_name=config.name)
         return old.diff(config)  # "field: the run's value -> this file's value"
+
+    return diff
+
+
+def open_store(config: SpaceConfig, runs_dir: Path) -> Any:
+    from .model_refs import earlier_hash
+    from .store import HASH_FILE, SPACE_FILE, RunStore, write_atomic
 
     store = RunStore.open_or_create(
         runs_dir,
@@ -191,13 +199,16 @@ def open_store(config: SpaceConfig, runs_dir: Path) -> Any:
         directions={o.key: o.direction for o in config.objectives},
         constraints={c.key: c.max for c in config.constraints if c.max is not None},
         storage_url=config.storage,
-        diff=diff,
+        diff=config_diff(config),
+        earlier_hashes=(earlier_hash(config),),  # a run created before references were resolved
     )
     # Same run, other settings outside its identity (a bigger budget, other workers): the folder
     # keeps the latest, so `evomerge resume` carries on with what the user last asked for.
     space_file = store.path / SPACE_FILE
     if space_file.read_text(encoding="utf-8") != config.to_yaml():
         write_atomic(space_file, config.to_yaml())
+    if (store.path / HASH_FILE).read_text(encoding="utf-8").strip() != config.config_hash():
+        write_atomic(store.path / HASH_FILE, config.config_hash() + "\n")  # an earlier run, now with resolved models
     return store
 
 

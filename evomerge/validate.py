@@ -18,12 +18,11 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from .errors import ConfigError, EvomergeError
-from .prepare import Prepared, prepare, resolve_merged  # the search's own checks
+from .prepare import Prepared, eval_settings, prepare, resolve_merged  # the search's own checks
 from .space_config import SpaceConfig, load_space_config
 
 
@@ -49,9 +48,10 @@ class Checked:
 
 def check(space_file: Path, *, runs_dir: Path = Path("runs"), ray_address: str | None = None) -> Checked:
     """Run every check ``evomerge search`` makes before it starts; raise its error, write nothing."""
+    from .model_refs import resolve_config
     from .pool.ray_pool import check_reachable
 
-    config = resolve_merged(load_space_config(space_file))
+    config = resolve_merged(resolve_config(load_space_config(space_file)))  # as the search resolves them
     prepared = prepare(config)
     from .preflight import check_run_inputs
 
@@ -84,26 +84,16 @@ def _summary(field: str, reference: str) -> ModelSummary:
 
 def _run_state(config: SpaceConfig, runs_dir: Path) -> str:
     """Whether the search would create the run, resume it, or refuse a different config under
-    its name (the same refusal, worded as :meth:`RunStore.open_or_create` words it). Reads files
-    only: opening the trial database could create SQLite's side files in the run folder."""
-    from .store import HASH_FILE, SPACE_FILE
+    its name: the run store's own check (:func:`~evomerge.store.run_folder.check_same_run`),
+    which reads files only (opening the trial database could create SQLite's side files)."""
+    from .model_refs import earlier_hash
+    from .search import config_diff
+    from .store.run_folder import check_same_run
 
     folder = Path(runs_dir) / config.name
-    if not folder.exists():
+    if not check_same_run(folder, config.to_yaml(), config.config_hash(), diff=config_diff(config),
+                          earlier_hashes=(earlier_hash(config),)):
         return f"{folder} does not exist yet: the search creates it"
-    if not (folder / HASH_FILE).is_file():
-        raise EvomergeError(f"{folder} exists and is not an evomerge run folder; choose another run name")
-    if (folder / HASH_FILE).read_text(encoding="utf-8").strip() != config.config_hash():
-        import yaml
-
-        from .space_config import parse_space_config
-
-        old = parse_space_config(yaml.safe_load((folder / SPACE_FILE).read_text(encoding="utf-8")),
-                                 source="the run's space.yaml", default_name=config.name)
-        listing = "; ".join(old.diff(config)) or "no field differs in the text, but the hashes do"
-        raise ConfigError(f"run {config.name!r} already exists with a different config ({listing}). "
-                          "Restore the original config to resume, or choose a new run name.",
-                          where=str(folder / SPACE_FILE))
     return f"{folder} holds this config: the search resumes it"
 
 
@@ -121,17 +111,14 @@ def score_base(checked: Checked) -> tuple[dict[str, float], dict[str, tuple[int,
     from .merge.model_folder import ModelFolder
 
     config = checked.config
-    ev = config.evaluation
-    options: dict[str, Any] = {"batch_size": 1, "num_fewshot": ev.num_fewshot, "extra_args": dict(ev.lm_eval_args)}
-    if ev.include_path:  # as the workers get them (evomerge.search builds the same settings)
-        options["include_path"] = [Path(p).resolve() for p in ev.include_path]
-    tasks = config.task_names()
-    counting = LmEvalScorer(tasks, **options)
+    settings = replace(eval_settings(config, None), batch_size=1)  # as the workers get them, one item at a time
+    tasks = list(settings.tasks)
+    counting = LmEvalScorer(tasks, **settings.scorer_options())
     totals = {t: counting.num_docs(t) for t in tasks}
     searched = checked.prepared.samples or {}
     items = {t: (len(searched[t]) if t in searched else totals[t], totals[t]) for t in tasks}
     first = {t: [searched[t][0] if t in searched else 0] for t in tasks}
-    scorer = LmEvalScorer(tasks, samples=first, **options)
+    scorer = LmEvalScorer(tasks, **replace(settings, samples=first).scorer_options())
     path = ModelFolder(config.models.base).path
     dtype = getattr(torch, config.dtype)
     start = time.perf_counter()

@@ -38,6 +38,15 @@ class EvalSettings:
     num_fewshot: int | None = None
     extra_args: Mapping[str, Any] = field(default_factory=dict)
 
+    def scorer_options(self) -> dict[str, Any]:
+        """:class:`LmEvalScorer`'s arguments besides the tasks: a worker's scorer and ``evomerge
+        validate``'s scoring of the base are built from the same settings by this one method."""
+        options: dict[str, Any] = {"samples": self.samples, "limit": self.limit, "batch_size": self.batch_size,
+                                   "num_fewshot": self.num_fewshot, "extra_args": dict(self.extra_args)}
+        if self.include_path:
+            options["include_path"] = [Path(p) for p in self.include_path]
+        return options
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -111,12 +120,7 @@ class CandidateEvaluator:
         self.model.eval()
         self.params = state_view(self.model)
         ev = spec.evaluation
-        options: dict[str, Any] = dict(samples=ev.samples, limit=ev.limit, batch_size=ev.batch_size,
-                                       num_fewshot=ev.num_fewshot, extra_args=dict(ev.extra_args),
-                                       keep_free_bytes=spec.keep_free_bytes)
-        if ev.include_path:
-            options["include_path"] = [Path(p) for p in ev.include_path]
-        self.scorer = LmEvalScorer(ev.tasks, **options)
+        self.scorer = LmEvalScorer(ev.tasks, **ev.scorer_options(), keep_free_bytes=spec.keep_free_bytes)
         self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}{_ray_node()}"
         self._pool_modules: dict[str, Any] | None = None  # routing: modules over the resident tensors
 

@@ -68,9 +68,12 @@ def resolve_model_path(reference: str) -> Path:
             repo, revision=revision or None, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
         )
     except Exception as err:  # offline, unknown repo, gated: all user-fixable
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ModelError(
-            f"model {reference!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}: {err}); give a local path or check the id and your network"
+            f"model {reference!r} is neither a local folder (there is no {Path.cwd() / path}; relative paths start "
+            f"from the folder evomerge is run in) nor a model the Hugging Face Hub could give "
+            f"({type(err).__name__}: {reason[:200]}); give the folder's path from here or an absolute one, or check the "
+            "Hub id and your network"
         ) from None
     return Path(local)
 

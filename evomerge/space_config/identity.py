@@ -18,7 +18,7 @@ from .params import ResolvedParam
 
 #: Fields that do not change which candidates are proposed or how they are scored: a run may be
 #: resumed with more workers, another storage URL or a larger budget.
-NON_IDENTITY_FIELDS = ("name", "workers", "storage", "search.budget")
+NON_IDENTITY_FIELDS = ("name", "workers", "storage", "search.budget", "as_written")
 
 
 def identity_data(data: dict[str, Any], parameters: Sequence[ResolvedParam]) -> dict[str, Any]:

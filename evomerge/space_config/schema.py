@@ -467,6 +467,9 @@ class SpaceConfig(_Strict):
     """Run model code shipped in the model folders (``auto_map``); read that code first."""
     route: RouteSection | None = None
     """Layer routing (frankenmerges): which layers, from which models, in which order."""
+    as_written: dict[str, str] | None = None
+    """Set by evomerge in a run's stored config: each model path or task folder as the space file wrote it, by field,
+    where the run holds it resolved (absolute, or a Hub id pinned to a commit); see evomerge/model_refs.py."""
 
     _source: str = PrivateAttr(default="space config")
 

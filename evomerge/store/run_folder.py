@@ -24,6 +24,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -105,6 +106,45 @@ def recorded_hash(folder: Path) -> str | None:
     if not (folder / HASH_FILE).is_file():
         return None
     return (folder / HASH_FILE).read_text(encoding="utf-8").strip()
+
+
+def check_same_run(
+    path: Path,
+    config_yaml_text: str,
+    config_hash: str,
+    *,
+    diff: Callable[[str, str], list[str]] | None = None,
+    earlier_hashes: Collection[str] = (),
+) -> bool:
+    """Whether ``path`` holds this run (True) or does not exist yet (False); a folder that is not
+    a run, or a run with a different config, is refused. Reads two files only, so a refused config
+    touches nothing in the folder (``evomerge validate`` asks the same question).
+
+    A different config raises :class:`ConfigError` naming every field that differs, as
+    ``diff(old_text, new_text)`` lists them (the store does not know what a config means;
+    :meth:`evomerge.space_config.SpaceConfig.diff` does), so the user can restore it or pick a new
+    name; without ``diff`` it names the two hashes. ``earlier_hashes`` are the hashes earlier
+    versions of evomerge recorded for the same config (see :func:`evomerge.model_refs.earlier_hash`).
+    """
+    from evomerge.errors import ConfigError
+
+    if not path.exists():
+        return False
+    found_hash = recorded_hash(path)
+    if found_hash is None:
+        raise EvomergeError(f"{path} exists and is not an evomerge run folder; choose another run name")
+    if found_hash != config_hash and found_hash not in earlier_hashes:
+        old_text = (path / SPACE_FILE).read_text(encoding="utf-8")
+        if diff is None:
+            listing = f"config hash {found_hash[:12]}..., not {config_hash[:12]}..."
+        else:
+            listing = "; ".join(diff(old_text, config_yaml_text)) or "no field differs in the text, but the hashes do"
+        raise ConfigError(
+            f"run {path.name!r} already exists with a different config ({listing}). "
+            f"Restore the original config to resume, or choose a new run name.",
+            where=str(path / SPACE_FILE),
+        )
+    return True
 
 
 # ---- the database -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,9 @@ from evomerge.pareto import pareto_front
 from evomerge.store.front import DEFAULT_INTERVAL_S, RunFront, Spent, pareto_text
 from evomerge.store.run_folder import (
     PARETO_FILE,
-    SPACE_FILE,
+    check_same_run,
     open_storage,
     read_run_files,
-    recorded_hash,
     redact_url,
     remove_stale_creations,
     remove_stale_temp_files,
@@ -169,40 +168,23 @@ class RunStore:
         constraints: Mapping[str, float] | None = None,
         storage_url: str | None = None,
         diff: Callable[[str, str], list[str]] | None = None,
+        earlier_hashes: Collection[str] = (),
         pareto_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> RunStore:
-        """Resume ``root/name`` when its config is the same, create it when missing, else refuse.
-
-        A different config under an existing name raises :class:`ConfigError` naming every field
-        that differs, as ``diff(old_text, new_text)`` lists them (the store does not know what a
-        config means; :meth:`evomerge.space_config.SpaceConfig.diff` does), so the user can restore
-        it or pick a new name; without ``diff`` it names the two hashes.
+        """Resume ``root/name`` when its config is the same, create it when missing, else refuse
+        (see :func:`~evomerge.store.run_folder.check_same_run`, which ``evomerge validate`` asks too).
         """
         from evomerge.run_lock import hold  # one writer per run: a second driver is refused
 
         path = Path(root) / name
         remove_stale_creations(root)
-        if not path.exists():
+        if not check_same_run(path, config_yaml_text, config_hash, diff=diff, earlier_hashes=earlier_hashes):
             return hold(path, lambda: cls.create(
                 root, name, config_yaml_text, config_hash,
                 directions=directions, constraints=constraints, storage_url=storage_url,
                 pareto_interval_s=pareto_interval_s,
             ))
-        # Compare before opening the database, so a refused config touches nothing in the folder.
-        found_hash = recorded_hash(path)
-        if found_hash is None:
-            raise EvomergeError(f"{path} exists and is not an evomerge run folder; choose another run name")
-        if found_hash != config_hash:
-            old_text = (path / SPACE_FILE).read_text(encoding="utf-8")
-            if diff is None:
-                listing = f"config hash {found_hash[:12]}..., not {config_hash[:12]}..."
-            else:
-                listing = "; ".join(diff(old_text, config_yaml_text)) or "no field differs in the text, but the hashes do"
-            raise ConfigError(
-                f"run {name!r} already exists with a different config ({listing}). "
-                f"Restore the original config to resume, or choose a new run name.",
-                where=str(path / SPACE_FILE),
-            )
+
         def opened() -> RunStore:
             store = cls.open(path, storage_url=storage_url, pareto_interval_s=pareto_interval_s)
             if store.directions != dict(directions) or store.constraints != dict(constraints or {}):
