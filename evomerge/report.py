@@ -1,4 +1,6 @@
-"""What a person sees: the live progress line during a search, and ``evomerge show``."""
+"""``evomerge show``: a run's counts, Pareto front, best trials and failures, as tables.
+
+The progress of a running search is :mod:`evomerge.reporter`'s."""
 
 from __future__ import annotations
 
@@ -17,53 +19,14 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-class LiveDisplay:
-    """A progress bar with trials done of budget, best value per objective, throughput and ETA."""
+def tables_console() -> Console:
+    """Where ``show`` prints: stdout, as wide as the terminal, or :data:`~evomerge.reporter.PLAIN_WIDTH`
+    columns (``COLUMNS`` when set) when stdout is a file or a pipe, whatever terminal the command
+    was started from (rich would take the width of a terminal on stdin or stderr, and a log read
+    in another window would show tables cut mid-border)."""
+    from .reporter import output_width
 
-    def __init__(self, console: Console | None = None) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        # bound to the stream now: the in-process pool silences sys.stderr while it evaluates
-        self.console = console or Console(file=sys.stderr)
-        self.progress = Progress(
-            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[best]}"),
-            console=self.console, transient=False,
-        )
-        self.task: Any = None
-
-    def __enter__(self) -> LiveDisplay:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
-
-    def notice(self, message: str) -> None:
-        """A line above the progress bar: workers started or lost, a fault, why the search stopped."""
-        self.console.print(Text(message, style="yellow"))
-
-    def __call__(self, state: Any, record: Any) -> None:
-        done = state.finished_before + state.finished
-        if self.task is None:
-            self.task = self.progress.add_task("search", total=state.budget, rate="", eta="", best="")
-        eta = state.eta_s()
-        best = "  ".join(f"{k.removeprefix('task:')}={v:.3g}" for k, v in state.best.items())
-        failed = f"  failed={state.failed}" if state.failed else ""
-        passes = f"  fwd={_count(state.forward_passes)}" if state.forward_passes else ""
-        self.progress.update(
-            self.task, completed=done,
-            rate=f"{state.rate() * 60:.1f}/min", eta=f"ETA {eta:.0f}s" if eta is not None else "ETA -",
-            best=best + failed + passes,
-        )
-
-
-def _count(n: int) -> str:
-    """12345 -> '12.3k': a count that stays short on a live line."""
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= limit:
-            return f"{n / limit:.3g}{suffix}"
-    return str(n)
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else output_width(sys.stdout))
 
 
 def counts_sentence(counts: Any) -> str:
@@ -97,7 +60,7 @@ def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, st
 
 def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
     """Print the run's counts, its Pareto front, its best trials, and every failure with its reason."""
-    console = console or Console()
+    console = console or tables_console()
     records = store.trials()
     counts = store.counts()
     console.print(f"[bold]{store.path}[/]: {counts_sentence(counts)}")

@@ -83,6 +83,9 @@ class InProcessPool:
         self._starting.extend(workers)
         return workers
 
+    def describe(self) -> str:
+        return "in-process pool: the workers take turns in this process (no Ray)"
+
     def submit(self, worker: Worker, recipe_json: str) -> None:
         if worker not in self._evaluators:
             raise ValueError(f"{worker} has not started")
