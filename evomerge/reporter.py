@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -102,7 +103,14 @@ def count(n: float) -> str:
 
 
 def score(value: float) -> str:
-    return f"{value:.3g}"
+    """Three significant digits, without an exponent below a million (an L2 distance of 1503)."""
+    return f"{value:.0f}" if 1e3 <= abs(value) < 1e6 else f"{value:.3g}"
+
+
+def per_minute(rate_per_s: float) -> str:
+    """Trials a minute: ``36/min``, ``0.25/min``, ``140/min``."""
+    n = rate_per_s * 60
+    return f"{n:.0f}/min" if n >= 10 else f"{n:.2g}/min"
 
 
 def short_labels(names: list[str]) -> dict[str, str]:
@@ -145,7 +153,7 @@ def live_fields(progress: Any, elapsed_s: float, labels: Mapping[str, str]) -> d
         "front": f"front {progress.front_size}" if progress.front_size else "",
         "passes": f"{count(progress.forward_passes)} passes" if progress.forward_passes else "",
         "eta": f"ETA {clock(eta)}" if eta is not None and done < progress.budget else "",
-        "rate": f"{rate * 60:.2g}/min" if rate > 0 else "",
+        "rate": per_minute(rate) if rate > 0 else "",
     }
 
 
@@ -175,8 +183,6 @@ def fit_line(fields: Mapping[str, str | tuple[str, ...]], width: int) -> str:
 def stamped(text: str, elapsed_s: float, width: int | None = None) -> str:
     """``text`` after the elapsed time, its further lines indented under the first; wrapped at
     spaces to ``width`` when given (a terminal), so that no number is split across two rows."""
-    import textwrap
-
     stamp = clock(elapsed_s) + " "
     pad = " " * len(stamp)
     out = []

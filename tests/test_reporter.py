@@ -17,8 +17,11 @@ from evomerge.reporter import (
     SEPARATOR,
     LogReporter,
     TerminalReporter,
+    clock,
     fit_line,
     live_fields,
+    per_minute,
+    score,
     short_labels,
     trial_line,
 )
@@ -171,3 +174,9 @@ def test_a_failed_trial_line_gives_its_reason():
     p = progress_after(RECORDS)
     line = trial_line(p, RECORDS[3], new_best=False)
     assert line.startswith("trial 30 failed: merge produced NaN weights (1.2 s, 404/1000 trials")
+
+
+def test_numbers_on_the_live_line_are_short_and_never_in_exponent_form():
+    assert [clock(s) for s in (7, 723, 3723)] == ["0:07", "12:03", "1:02:03"]
+    assert [score(v) for v in (0.984375, 1.0, 0.0, 1503.2, 4.369)] == ["0.984", "1", "0", "1503", "4.37"]
+    assert [per_minute(r) for r in (0.6, 2.4, 1 / 240)] == ["36/min", "144/min", "0.25/min"]
