@@ -44,16 +44,19 @@ def counts_sentence(counts: Any) -> str:
 
 
 def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, str]) -> Table:
-    table = Table(title=title)
-    table.add_column("trial", justify="right")
-    for name, direction in directions.items():
-        table.add_column(f"{name.removeprefix('task:')} {'↑' if direction == 'maximize' else '↓'}", justify="right")
-    table.add_column("fwd passes", justify="right")
-    table.add_column("merge s", justify="right")
-    table.add_column("eval s", justify="right")
+    """One row per trial. A column is never narrower than its widest number, so a narrow terminal
+    folds the headers, never a number."""
+    rows = []
     for r in records:
         row = [str(r.number)] + [_fmt((r.objectives or {}).get(n)) for n in directions]
         row += [str(r.forward_passes) if r.cost else "-", _fmt(r.timings.get("merge_s")), _fmt(r.timings.get("eval_s"))]
+        rows.append(row)
+    headers = ["trial", *(f"{name.removeprefix('task:')} {'↑' if direction == 'maximize' else '↓'}"
+                          for name, direction in directions.items()), "fwd passes", "merge s", "eval s"]
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right", overflow="fold", min_width=max((len(row[i]) for row in rows), default=1))
+    for row in rows:
         table.add_row(*row)
     return table
 
@@ -71,10 +74,12 @@ def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
                       f"({spent.forward_passes / spent.scored_trials:.0f} a trial)")
     directions = store.directions
     front = sorted(store.pareto(records), key=lambda r: r.number)
-    console.print(trials_table(f"Pareto front ({len(front)} trials)", front, directions))
+    # crop=False: a table wider than a tiny terminal wraps there, never cropped mid-number
+    console.print(trials_table(f"Pareto front ({len(front)} trials)", front, directions), crop=False)
     complete = [r for r in records if r.state == "complete"]
     best = sorted(complete, key=lambda r: scalar_score(r, directions), reverse=True)[:top]
-    console.print(trials_table(f"Best {len(best)} by the sum of objectives (maximize +, minimize -)", best, directions))
+    title = f"Best {len(best)} by the sum of objectives (maximize +, minimize -)"
+    console.print(trials_table(title, best, directions), crop=False)
     failed = [r for r in records if r.state == "failed" and not r.interrupted]
     if failed:
         table = Table(title=f"Failed trials ({len(failed)})")

@@ -180,3 +180,20 @@ def test_numbers_on_the_live_line_are_short_and_never_in_exponent_form():
     assert [clock(s) for s in (7, 723, 3723)] == ["0:07", "12:03", "1:02:03"]
     assert [score(v) for v in (0.984375, 1.0, 0.0, 1503.2, 4.369)] == ["0.984", "1", "0", "1503", "4.37"]
     assert [per_minute(r) for r in (0.6, 2.4, 1 / 240)] == ["36/min", "144/min", "0.25/min"]
+
+
+@pytest.mark.parametrize("width", [40, 60, 80])
+def test_show_tables_fold_their_headers_and_never_cut_a_number(width):
+    from rich.console import Console
+
+    from evomerge.report import trials_table
+
+    complete = [r for r in RECORDS if r.state == "complete"]
+    out = io.StringIO()
+    Console(file=out, width=width).print(trials_table("front", complete, DIRECTIONS), crop=False)
+    cells = [cell.strip() for row in out.getvalue().splitlines() if row.startswith("│") for cell in row.split("│")[1:-1]]
+    for r in complete:
+        for value in r.objectives.values():
+            assert f"{value:.4g}" in cells
+    if width >= 80:
+        assert max(len(row) for row in out.getvalue().splitlines()) <= width

@@ -313,9 +313,10 @@ def table_text(table: dict[str, dict[str, float]]) -> str:
 
     tasks = list(next(iter(table.values())).keys()) if table else []
     out = Table(title="toy world: lm-eval acc per task (toy_<skill> = search split)")
-    out.add_column("model or merge", no_wrap=True)
-    for task in tasks:
-        out.add_column(task.removeprefix("toy_").replace("_heldout", " held-out"), justify="right", no_wrap=True)
+    out.add_column("model or merge", overflow="fold")
+    for task in tasks:  # never narrower than a score: a narrow terminal folds the headers, not a number
+        out.add_column(task.removeprefix("toy_").replace("_heldout", " held-out"), justify="right", overflow="fold",
+                       min_width=len("0.000"))
     for name, scores in table.items():
         out.add_row(name, *(f"{scores[t]:.3f}" for t in tasks))
     text = io.StringIO()
