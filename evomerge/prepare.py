@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .space_config import SpaceConfig
+
+if TYPE_CHECKING:
+    from .reporter import Reporter
 
 
 @dataclass
@@ -29,7 +32,7 @@ class Prepared:
     memory: Any = None  # MemoryPlan: where each worker stores the models (printed by search and validate)
 
 
-def prepare(config: SpaceConfig, *, report: Any = None) -> Prepared:
+def prepare(config: SpaceConfig, *, report: Reporter | None = None) -> Prepared:
     """Check a space against its models and tasks; nothing is written.
 
     One step per concern, in the order a user would fix them; each raises a :class:`ConfigError`

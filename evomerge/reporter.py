@@ -413,12 +413,14 @@ class _ClearingStream:
 
 
 class CallbackReporter:
-    """For code that runs a search as a library (tests, notebooks): notices and trials handed to
-    callbacks, stages kept quiet. Without ``on_notice``, notices go to stderr."""
+    """For code that runs a search as a library (tests, notebooks): notices, lines and trials
+    handed to callbacks, stages kept quiet. Without ``on_notice``, notices go to stderr and lines
+    nowhere."""
 
     def __init__(self, on_progress: Callable[[Any, Any], None] | None = None,
                  on_notice: Callable[[str], None] | None = None) -> None:
         self.on_progress = on_progress
+        self.on_line = on_notice or (lambda _text: None)
         self.on_notice = on_notice or (lambda message: print(message, file=sys.stderr, flush=True))
 
     def begin(self, doing: str) -> None:
@@ -428,7 +430,7 @@ class CallbackReporter:
         pass
 
     def line(self, text: str) -> None:
-        self.on_notice(text)
+        self.on_line(text)
 
     def notice(self, message: str) -> None:
         self.on_notice(message)
