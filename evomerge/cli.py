@@ -7,11 +7,14 @@ importing transformers, lm-eval or ray.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from .errors import EvomergeError
+
+STARTED = time.monotonic()  # the command's start: progress lines count their time from here
 
 
 class _Group(click.Group):
@@ -58,6 +61,9 @@ def merge(config: Path, out: Path, shard_size: str, allow_pickle: bool, overwrit
     A CONFIG of several YAML documents is a multi-stage file, as mergekit-multi reads: each named
     document is merged first, and later documents use it by its name; the unnamed one is OUT.
     """
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
     from .merge.config import load_merge_config
     from .merge.multi import is_multi_stage, load_stages, merge_stages
     from .merge.run import merge_config
@@ -92,11 +98,13 @@ def search(space: Path, runs_dir: Path, ray_address: str | None, pool: str | Non
     from .interrupts import install
 
     install()  # first: Ctrl-C and SIGTERM stop the search cleanly from here on, whatever the shell did
-    _quiet_progress_bars()
-    from .search import search_file
 
-    _run_with_display(lambda display: search_file(space, runs_dir=runs_dir, ray_address=ray_address, pool=pool,
-                                                  on_progress=display, on_notice=display.notice))
+    def start(report):
+        from .search import search_file
+
+        return search_file(space, runs_dir=runs_dir, ray_address=ray_address, pool=pool, report=report)
+
+    _run_with_report(start)
 
 
 @main.command()
@@ -112,9 +120,9 @@ def validate(space: Path, runs_dir: Path, ray_address: str | None) -> None:
     Nothing is written: no run folder, no runs/, no Ray cluster. Exit status 0 when a search
     would start, 2 with the reason when it would not.
     """
-    import os
+    from .quiet import quiet_libraries
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # before lm-eval and datasets import tqdm
+    quiet_libraries()  # before lm-eval and datasets are imported
     from .validate import check, describe, score_base
 
     checked = check(space, runs_dir=runs_dir, ray_address=ray_address)
@@ -139,29 +147,30 @@ def resume(run_dir: Path, ray_address: str | None, pool: str | None) -> None:
     from .interrupts import install
 
     install()
-    _quiet_progress_bars()
-    from .search import resume as resume_run
 
-    _run_with_display(lambda display: resume_run(run_dir, ray_address=ray_address, pool=pool, on_progress=display,
-                                                 on_notice=display.notice))
+    def start(report):
+        from .search import resume as resume_run
 
+        return resume_run(run_dir, ray_address=ray_address, pool=pool, report=report)
 
-def _quiet_progress_bars() -> None:
-    """lm-eval, datasets and transformers draw progress bars per call; a search shows its own. Set
-    before they import tqdm, which reads the variable then (the in-process pool evaluates here)."""
-    import os
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    _run_with_report(start)
 
 
-def _run_with_display(start) -> None:
+def _run_with_report(start) -> None:
+    """Run a search with a reporter on stdout (a live line on a terminal, a plain log elsewhere;
+    see :mod:`evomerge.reporter`), then print the run's tables."""
     from .interrupts import Interrupted
-    from .report import LiveDisplay, show
-    from .store import RunStore
+    from .quiet import quiet_libraries
+    from .reporter import make_reporter
 
+    quiet_libraries()  # before lm-eval, datasets and transformers are imported (they read it then)
+    report = make_reporter(started=STARTED)  # first: the screen is never blank while libraries load
     try:
-        with LiveDisplay() as display:
-            path = start(display)
+        try:
+            report.begin("loading libraries")
+            path = start(report)
+        finally:
+            report.close()  # the live line leaves the screen before an error or the tables are printed
     except Interrupted as err:
         if err.run_dir is None:
             click.secho(f"interrupted ({err}) before the run started; nothing was recorded", fg="yellow", err=True)
@@ -171,6 +180,9 @@ def _run_with_display(start) -> None:
             click.secho(f"interrupted ({err}): every finished trial is recorded{rerun}. Resume with: "
                         f"evomerge resume {err.run_dir}", fg="yellow", err=True)
         sys.exit(err.exit_code)
+    from .report import show
+    from .store import RunStore
+
     store = RunStore.open(path)
     try:
         show(store)
@@ -254,18 +266,21 @@ def toy() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if DIRECTORY already holds a toy world.")
 def toy_build(directory: Path, seed: int, force: bool) -> None:
     """Build the toy base model, its specialists and their lm-eval tasks into DIRECTORY."""
+    from .quiet import quiet_libraries
+
+    quiet_libraries()  # transformers draws "Writing model shards" for every model saved
     from .toy.build import build_toy_world
 
-    build_toy_world(directory, seed=seed, force=force)
+    build_toy_world(directory, seed=seed, force=force, started=STARTED)
 
 
 @toy.command("compare")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def toy_compare(run_dir: Path) -> None:
     """Score a run's best recipe against 50/50 linear and default TIES on the held-out split."""
-    import os
+    from .quiet import quiet_libraries
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # before lm-eval and datasets import tqdm
+    quiet_libraries()  # before lm-eval and datasets are imported
     from .toy.compare import compare, print_comparison
 
     print_comparison(compare(run_dir))

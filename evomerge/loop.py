@@ -20,10 +20,9 @@ and which workers are idle.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +40,7 @@ from .pool import (
     WorkerPool,
     WorkerStarted,
 )
+from .reporter import CallbackReporter, Reporter, duration
 
 MAX_INFRA_RETRIES = 2  # a candidate whose worker dies or runs out of memory is retried on another worker this often
 MAX_START_TRIES = 3  # tries to start a worker before the search goes on without it
@@ -68,14 +68,18 @@ class Flight:
 
 @dataclass
 class Progress:
-    """Numbers for the live display and the final summary."""
+    """Numbers for the live line and the log: counts, the best trial, the front, what was spent."""
 
     budget: int
     finished_before: int
+    directions: Mapping[str, str] = field(default_factory=dict)
     finished: int = 0
     failed: int = 0
     started_at: float = field(default_factory=time.perf_counter)
-    best: dict[str, float] = field(default_factory=dict)
+    # the complete trial ``export --best`` would pick, shown as one trial with all its scores
+    # (never each objective's best from different trials, which reads as one model doing both)
+    best: Any = None
+    front_size: int = 0
     forward_passes: int = 0  # spent by the whole run, resumed parts included
 
     def rate(self) -> float:
@@ -87,20 +91,15 @@ class Progress:
         left = self.budget - self.finished_before - self.finished
         return left / r if r > 0 else None
 
-    def note_best(self, records: Sequence[Any], directions: Mapping[str, str]) -> None:
-        """Keep the best value of each objective among ``records``."""
-        for key, direction in directions.items():
-            for r in records:
-                if r.state != "complete" or not r.objectives or key not in r.objectives:
-                    continue
-                value = r.objectives[key]
-                old = self.best.get(key)
-                if old is None or (value > old if direction == "maximize" else value < old):
-                    self.best[key] = value
+    def note_best(self, records: Sequence[Any]) -> None:
+        """Keep the best complete trial among ``records`` and the best so far."""
+        from .export import scalar_score
 
-
-def print_notice(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+        for r in records:
+            if r.state != "complete" or not r.objectives:
+                continue
+            if self.best is None or scalar_score(r, self.directions) > scalar_score(self.best, self.directions):
+                self.best = r
 
 
 class SearchLoop:
@@ -115,26 +114,27 @@ class SearchLoop:
         *,
         budget: int,
         workers: int,
-        on_progress: Callable[[Progress, Any], None] | None = None,
-        on_notice: Callable[[str], None] | None = None,
+        report: Reporter | None = None,
     ) -> None:
+        """``report``: where stages, notices and finished trials go (default: notices to stderr)."""
         self.store = store
         self.driver = driver
         self.space = space
         self.pool = pool
         self.budget = budget
         self.slots = workers  # workers the search runs on: the count asked, less those that never started
-        self.on_progress = on_progress
-        self.notice = on_notice or print_notice
+        self.report: Reporter = report or CallbackReporter()
+        self.notice = self.report.notice
         self.idle: list[Worker] = []
         self.starting: dict[Worker, int] = {}  # worker -> which try at starting its slot this is
+        self.start_times: dict[Worker, float] = {}  # worker -> when it was asked to start (for "ready in 4 s")
         self.flights: dict[Worker, Flight] = {}
         self.retries: deque[Flight] = deque()  # candidates whose worker failed, waiting for another
         self.infra_faults_in_a_row = 0
         self.announced = False
-        self.progress = Progress(budget=budget, finished_before=store.counts().finished,
-                                 forward_passes=store.spent().forward_passes)
-        self.progress.note_best(store.trials(), store.directions)
+        self.progress = Progress(budget=budget, finished_before=store.counts().finished, directions=store.directions,
+                                 forward_passes=store.spent().forward_passes, front_size=len(store.pareto()))
+        self.progress.note_best(store.trials())
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -142,8 +142,10 @@ class SearchLoop:
         """Ask, submit, wait, tell, until the budget is used (finished trials plus those out)."""
         if self.progress.finished_before >= self.budget:
             return  # nothing left to do: no worker is started
+        self.report.begin(f"starting {self.slots} worker{'s' if self.slots != 1 else ''} ({self.pool.kind} pool)")
         for worker in self.pool.start(self.slots):
-            self.starting[worker] = 1
+            self._starting(worker, 1)
+        self.report.done(self.pool.describe())
         while True:
             interrupts.check()
             if self.store.lost_hold:
@@ -213,18 +215,29 @@ class SearchLoop:
             case WorkerLost(worker, reason, wall_s):
                 self._infra_fault(self.flights.pop(worker), worker, reason, wall_s, worker_alive=False)
 
+    def _starting(self, worker: Worker, tries: int) -> None:
+        self.starting[worker] = tries
+        self.start_times[worker] = time.perf_counter()
+
     def _started(self, worker: Worker) -> None:
         self.starting.pop(worker)
         self.idle.append(worker)
+        took = time.perf_counter() - self.start_times.pop(worker, time.perf_counter())
+        ready = len(self.idle) + len(self.flights)
+        if self.announced:
+            self.report.line(f"a new worker is ready, {duration(took)} after its start ({ready} at work)")
+        else:
+            self.report.line(f"worker {ready} of {self.slots} ready, {duration(took)} after its start")
         if not self.announced and not self.starting:
             self.announced = True
-            self.notice(f"running on {self.slots} worker{'s' if self.slots != 1 else ''} ({self.pool.kind} pool)")
+            self.report.line(f"running on {self.slots} worker{'s' if self.slots != 1 else ''} ({self.pool.kind} pool)")
 
     def _start_failed(self, worker: Worker, reason: str) -> None:
         tries = self.starting.pop(worker)
+        self.start_times.pop(worker, None)
         if tries < MAX_START_TRIES:
             self.notice(f"a worker failed to start ({reason}); starting another (try {tries + 1} of {MAX_START_TRIES})")
-            self.starting[self.pool.replace(worker)] = tries + 1
+            self._starting(self.pool.replace(worker), tries + 1)
         else:
             self.slots -= 1
             self.notice(f"a worker could not be started in {MAX_START_TRIES} tries (last: {reason}); the search goes on "
@@ -263,7 +276,7 @@ class SearchLoop:
             )
 
     def _replace(self, worker: Worker) -> None:
-        self.starting[self.pool.replace(worker)] = 1
+        self._starting(self.pool.replace(worker), 1)
 
     # ---- telling ------------------------------------------------------------------------------
 
@@ -291,6 +304,7 @@ class SearchLoop:
         self.progress.forward_passes += record.forward_passes
         if record.state != "complete":
             self.progress.failed += 1
-        self.progress.note_best([record], self.store.directions)
-        if self.on_progress:
-            self.on_progress(self.progress, record)
+        if record.state == "complete":
+            self.progress.note_best([record])
+            self.progress.front_size = len(self.store.pareto())
+        self.report.trial(self.progress, record)

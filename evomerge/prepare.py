@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .space_config import SpaceConfig
+
+if TYPE_CHECKING:
+    from .reporter import Reporter
 
 
 @dataclass
@@ -29,18 +32,25 @@ class Prepared:
     memory: Any = None  # MemoryPlan: where each worker stores the models (printed by search and validate)
 
 
-def prepare(config: SpaceConfig) -> Prepared:
+def prepare(config: SpaceConfig, *, report: Reporter | None = None) -> Prepared:
     """Check a space against its models and tasks; nothing is written.
 
     One step per concern, in the order a user would fix them; each raises a :class:`ConfigError`
-    naming the space file's field. Add a check as one more step.
+    naming the space file's field. Add a check as one more step. ``report`` (a
+    :class:`~evomerge.reporter.Reporter`) is told the stages as they happen.
     """
     from . import preflight
+    from .reporter import SilentReporter
     from .space import SearchSpace
 
+    report = report or SilentReporter()
+    report.begin("checking the space file")
     preflight.check_seeds(config)
     preflight.check_parameter_ranges(config)
     preflight.check_lm_eval_args(config)
+    report.done(f"space file checked: {config.source}: run {config.name}, {config.search.driver} driver, "
+                f"{config.search.budget} trials")
+    report.begin("opening the models")
     fields, folders = _open_models(config)
     preflight.check_distinct_models(config, folders)
     base = folders[config.models.base]
@@ -49,12 +59,30 @@ def prepare(config: SpaceConfig) -> Prepared:
     _check_initial_candidate(space, fields, folders)
     if config.route is not None:
         _check_route_models(config, folders)
+    report.done(f"models opened: {_sizes(config, folders)}; {len(space.names)} coordinates to search")
+    report.begin("loading the tasks with lm-eval")
     _check_constraints(config)
     scorer = _scorer(config)
     _check_metrics(config, scorer)
     preflight.check_num_fewshot(config, scorer)
+    samples = _draw_items(config, scorer)
+    report.done("tasks loaded: " + ", ".join(f"{t} {len(samples[t]) if samples and t in samples else scorer.num_docs(t)} "
+                                             f"of {scorer.num_docs(t)} items" for t in config.task_names()))
     preflight.warn_unrelated_donors(config, folders)
-    return Prepared(config, space, base.num_layers, _draw_items(config, scorer), memory_plan(config, folders))
+    return Prepared(config, space, base.num_layers, samples, memory_plan(config, folders))
+
+
+def _sizes(config: SpaceConfig, folders: dict[str, Any]) -> str:
+    """Each model's short name and size on disk, from its headers: "base 2.7 MB, arith 2.7 MB"."""
+    from .memory_plan import size_from_folder
+
+    names = {config.models.base: "base", **{d.model: d.name for d in config.models.donors}}
+    return ", ".join(f"{names.get(ref, ref)} {_megabytes(size_from_folder(folder).stored_bytes)}"
+                     for ref, folder in folders.items())
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def memory_plan(config: SpaceConfig, folders: dict[str, Any]) -> Any:

@@ -25,6 +25,7 @@ from . import failpoints, interrupts
 from .interrupts import Interrupted
 from .loop import MAX_INFRA_RETRIES, Progress, SearchLoop, SearchStopped
 from .prepare import Prepared, prepare, resolve_merged, worker_spec
+from .reporter import CallbackReporter, Reporter
 from .space_config import (
     SpaceConfig,
     load_space_config,
@@ -52,6 +53,7 @@ def run_search(
     runs_dir: Path = Path("runs"),
     ray_address: str | None = None,
     pool: str | None = None,
+    report: Reporter | None = None,
     on_progress: Callable[[Progress, Any], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
 ) -> Path:
@@ -61,6 +63,10 @@ def run_search(
     the loop's to handle (see :mod:`evomerge.loop`). Raises :class:`SearchStopped` when the search
     cannot go on or every trial failed, and :class:`~evomerge.interrupts.Interrupted` (naming the
     run folder) on Ctrl-C or SIGTERM, after stopping every worker.
+
+    ``report`` is told every start-up stage, notice and finished trial (see
+    :mod:`evomerge.reporter`); without one, ``on_progress`` and ``on_notice`` get the trials and
+    notices (notices to stderr when neither is given).
     """
     import optuna
 
@@ -69,12 +75,13 @@ def run_search(
     from .pool import make_pool
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial log and the display say it all
+    report = report or CallbackReporter(on_progress, on_notice)
     store = None
     interrupted = 0
     try:
         failpoints.hit("search.start")
         config = resolve_merged(resolve_config(config))  # models by absolute path or pinned id: portable
-        prepared = prepare(config)
+        prepared = prepare(config, report=report)
         preflight.check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)
         interrupts.check()
         pool_kind = pool or config.workers.pool
@@ -83,18 +90,24 @@ def run_search(
             workers.open()  # joins a given cluster before the run folder exists: a bad address changes nothing
             if pool_kind == "ray" and (ray_address or config.workers.ray_address):
                 preflight.check_cluster_resources(config, where=ray_address or config.workers.ray_address)
+            report.begin("opening the run folder")
             store = open_store(config, runs_dir)
-            if on_notice:  # every check has passed: a refusal stays one line
-                on_notice("\n".join(prepared.memory.describe()))
+            before, budget = store.counts().finished, config.search.budget
+            report.done(f"run folder {store.path}: " + ("new" if not before else f"{before} of {budget} trials done before"
+                                                        + ("; nothing left to run" if before >= budget else ", resuming")))
+            report.line("\n".join(prepared.memory.describe()))
             store.remove_stale_temp_files()
             store.requeue_interrupted()
             store.write_pareto()  # a process killed between a trial's record and this file left it stale
             loop = SearchLoop(store, build_driver(prepared, store), prepared.space, workers, budget=config.search.budget,
-                              workers=config.workers.count, on_progress=on_progress, on_notice=on_notice)
+                              workers=config.workers.count, report=report)
             loop.run()
         finally:
             with interrupts.deferred():  # a second Ctrl-C must not leave workers running
+                report.begin("stopping the workers")
                 workers.shutdown()
+                if store is not None:
+                    report.done("workers stopped")
                 interrupted = _stop(store, config)
         _refuse_all_failed(store)
         return store.path

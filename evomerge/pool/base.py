@@ -116,6 +116,11 @@ class WorkerPool(Protocol):
         """Start ``count`` workers; each reports :class:`WorkerStarted` or :class:`StartFailed`."""
         ...
 
+    def describe(self) -> str:
+        """What runs the workers, in words, once :meth:`start` returned ("Ray started: a local
+        cluster of 2 CPUs"): the start-up line a person reads."""
+        ...
+
     def submit(self, worker: Worker, recipe_json: str) -> None:
         """Give an idle, started worker one candidate (a :class:`~evomerge.recipe.Recipe` as JSON)."""
         ...

@@ -49,8 +49,8 @@ from .base import (
 
 def _quiet() -> contextlib.AbstractContextManager[Any]:
     """What a Ray actor prints goes to its log; here, lm-eval's and transformers' progress bars
-    (drawn even when TQDM_DISABLE is set) would scroll through the live display. Exceptions
-    still propagate; the display writes to the stream it was given, not to ``sys.stderr``."""
+    (drawn even when TQDM_DISABLE is set) would scroll through the search's progress. Exceptions
+    still propagate; the reporter writes to stdout (:mod:`evomerge.reporter`), not to ``sys.stderr``."""
     return contextlib.redirect_stderr(io.StringIO())
 
 
@@ -82,6 +82,9 @@ class InProcessPool:
         workers = [Worker() for _ in range(count)]
         self._starting.extend(workers)
         return workers
+
+    def describe(self) -> str:
+        return "in-process pool: the workers take turns in this process (no Ray)"
 
     def submit(self, worker: Worker, recipe_json: str) -> None:
         if worker not in self._evaluators:

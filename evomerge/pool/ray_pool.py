@@ -78,6 +78,17 @@ class RayPool:
             out.append(worker)
         return out
 
+    def describe(self) -> str:
+        if not self._ray_started_here:
+            return "Ray workers on the cluster this process had already joined"
+        if self._address:
+            return f"joined the Ray cluster at {self._address}"
+        w = self._workers
+        gpus = math.ceil(w.count * w.gpus_per_worker)
+        cpus = max(1, math.ceil(w.count * w.cpus_per_worker))
+        return (f"Ray started: a local cluster of {cpus} CPU{'s' if cpus != 1 else ''}"
+                + (f" and {gpus} GPU{'s' if gpus != 1 else ''}" if gpus else ""))
+
     def connect(self) -> None:
         """Start a local cluster of our own, or join the address given (once per process)."""
         import ray

@@ -159,17 +159,25 @@ def table_tasks() -> list[str]:
     return [task_name(skill, split) for skill in SKILLS for split in ("search", "heldout")]
 
 
-def build_toy_world(directory: Path, *, seed: int = 0, force: bool = False) -> ToyWorld:
-    """Builds (or reuses) the toy world in ``directory``; see the module docstring."""
-    from rich.console import Console
+def build_toy_world(directory: Path, *, seed: int = 0, force: bool = False, started: float | None = None) -> ToyWorld:
+    """Builds (or reuses) the toy world in ``directory``; see the module docstring. Each stage is
+    reported as it happens, with its time (:mod:`evomerge.reporter`; ``started``: the command's
+    start on :func:`time.monotonic`'s clock)."""
+    from ..reporter import make_reporter
 
-    console = Console()
-    directory = Path(directory)
+    report = make_reporter(started=started)
+    try:
+        return _build_or_reuse(Path(directory), seed=seed, force=force, report=report)
+    finally:
+        report.close()
+
+
+def _build_or_reuse(directory: Path, *, seed: int, force: bool, report: Any) -> ToyWorld:
     if not force:
         existing = load_toy_world(directory, seed=seed)
         if existing is not None:
-            console.print(f"[green]toy world[/] in {directory} is complete (seed {seed}, version {VERSION}); reusing it")
-            print_table(existing.table, console)
+            report.line(f"toy world in {directory} is complete (seed {seed}, version {VERSION}); reusing it")
+            report.line(table_text(existing.table))
             return existing
     _check_replaceable(directory)
 
@@ -177,7 +185,7 @@ def build_toy_world(directory: Path, *, seed: int = 0, force: bool = False) -> T
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the world is the user's folder like any other
     try:
-        manifest = _build_into(staging, seed=seed, console=console)
+        manifest = _build_into(staging, seed=seed, report=report)
         _write_json_atomic(staging / "manifest.json", manifest)
         _swap_into_place(staging, directory)
     except BaseException:
@@ -185,7 +193,7 @@ def build_toy_world(directory: Path, *, seed: int = 0, force: bool = False) -> T
         raise
     world = load_toy_world(directory, seed=seed)
     assert world is not None, "a freshly built toy world must load"
-    console.print(f"[green]built[/] the toy world in {directory}")
+    report.line(f"built the toy world in {directory}")
     return world
 
 
@@ -214,24 +222,25 @@ def load_toy_world(directory: Path, *, seed: int | None = None) -> ToyWorld | No
     )
 
 
-def _build_into(root: Path, *, seed: int, console) -> dict[str, Any]:
-    import torch
-
-    from .tokenizer import build_tokenizer
-    from .train import new_model, train
-
+def _build_into(root: Path, *, seed: int, report: Any) -> dict[str, Any]:
     started = time.perf_counter()
+    with _step(report, "loading torch and building the tokenizer"):
+        import torch
+
+        from .tokenizer import build_tokenizer
+        from .train import new_model, train
+
+        tokenizer = build_tokenizer()
     threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
     try:
-        tokenizer = build_tokenizer()
-        with _step(console, f"pretraining the base ({BASE_TRAINING.steps} steps)"):
+        with _step(report, f"pretraining the base ({BASE_TRAINING.steps} steps)"):
             base = new_model(tokenizer, seed)
             train(base, tokenizer, training_stream("base", seed), BASE_TRAINING, seed=seed)
             _save(base, root / "base")
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
         for i, skill in enumerate(SKILLS):
-            with _step(console, f"fine-tuning the {skill} specialist ({SPECIALIST_TRAINING.steps} steps)"):
+            with _step(report, f"fine-tuning the {skill} specialist ({SPECIALIST_TRAINING.steps} steps)"):
                 base.load_state_dict(base_state)
                 stream = _replay(skill, seed + 1 + i, REPLAY_FRACTION)
                 train(base, tokenizer, stream, SPECIALIST_TRAINING, seed=seed + 1 + i)
@@ -241,12 +250,12 @@ def _build_into(root: Path, *, seed: int, console) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
     models = {"base": "base", **{skill: skill for skill in SKILLS}}
-    with _step(console, "scoring models and merges with lm-eval"):
+    with _step(report, "scoring models and merges with lm-eval"):
         table = measure_table(root / "base", {skill: root / skill for skill in SKILLS}, root / "_merges")
     shutil.rmtree(root / "_merges", ignore_errors=True)
-    print_table(table, console)
+    report.line(table_text(table))
     for problem in table_problems(table):
-        console.print(f"[yellow]warning:[/] {problem}")
+        report.notice(f"warning: {problem}")
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -292,20 +301,27 @@ def measure_table(base: Path, specialists: dict[str, Path], scratch: Path) -> di
     return table
 
 
-def print_table(table: dict[str, dict[str, float]], console=None) -> None:
-    """The table as rich prints it: one row per model or merge, acc per task."""
+def table_text(table: dict[str, dict[str, float]]) -> str:
+    """The table as rich draws it, as text no wider than the output: one row per model or
+    merge, acc per task."""
+    import io
+
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from ..reporter import output_width
+
     tasks = list(next(iter(table.values())).keys()) if table else []
     out = Table(title="toy world: lm-eval acc per task (toy_<skill> = search split)")
-    out.add_column("model or merge", no_wrap=True)
-    for task in tasks:
-        out.add_column(task.removeprefix("toy_").replace("_heldout", " held-out"), justify="right", no_wrap=True)
+    out.add_column("model or merge", overflow="fold")
+    for task in tasks:  # never narrower than a score: a narrow terminal folds the headers, not a number
+        out.add_column(task.removeprefix("toy_").replace("_heldout", " held-out"), justify="right", overflow="fold",
+                       min_width=len("0.000"))
     for name, scores in table.items():
         out.add_row(name, *(f"{scores[t]:.3f}" for t in tasks))
-    console.print(out)
+    text = io.StringIO()
+    Console(file=text, width=output_width(sys.stdout) - 8).print(out)  # room for the time stamp before it
+    return text.getvalue().rstrip("\n")
 
 
 def _replay(skill: str, seed: int, fraction: float) -> Iterator[Example]:
@@ -370,11 +386,10 @@ def _swap_into_place(staging: Path, directory: Path) -> None:
 
 
 @contextmanager
-def _step(console, what: str) -> Iterator[None]:
-    started = time.perf_counter()
-    with console.status(what + " ..."):
-        yield
-    console.print(f"  {what}: {time.perf_counter() - started:.0f} s")
+def _step(report: Any, what: str) -> Iterator[None]:
+    report.begin(what)
+    yield
+    report.done(f"{what}: done")
 
 
 @contextmanager
