@@ -24,7 +24,7 @@ It prints, for W in (8, 16) and cv in (0.3, 0.6):
 Then the ratios per objective and trial count for every lookahead measured, and the same at equal
 simulated time (what a user waiting for the search sees; up to the last n, where the lookahead's
 run has stopped too). On this shared 2-core machine (load average about 6) the whole run took
-14 minutes (``--trials 240 --seeds 2``: 1 minute).
+12 minutes (``--trials 240 --seeds 2``: 1 minute).
 
     python scripts/bench_cma_async.py --runs runs/toy_gen runs/toy_ahead
 
