@@ -37,9 +37,10 @@ Why it looks the way it does:
   back: the means form two interleaved chains that each move once per two generations, the
   cumulative step-size path sees their alternating steps as anticorrelated and shrinks sigma,
   and the covariance learns little; by 960 trials the distance to the optimum is many times
-  the generational loop's on the sphere and the ellipsoid. Moving stale samples onto the current mean (delay-corrected steps)
-  overshoots; leaving them out of the update wastes their evaluations. So the search loop's
-  default (``evomerge.search.default_lookahead``) is twice the worker count, at most half the
+  the generational loop's on the sphere and the ellipsoid. (Telling stale samples as if drawn
+  around the current mean, leaving them out of the update, or letting them into the active update
+  did worse in a pycma-level trial of this stream.) So the search loop's default
+  (``evomerge.search.default_lookahead``) is twice the worker count, at most half the
   population: no worse per trial, at the price of idle workers when ``W`` approaches the
   population (``search.lookahead`` buys the utilisation back, at the cost per trial the
   benchmark prints).
