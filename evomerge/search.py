@@ -171,8 +171,9 @@ def default_lookahead(workers: int, popsize: int) -> int:
     front of it is told, so it comes from the distribution one generation old; while at most half
     of each generation is such, the fresh half wins the selection and the best score per trial
     stays level with the generational loop's, but once whole generations are sampled a generation
-    early, pycma's mean steps from the older mean every time and progress per trial halves
-    (``scripts/bench_cma_async.py`` prints both, utilisation and score per trial)."""
+    early, every mean step starts from the older mean, the mean steps back and forth and the
+    search falls behind per trial (``scripts/bench_cma_async.py`` prints utilisation and score
+    per trial; the CMA driver's docstring says more)."""
     return min(2 * workers, popsize // 2)
 
 
