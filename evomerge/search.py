@@ -166,14 +166,17 @@ def _lookahead(cfg: SpaceConfig, popsize: int | None) -> int:
 
 def default_lookahead(workers: int, popsize: int) -> int:
     """CMA candidates handed out beyond the generation being completed, when the space file does
-    not say: twice the workers, so none waits for a generation's slowest member, but at most half
-    the population. Why half: a candidate handed out ahead is sampled before the generation in
+    not say: none for one worker (it is the one evaluating a generation's last member, so it never
+    waits for it); else twice the workers, so none waits for a generation's slowest member, but at
+    most half the population. Why half: a candidate handed out ahead is sampled before the generation in
     front of it is told, so it comes from the distribution one generation old; while at most half
     of each generation is such, the fresh half wins the selection and the best score per trial
     stays level with the generational loop's, but once whole generations are sampled a generation
     early, every mean step starts from the older mean, the mean steps back and forth and the
     search falls behind per trial (``scripts/bench_cma_async.py`` prints utilisation and score
     per trial; the CMA driver's docstring says more)."""
+    if workers <= 1:
+        return 0
     return min(2 * workers, popsize // 2)
 
 

@@ -669,8 +669,8 @@ class Search(_Strict):
     lookahead: int | None = Field(default=None, ge=0)
     """CMA-ES: candidates handed out beyond the generation being completed (0: generational, workers
     wait for each generation's slowest member). Absent: twice ``workers.count``, at most half the
-    population, when the run starts (more keeps more workers busy but loses score per trial);
-    a resumed run keeps the value it started with."""
+    population (none for one worker), when the run starts (more keeps more workers busy but loses
+    score per trial); a resumed run keeps the value it started with."""
 
     @model_validator(mode="before")
     @classmethod
