@@ -23,8 +23,9 @@ It prints, for W in (8, 16) and cv in (0.3, 0.6):
 
 Then the ratios per objective and trial count for every lookahead measured, and the same at equal
 simulated time (what a user waiting for the search sees; up to the last n, where the lookahead's
-run has stopped too). On this shared 2-core machine (load average about 6) the whole run took
-12 minutes (``--trials 240 --seeds 2``: 1 minute).
+run has stopped too), and the mean cosine between consecutive steps of pycma's mean (near -1:
+the mean steps back and forth). On this shared 2-core machine (load average about 6) the whole
+run took 11 minutes (``--trials 240 --seeds 2``: 1 minute).
 
     python scripts/bench_cma_async.py --runs runs/toy_gen runs/toy_ahead
 
@@ -43,7 +44,9 @@ import shutil
 import statistics
 import tempfile
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,6 +55,13 @@ DIM = 12
 QUALITY_TIMING = (8, 0.6)  # workers and cv of the runs the per-trial curves come from
 LOOKAHEADS = (8, 12, 16, 24, 32, 48)  # measured for utilisation; the 95% column picks the smallest
 MARKS = (120, 240, 480, 960, 1920)
+
+
+class Run(NamedTuple):
+    utilisation: float
+    curve: list[float]  # the best score after each finished trial
+    finished: list[float]  # the simulated time each trial finished at
+    step_cosine: float  # see step_cosine()
 
 
 def _coords(values: dict[str, float]) -> np.ndarray:
@@ -87,9 +97,8 @@ def default_lookahead(workers: int, popsize: int = POP) -> int:
 def simulate(
     folder: Path, *, lookahead: int, workers: int, cv: float, trials: int, seed: int,
     objective: Callable[[dict[str, float]], float] = rosenbrock, timing_seed: int | None = None,
-) -> tuple[float, list[float], list[float]]:
-    """Run the driver against simulated workers; returns (utilisation, best score after each
-    finished trial, the simulated time each trial finished at)."""
+) -> Run:
+    """Run the driver against simulated workers."""
     from optuna.distributions import FloatDistribution
 
     from evomerge.drivers import ObjectiveSpec, make_driver
@@ -108,6 +117,7 @@ def simulate(
     now = busy = 0.0
     asked = 0
     best, curve, finished = -float("inf"), [], []
+    means = [np.array(driver.state_dict()["mean"])]
     while len(curve) < trials:
         while len(running) < workers and asked < trials:
             proposal = driver.ask()
@@ -119,13 +129,25 @@ def simulate(
             asked += 1
         now, number, values = heapq.heappop(running)
         score = -objective(values)
+        generation = driver.generation
         driver.tell(number, {"score": score})
+        if driver.generation != generation:
+            means.append(np.array(driver.state_dict()["mean"]))
         best = max(best, score)
         curve.append(best)
         finished.append(now)
     store.close()
     shutil.rmtree(store.path, ignore_errors=True)
-    return busy / (workers * now), curve, finished
+    return Run(busy / (workers * now), curve, finished, step_cosine(means))
+
+
+def step_cosine(means: list[np.ndarray]) -> float:
+    """Mean cosine between consecutive steps of pycma's mean: near 0 for a search that turns
+    freely, near -1 for a mean that steps back and forth."""
+    steps = np.diff(np.array(means), axis=0)
+    steps = steps[np.linalg.norm(steps, axis=1) > 0]
+    cosines = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in pairwise(steps)]
+    return float(np.mean(cosines)) if cosines else float("nan")
 
 
 def compare_runs(runs: list[Path]) -> None:
@@ -222,13 +244,13 @@ def utilisation(folder: Path, trials: int, seeds: int) -> dict[tuple[int, float]
                     break
                 row.used[a] = statistics.median(
                     simulate(folder, lookahead=a, workers=workers, cv=cv, trials=trials, seed=0,
-                             objective=sphere, timing_seed=s)[0]
+                             objective=sphere, timing_seed=s).utilisation
                     for s in range(seeds))
             settings[(workers, cv)] = row
     return settings
 
 
-Curves = dict[tuple[int, str], list[tuple[list[float], list[float]]]]  # (lookahead, objective) -> per seed
+Curves = dict[tuple[int, str], list[Run]]  # (lookahead, objective) -> one run per seed
 
 
 def quality_curves(folder: Path, lookaheads: list[int], trials: int, seeds: int) -> Curves:
@@ -237,7 +259,7 @@ def quality_curves(folder: Path, lookaheads: list[int], trials: int, seeds: int)
     for a in lookaheads:
         for name, objective in OBJECTIVES.items():
             curves[(a, name)] = [
-                simulate(folder, lookahead=a, workers=workers, cv=cv, trials=trials, seed=s, objective=objective)[1:]
+                simulate(folder, lookahead=a, workers=workers, cv=cv, trials=trials, seed=s, objective=objective)
                 for s in range(seeds)
             ]
     return curves
@@ -248,8 +270,8 @@ def per_trial_ratios(curves: Curves, lookahead: int, trials: int) -> dict[tuple[
     ratios = {}
     for name in OBJECTIVES:
         for m in (m for m in MARKS if m <= trials):
-            ahead = statistics.median(-c[m - 1] for c, _ in curves[(lookahead, name)])
-            gen = statistics.median(-c[m - 1] for c, _ in curves[(0, name)])
+            ahead = statistics.median(-r.curve[m - 1] for r in curves[(lookahead, name)])
+            gen = statistics.median(-r.curve[m - 1] for r in curves[(0, name)])
             ratios[(name, m)] = ahead / gen if gen > 0 else float("nan")
     return ratios
 
@@ -257,16 +279,16 @@ def per_trial_ratios(curves: Curves, lookahead: int, trials: int) -> dict[tuple[
 def equal_time_ratios(curves: Curves, lookahead: int, trials: int) -> dict[tuple[str, int], float]:
     """The same, at the simulated time the generational run finished n trials."""
 
-    def best_by(run: tuple[list[float], list[float]], t: float) -> float:
-        done = [b for b, f in zip(*run) if f <= t]
+    def best_by(run: Run, t: float) -> float:
+        done = [b for b, f in zip(run.curve, run.finished) if f <= t]
         return -done[-1] if done else float("inf")
 
     ratios = {}
     for name in OBJECTIVES:
         gens, aheads = curves[(0, name)], curves[(lookahead, name)]
         for m in (m for m in MARKS if m < trials):  # at ``trials`` the lookahead's run has stopped too
-            gen = statistics.median(-g[0][m - 1] for g in gens)
-            ahead = statistics.median(best_by(a, g[1][m - 1]) for a, g in zip(aheads, gens))
+            gen = statistics.median(-g.curve[m - 1] for g in gens)
+            ahead = statistics.median(best_by(a, g.finished[m - 1]) for a, g in zip(aheads, gens))
             ratios[(name, m)] = ahead / gen if gen > 0 else float("nan")
     return ratios
 
@@ -305,8 +327,15 @@ def print_details(curves: Curves, trials: int, seeds: int) -> None:
         table = {a: ratio(curves, a, trials) for a in lookaheads}
         for name in OBJECTIVES:
             for m in (m for m in marks if (name, m) in table[lookaheads[0]]):
-                gen = statistics.median(-c[m - 1] for c, _ in curves[(0, name)])
+                gen = statistics.median(-r.curve[m - 1] for r in curves[(0, name)])
                 print(f"| {name} | {m} | {gen:.3g} | " + " | ".join(f"{table[a][(name, m)]:.2f}" for a in lookaheads) + " |")
+    print(f"\nwhy: mean cosine between consecutive steps of pycma's mean, median over {seeds} seeds "
+          "(near -1: the mean steps back and forth between two interleaved chains)")
+    print("| objective | generational | " + " | ".join(f"lookahead {a}" for a in lookaheads) + " |")
+    print("|---|---|" + "---|" * len(lookaheads))
+    for name in OBJECTIVES:
+        print(f"| {name} | " + " | ".join(f"{statistics.median(r.step_cosine for r in curves[(a, name)]):.2f}"
+                                         for a in [0, *lookaheads]) + " |")
 
 
 if __name__ == "__main__":
