@@ -39,6 +39,7 @@ __all__ = [
     "Progress",
     "SearchStopped",
     "build_driver",
+    "default_lookahead",
     "open_store",
     "prepare",
     "resume",
@@ -174,12 +175,26 @@ def build_driver(prepared: Prepared, store: Any) -> Any:
 
 
 def _lookahead(cfg: SpaceConfig, popsize: int | None) -> int:
-    """CMA candidates handed out beyond the generation being completed: twice the workers, so none
-    waits for a generation's slowest member, but at most one population, so no candidate comes
-    from a distribution more than a generation old (scripts/bench_cma_async.py measures both)."""
+    """``search.lookahead`` when given, else :func:`default_lookahead`."""
     if cfg.search.lookahead is not None:
         return cfg.search.lookahead
-    return min(2 * cfg.workers.count, popsize or 0)
+    return default_lookahead(cfg.workers.count, popsize or 0)
+
+
+def default_lookahead(workers: int, popsize: int) -> int:
+    """CMA candidates handed out beyond the generation being completed, when the space file does
+    not say: none for one worker (it is the one evaluating a generation's last member, so it never
+    waits for it); else twice the workers, so none waits for a generation's slowest member, but at
+    most half the population. Why half: a candidate handed out ahead is sampled before the generation in
+    front of it is told, so it comes from the distribution one generation old; while at most half
+    of each generation is such, the fresh half wins the selection and the best score per trial
+    stays level with the generational loop's, but once whole generations are sampled a generation
+    early, every mean step starts from the older mean, the mean steps back and forth and the
+    search falls behind per trial (``scripts/bench_cma_async.py`` prints utilisation and score
+    per trial; the CMA driver's docstring says more)."""
+    if workers <= 1:
+        return 0
+    return min(2 * workers, popsize // 2)
 
 
 def _default_popsize(dimension: int, driver: str) -> int | None:

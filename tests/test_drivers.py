@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import pickle
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -256,6 +257,27 @@ def test_cma_lookahead_converges_and_resumes_by_replay_after_a_crash(tmp_path):
     for p in reversed(again):
         driver.tell(p.number, loss(p.values))
     assert xs([driver.ask() for _ in range(POP)]) == ref_x[told + len(again): told + len(again) + POP]
+
+
+@pytest.mark.parametrize("workers", [2, 8, 16])
+def test_cma_default_lookahead_leaves_at_most_half_of_each_generation_stale(tmp_path, workers):
+    """The search's default lookahead hands out candidates beyond the generation being completed,
+    but never so many that more than half of a generation is sampled before the generation in
+    front of it is told (whole stale generations lose score per trial; scripts/bench_cma_async.py);
+    one worker, which never waits for a generation, gets none."""
+    from evomerge.search import default_lookahead
+
+    assert default_lookahead(1, POP) == 0
+    lookahead = default_lookahead(workers, POP)
+    first = cma(new_store(tmp_path / "first"), lookahead=lookahead)
+    assert None not in [first.ask() for _ in range(POP + lookahead)] and first.ask() is None
+    store = new_store(tmp_path / "stream")
+    run_stream(cma(store, lookahead=lookahead), 6 * POP, lambda n: 0)
+    stale: Counter[int] = Counter()
+    for t in store.trials():
+        stale[t.attrs["generation"]] += t.attrs["sampled_in"] < t.attrs["generation"]
+    assert 0 < max(stale.values()) <= POP // 2
+    assert stale[1] == lookahead  # generation 1's first members were sampled with generation 0
 
 
 # ---- Optuna -------------------------------------------------------------------------------

@@ -17,20 +17,33 @@ Why it looks the way it does:
   it samples the next generation's candidates from the distribution pycma has then, so the
   candidate stream runs ``A`` candidates ahead of the generation being completed. Generation ``g``
   still consists of the ``popsize`` candidates numbered ``g * popsize ...`` in that stream; those
-  sampled before pycma reached iteration ``g`` (from an older mean and covariance) are told as
-  *injected* solutions (``CMAEvolutionStrategy.inject(..., force=True)``: pycma clips their step
-  length and leaves them out of the active update, as it does for any solution it did not
-  sample), the rest are its own samples of iteration ``g``. Why this and not a steady-state or
-  fully asynchronous CMA-ES: every candidate stays a function of the seed and the results alone,
+  sampled before pycma reached iteration ``g`` (from the previous mean and covariance) are told
+  as *injected* solutions (``CMAEvolutionStrategy.inject(..., force=True)``: pycma takes their
+  steps from its current mean as they are, unclipped, and leaves them out of the active update),
+  the rest are its own samples of iteration ``g``. Why this and not a steady-state or fully
+  asynchronous CMA-ES: every candidate stays a function of the seed and the results alone,
   never of which worker finished first, so a resumed run proposes exactly what an uninterrupted
   one does (the kill test compares them member by member) and pycma's own update rules are used
-  unchanged. The price is staleness: a candidate is sampled up to ``A / popsize`` generations
-  before its generation is told. ``A`` is recorded with every trial, and a resumed run keeps the
-  ``A`` it started with (a run logged before lookahead existed replays with 0). The search loop
-  asks for twice the worker count, at most one population (``search.lookahead`` overrides it):
-  in ``scripts/bench_cma_async.py`` a lookahead of one population reached the same scores as
-  the generational scheme in the same simulated time while keeping 8 workers 98% busy, and
-  larger ones lost more to staleness than they gained in throughput.
+  unchanged. ``A`` is recorded with every trial, and a resumed run keeps the ``A`` it started
+  with (a run logged before lookahead existed replays with 0).
+- **What a lookahead costs per trial, and the default.** A candidate handed out ahead lacks the
+  results of the generation in front of it; with a fixed order this is inherent, since only a
+  complete prefix of the stream can be told, and keeping ``W`` workers busy needs the stream to
+  run ahead of that prefix by about the span of the slowest stragglers. While at most half of
+  each generation is stale, the fresh members win most of the selection and the best score per
+  trial stays level with the generational loop's (``scripts/bench_cma_async.py``: Rosenbrock,
+  ellipsoid, sphere). Once whole generations are sampled a generation early (``A >= popsize``),
+  pycma's every mean step starts from the mean the samples were drawn around, one generation
+  back: the means form two interleaved chains that each move once per two generations, the
+  cumulative step-size path sees their alternating steps as anticorrelated and shrinks sigma,
+  and the covariance learns little; by 960 trials the distance to the optimum is many times
+  the generational loop's on the sphere and the ellipsoid. (Telling stale samples as if drawn
+  around the current mean, leaving them out of the update, or letting them into the active update
+  did worse in a pycma-level trial of this stream.) So the search loop's default
+  (``evomerge.search.default_lookahead``) is twice the worker count, at most half the
+  population: no worse per trial, at the price of idle workers when ``W`` approaches the
+  population (``search.lookahead`` buys the utilisation back, at the cost per trial the
+  benchmark prints).
 - **One number per candidate.** CMA-ES ranks candidates by one value; see :func:`evomerge.objectives.scalarize`.
 - **Failed candidates** (no objectives, or a NaN the store refused) get a defined fitness when
   their generation completes: the worst finite fitness of any successful trial so far (this

@@ -231,8 +231,9 @@ class Search(_Strict):
     """Seeds the driver's own random generator."""
     lookahead: int | None = Field(default=None, ge=0)
     """CMA-ES: candidates handed out beyond the generation being completed (0: generational, workers
-    wait for each generation's slowest member). Absent: twice ``workers.count``, at most the
-    population, when the run starts; a resumed run keeps the value it started with."""
+    wait for each generation's slowest member). Absent: twice ``workers.count``, at most half the
+    population (none for one worker), when the run starts (more keeps more workers busy but loses
+    score per trial); a resumed run keeps the value it started with."""
 
     @model_validator(mode="before")
     @classmethod
