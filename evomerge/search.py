@@ -191,8 +191,11 @@ def default_lookahead(workers: int, popsize: int) -> int:
     stays level with the generational loop's, but once whole generations are sampled a generation
     early, every mean step starts from the older mean, the mean steps back and forth and the
     search falls behind per trial (``scripts/bench_cma_async.py`` prints utilisation and score
-    per trial; the CMA driver's docstring says more)."""
-    if workers <= 1:
+    per trial; the CMA driver's docstring says more). None for a population pycma can only
+    sample mirrored (:data:`~evomerge.space_config.schema.MIN_LOOKAHEAD_POPULATION`)."""
+    from .space_config.schema import MIN_LOOKAHEAD_POPULATION
+
+    if workers <= 1 or popsize < MIN_LOOKAHEAD_POPULATION:
         return 0
     return min(2 * workers, popsize // 2)
 

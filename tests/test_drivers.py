@@ -268,6 +268,7 @@ def test_cma_default_lookahead_leaves_at_most_half_of_each_generation_stale(tmp_
     from evomerge.search import default_lookahead
 
     assert default_lookahead(1, POP) == 0
+    assert default_lookahead(workers, 2) == 0  # pycma samples a population of 2 only mirrored
     lookahead = default_lookahead(workers, POP)
     first = cma(new_store(tmp_path / "first"), lookahead=lookahead)
     assert None not in [first.ask() for _ in range(POP + lookahead)] and first.ask() is None
@@ -278,6 +279,22 @@ def test_cma_default_lookahead_leaves_at_most_half_of_each_generation_stale(tmp_
         stale[t.attrs["generation"]] += t.attrs["sampled_in"] < t.attrs["generation"]
     assert 0 < max(stale.values()) <= POP // 2
     assert stale[1] == lookahead  # generation 1's first members were sampled with generation 0
+
+
+def test_cma_population_of_two_runs_with_several_workers(tmp_path):
+    """A population of 2 is sampled as a mirrored pair, which a lookahead would turn off: the
+    search's default for several workers must leave it generational, and the stream must run."""
+    from evomerge.search import default_lookahead
+
+    store = new_store(tmp_path / "pair")
+    driver = make_driver("cma", store, distributions=DISTS, objectives=LOSS, popsize=2, seed=1, dim=2, sigma0=0.3,
+                         from_unit=from_unit, lookahead=default_lookahead(4, 2))
+    for _ in range(3):
+        props = [driver.ask(), driver.ask()]
+        assert None not in props and driver.ask() is None  # generational: nothing beyond the pair
+        for p in props:
+            driver.tell(p.number, loss(p.values))
+    assert len(store.trials()) == 6
 
 
 # ---- Optuna -------------------------------------------------------------------------------

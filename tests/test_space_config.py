@@ -167,6 +167,8 @@ def test_bad_input_names_field_and_fix(tmp_path: Path, path: str, value: Any, ex
 def test_population_only_for_drivers_that_have_one(tmp_path: Path) -> None:
     data = with_("search", {"driver": "tpe", "budget": 10, "population": 8})
     assert "search.population: driver 'tpe' has no population" in error_of(tmp_path, data)
+    data = with_("search", {"driver": "cma", "budget": 10, "population": 2, "lookahead": 1})
+    assert "search.lookahead: a lookahead needs a population of at least 3" in error_of(tmp_path, data)
     data = with_("search", {"driver": "nsga2", "budget": 10, "population": 8, "sigma0": 0.3})
     assert "search.sigma0: driver 'nsga2' has no step size" in error_of(tmp_path, data)
 

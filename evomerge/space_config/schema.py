@@ -34,6 +34,9 @@ MEASURES = ("l2_from_base",)
 #: Drivers that take ``search.population`` / ``search.sigma0``.
 POPULATION_DRIVERS = ("cma", "nsga2")
 SIGMA_DRIVERS = ("cma",)
+#: pycma samples a population of 2 only as a mirrored pair, and a lookahead turns mirroring off
+#: (its mirrors would be injected ahead of the lookahead's own candidates).
+MIN_LOOKAHEAD_POPULATION = 3
 DEFAULT_SIGMA0 = 0.25
 BASE_NAME = "base"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -261,6 +264,13 @@ class Search(_Strict):
             raise FieldError(("sigma0",), f"driver {self.driver!r} has no step size (only cma); remove it")
         if self.lookahead is not None and self.driver != "cma":
             raise FieldError(("lookahead",), f"driver {self.driver!r} has no generations to look ahead of (only cma); remove it")
+        if self.lookahead and self.population is not None and self.population < MIN_LOOKAHEAD_POPULATION:
+            raise FieldError(
+                ("lookahead",),
+                f"a lookahead needs a population of at least {MIN_LOOKAHEAD_POPULATION} (pycma samples "
+                f"{self.population} only as a mirrored pair); set population: {MIN_LOOKAHEAD_POPULATION} or more, "
+                "or lookahead: 0",
+            )
         return self
 
 
