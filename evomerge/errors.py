@@ -8,7 +8,7 @@ Everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class EvomergeError(Exception):
@@ -55,3 +55,13 @@ def close_matches(word: str, choices: Iterable[str]) -> str:
     if not found:
         return ""
     return " Did you mean " + " or ".join(repr(f) for f in found) + "?"
+
+
+def known_name(value: str, known: Sequence[str], what: str, fix: str | None = None) -> str:
+    """``value`` when it is one of ``known``; else a ValueError (pydantic turns it into the field's
+    message) saying ``unknown <what> <value>``, the fix (by default the names to use) and the
+    closest names, so every "one of these names" field answers a typo the same way."""
+    if value not in known:
+        fix = fix or f"use one of {', '.join(known)}"
+        raise ValueError(f"unknown {what} {value!r}; {fix}.{close_matches(value, known)}")
+    return value

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import ConfigError, close_matches
+from ..errors import ConfigError, close_matches, known_name
 from ..merge.config import DTYPES
 from ..merge.registry import MergeMethod, Param, get_method
 from .base import FieldError, _finite, _Strict
@@ -187,9 +187,7 @@ class MergeSection(_Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str) -> str:
-        if value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}.{close_matches(value, DTYPES)}")
-        return value
+        return known_name(value, DTYPES, "dtype")
 
     @model_validator(mode="after")
     def _parameters_exist(self) -> MergeSection:

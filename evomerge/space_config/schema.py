@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..drivers.names import DRIVER_NAMES as DRIVERS
-from ..errors import ConfigError, close_matches
+from ..errors import ConfigError, close_matches, known_name
 from ..merge.config import DTYPES
 from ..objectives import DIRECTIONS
 from . import identity
@@ -138,10 +138,7 @@ class _Measured(_Strict):
     @field_validator("measure")
     @classmethod
     def _known_measure(cls, value: str | None) -> str | None:
-        if value is not None and value not in MEASURES:
-            known = ", ".join(MEASURES)
-            raise ValueError(f"unknown measure {value!r}; evomerge computes {known}.{close_matches(value, MEASURES)}")
-        return value
+        return None if value is None else known_name(value, MEASURES, "measure", f"evomerge computes {', '.join(MEASURES)}")
 
     @model_validator(mode="after")
     def _one_kind(self) -> _Measured:
@@ -179,10 +176,7 @@ class Objective(_Measured):
     @field_validator("direction")
     @classmethod
     def _known_direction(cls, value: str) -> str:
-        if value not in DIRECTIONS:
-            hint = close_matches(value, DIRECTIONS)
-            raise ValueError(f"unknown direction {value!r}; write maximize or minimize.{hint}")
-        return value
+        return known_name(value, DIRECTIONS, "direction", "write maximize or minimize")
 
     @field_validator("weight")
     @classmethod
@@ -248,10 +242,7 @@ class Search(_Strict):
     @field_validator("driver")
     @classmethod
     def _known_driver(cls, value: str) -> str:
-        if value not in DRIVERS:
-            hint = close_matches(value, DRIVERS)
-            raise ValueError(f"unknown driver {value!r}; use one of {', '.join(DRIVERS)}.{hint}")
-        return value
+        return known_name(value, DRIVERS, "driver")
 
     @model_validator(mode="after")
     def _used(self) -> Search:
@@ -310,9 +301,7 @@ class Workers(_Strict):
     def _known_pool(cls, value: str) -> str:
         from ..pool.base import POOL_KINDS
 
-        if value not in POOL_KINDS:
-            raise ValueError(f"unknown worker pool {value!r}; use one of {', '.join(POOL_KINDS)}.{close_matches(value, POOL_KINDS)}")
-        return value
+        return known_name(value, POOL_KINDS, "worker pool")
 
     @model_validator(mode="after")
     def _address_needs_ray(self) -> Workers:
@@ -419,9 +408,7 @@ class RouteSection(_Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str | None) -> str | None:
-        if value is not None and value not in DTYPES:
-            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}.{close_matches(value, DTYPES)}")
-        return value
+        return None if value is None else known_name(value, DTYPES, "dtype")
 
     @field_validator("depth")
     @classmethod
