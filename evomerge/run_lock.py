@@ -41,10 +41,25 @@ from .errors import EvomergeError
 
 LOCK_FILE = "writer.lock"
 LEASE_TABLE = "evomerge_run_lease"
-HEARTBEAT_S = 5.0
-#: A lease not renewed for this long belongs to a lost host. Six missed heartbeats: a busy
-#: database or a paused VM does not lose a live run its lease.
-STALE_S = float(os.environ.get("EVOMERGE_LEASE_STALE_S", "30"))
+HEARTBEAT_ENV = "EVOMERGE_LEASE_HEARTBEAT_S"
+STALE_ENV = "EVOMERGE_LEASE_STALE_S"
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment, else ``default``: the reliability tests
+    shorten the lease so that a takeover takes a second, not half a minute."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+#: How often the holder renews its lease (``EVOMERGE_LEASE_HEARTBEAT_S``, default 5).
+HEARTBEAT_S = _seconds_from_env(HEARTBEAT_ENV, 5.0)
+#: A lease not renewed for this long belongs to a lost host (``EVOMERGE_LEASE_STALE_S``, default
+#: 30). Six missed heartbeats: a busy database or a paused VM does not lose a live run its lease.
+STALE_S = _seconds_from_env(STALE_ENV, 30.0)
 
 
 class RunHeldError(EvomergeError):

@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec python3 -m pytest "$@"
+# two workers (CI has 2 cores); tests/conftest.py groups the tests so that each file, and every
+# test of Ray, runs on one worker in collection order (`-n 0` after these runs it in one process)
+exec python3 -m pytest -n 2 --dist loadgroup --no-loadscope-reorder "$@"

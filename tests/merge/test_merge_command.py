@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ..reliability.cli_batch import run_batch
+from ..reliability.conftest import cli_env
 
 
 def run_merge(config: dict | str, out: Path, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -126,23 +129,23 @@ def _ties(base, *donors, **params) -> dict:
     }
 
 
-@pytest.mark.parametrize(
-    "case, expected",
-    [
-        ("unknown_method", "unknown merge method 'tie'.*Did you mean 'ties'"),
-        ("missing_folder", "model folder not found: '.*does-not-exist'"),
-        ("unknown_param", "takes no parameter 'densty'.*Did you mean 'density'"),
-        ("vocab", "different vocabularies"),
-        ("shape", "tensor shapes differ for model.layers.1.mlp.up_proj.weight"),
-        ("arch", "different architectures"),
-        ("pickle", "pickled .bin.*--allow-pickle"),
-        ("layer_range", "layer_range \\[0, 9\\] goes past the end"),
-        ("yaml", "not valid YAML"),
-        ("no_weights", "no weights found"),
-        ("truncated", "truncated"),
-    ],
-)
-def test_bad_input_is_refused_clearly(case, expected, tiny_models, tmp_path):
+REFUSALS = [
+    ("unknown_method", "unknown merge method 'tie'.*Did you mean 'ties'"),
+    ("missing_folder", "model folder not found: '.*does-not-exist'"),
+    ("unknown_param", "takes no parameter 'densty'.*Did you mean 'density'"),
+    ("vocab", "different vocabularies"),
+    ("shape", "tensor shapes differ for model.layers.1.mlp.up_proj.weight"),
+    ("arch", "different architectures"),
+    ("pickle", "pickled .bin.*--allow-pickle"),
+    ("layer_range", "layer_range \\[0, 9\\] goes past the end"),
+    ("yaml", "not valid YAML"),
+    ("no_weights", "no weights found"),
+    ("truncated", "truncated"),
+]
+
+
+def _refused_config(case: str, tiny_models, tmp_path: Path) -> dict | str:
+    """The merge config of one refusal case, with the inputs it needs built in ``tmp_path``."""
     base, a = tiny_models["base"], tiny_models["a"]
     cfg: dict | str = _ties(base, a, tiny_models["b"])
     if case == "unknown_method":
@@ -175,13 +178,34 @@ def test_bad_input_is_refused_clearly(case, expected, tiny_models, tmp_path):
         data = (a / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
         cfg = _ties(base, folder)
-    out = tmp_path / "out"
-    result = run_merge(cfg, out)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny_models, tmp_path_factory) -> dict[str, tuple[Path, Any]]:
+    """Every refusal case set up in a folder of its own, then all run as ``evomerge merge CONFIG OUT``
+    in one fresh process (``tests/reliability/cli_batch.py``: the real entry point, only the imports
+    shared; ``test_bad_inputs`` checks that a case prints the same there as in a process of its own)."""
+    cases = []
+    for case, _ in REFUSALS:
+        folder = tmp_path_factory.mktemp(case)
+        cfg = _refused_config(case, tiny_models, folder)
+        cfg_path = folder / "out.yaml"
+        cfg_path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+        cases.append((case, ["merge", str(cfg_path), str(folder / "out")], folder))
+    results = run_batch(cases, tmp_path_factory.mktemp("batch"), cli_env())
+    return {case: (folder, results[case]) for case, _, folder in cases}
+
+
+@pytest.mark.parametrize("case, expected", REFUSALS)
+def test_bad_input_is_refused_clearly(case, expected, refusals):
+    folder, result = refusals[case]
+    out = folder / "out"
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert __import__("re").search(expected, result.stderr, flags=__import__("re").S), result.stderr
     assert not out.exists()
-    assert not list(tmp_path.glob(".out*"))
+    assert not list(folder.glob(".out*"))
 
 
 def test_pickled_weights_load_when_opted_in_without_running_code(tiny_models, tmp_path):

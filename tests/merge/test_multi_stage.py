@@ -27,6 +27,8 @@ from evomerge.merge.routing import (
     route_to_config,
 )
 
+from ..reliability.cli_batch import run_batch
+from ..reliability.conftest import cli_env
 from .test_merge_command import load_folder, run_merge
 from .test_routing import LOGITS_ATOL, logits, token_batch
 
@@ -121,7 +123,7 @@ def test_stages_round_trip_through_yaml():
 _LINEAR = "merge_method: linear\nmodels: [{model: %s, parameters: {weight: 1}}]\n"
 
 
-@pytest.mark.parametrize("text, message", [
+BAD_FILES = [
     ("name: m\n" + _LINEAR % "{base}" + "---\nname: m\n" + _LINEAR % "{base}" + "---\n" + _LINEAR % "m",
      r"document 2 \(name: m\): name: 'm' is already the name of .*document 1"),
     ("name: m\n" + _LINEAR % "{base}" + "---\n" + _LINEAR % "m" + "---\n" + _LINEAR % "m",
@@ -138,12 +140,28 @@ _LINEAR = "merge_method: linear\nmodels: [{model: %s, parameters: {weight: 1}}]\
      r"document 1 \(name: base\): name: 'base' is a tokenizer_source keyword"),
     ("name: m\nmerge_method: linear\nmodel: [{model: x}]\n---\n" + _LINEAR % "m",
      r"(?s)document 1 \(name: m\): invalid merge config:.*model: unknown field"),
-])
-def test_bad_multi_stage_files_name_the_document(text, message, toy_world, tmp_path):
+]
+
+
+@pytest.fixture(scope="module")
+def refused_files(toy_world, tmp_path_factory) -> dict[str, tuple]:
+    """Each bad file (by its text) run as ``evomerge merge FILE OUT`` from a folder of its own, all
+    in one fresh process (``tests/reliability/cli_batch.py``: the real entry point, imports shared)."""
+    cases = []
+    for i, (text, _) in enumerate(BAD_FILES):
+        folder = tmp_path_factory.mktemp(f"bad_multi{i}")
+        (folder / "out.yaml").write_text(text.replace("{base}", str(toy_world.base)))
+        cases.append((text, ["merge", str(folder / "out.yaml"), str(folder / "out")], folder))
+    results = run_batch(cases, tmp_path_factory.mktemp("batch"), cli_env())
+    return {text: (folder, results[text]) for text, _, folder in cases}
+
+
+@pytest.mark.parametrize("text, message", BAD_FILES)
+def test_bad_multi_stage_files_name_the_document(text, message, toy_world, refused_files):
+    folder, result = refused_files[text]
     text = text.replace("{base}", str(toy_world.base))
     with pytest.raises(ConfigError, match=message):
         parse_stages(text, source="multi.yaml")
     # the command line says the same in one line with exit status 2, and writes nothing
-    result = run_merge(text, tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.yaml"]
+    assert sorted(p.name for p in folder.iterdir()) == ["out.yaml"]

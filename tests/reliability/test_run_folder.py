@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_renamed_run_folder_resumes_in_place(toy_world, tmp_path):
-    cfg = write_space(tmp_path, toy_space(toy_world, budget=4))
+    # the run folder is what is tested, not where candidates run: the in-process pool, no Ray start
+    cfg = write_space(tmp_path, toy_space(toy_world, budget=4, workers={"count": 2, "cpus_per_worker": 1,
+                                                                           "pool": "inprocess"}))
     runs = tmp_path / "runs"
     killed = run_to_end(["search", str(cfg), "--runs-dir", str(runs)], cwd=tmp_path,
                         env=env_with("search.after_tell=kill@1"), log=tmp_path / "first.txt")

@@ -26,17 +26,21 @@ pytestmark = pytest.mark.slow
 BUDGET = 10
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The two-node cluster, started once for this module's tests. The test that loses node 2
+    runs last; the refusal test passes on either cluster (with node 2 gone the head alone still
+    has 2 CPUs: 2 workers of 2 still need more, and no node has 3)."""
     temp = Path(f"/tmp/evm2n{os.getpid()}")  # short: Ray's socket paths must fit in 107 bytes
+    logs = tmp_path_factory.mktemp("two_nodes")
     env = node_env(str(ROOT))
-    head = RayNode(["--include-dashboard=false", "--num-cpus=2", f"--temp-dir={temp}"], env, tmp_path / "head.log",
+    head = RayNode(["--include-dashboard=false", "--num-cpus=2", f"--temp-dir={temp}"], env, logs / "head.log",
                    head=True)
     nodes = [head]
     try:
         head.wait_started()
         second = RayNode([f"--address={head.address}", "--num-cpus=1", '--resources={"node2": 1}'], env,
-                         tmp_path / "node2.log")
+                         logs / "node2.log")
         nodes.append(second)
         second.wait_started()
         yield head.address, head, second
@@ -60,6 +64,41 @@ def _trials(run: Path) -> list:
 
 def _pid(record) -> int:
     return int(str(record.attrs["worker"]).split(":")[1])
+
+
+def _own_cluster_address(space: Path, env: dict[str, str], cwd: Path) -> str:
+    script = ("import sys, ray; from evomerge.pool.ray_pool import RayPool; "
+              "from evomerge.space_config import load_space_config; "
+              "RayPool(None, load_space_config(sys.argv[1]).workers).connect(); "
+              "print('gcs', ray.get_runtime_context().gcs_address)")
+    done = subprocess.run([sys.executable, "-c", script, str(space)], check=False, capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split("gcs ", 1)[1].split()[0]
+
+
+def test_without_an_address_a_search_starts_its_own_cluster(ray_cluster, toy_world, tmp_path):
+    """Even with RAY_ADDRESS pointing at a running cluster (as a user's shell may have it), a space
+    file without ray_address gets a private cluster: ray.init(address='local')."""
+    address = ray_cluster
+    space = write_yaml(tmp_path / "space.yaml", good_space(toy_world))
+    own = _own_cluster_address(space, cli_env(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled"), tmp_path)
+    assert own.rsplit(":", 1)[1] != address.rsplit(":", 1)[1]
+
+
+def test_workers_the_cluster_cannot_place_are_refused_before_the_run_exists(cluster, toy_world, tmp_path):
+    """The cluster has 3 CPUs (2 on the head, 1 on node 2): 2 workers of 2 CPUs would leave one
+    pending for ever, and a worker of 3 CPUs fits on no node."""
+    address, _, _ = cluster
+    env = cli_env(RAY_AUTH_MODE="disabled")
+    for workers, expect in (({"count": 2, "cpus_per_worker": 2}, "workers.count: 2 workers of 2 CPUs need 4; the cluster at"),
+                            ({"count": 1, "cpus_per_worker": 3}, "workers.cpus_per_worker: each worker asks for 3 CPUs; "
+                                                                 "no node of the cluster at")):
+        space = write_yaml(tmp_path / "space.yaml", good_space(toy_world, workers=workers))
+        done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(space), "--runs-dir", str(tmp_path / "runs"),
+                               "--ray-address", address], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and expect in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert not (tmp_path / "runs").exists()
 
 
 def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
@@ -108,38 +147,3 @@ def test_search_survives_losing_a_node(cluster, toy_world, tmp_path):
     assert not list(run.parent.glob(".*"))
     print(f"two-node search: {len(before)} trials before the loss, {len(after)} after; "
           f"retried: {[r.number for r in complete if r.attrs.get('attempts', 1) > 1]}; {time.time() - started:.0f} s")
-
-
-def _own_cluster_address(space: Path, env: dict[str, str], cwd: Path) -> str:
-    script = ("import sys, ray; from evomerge.pool.ray_pool import RayPool; "
-              "from evomerge.space_config import load_space_config; "
-              "RayPool(None, load_space_config(sys.argv[1]).workers).connect(); "
-              "print('gcs', ray.get_runtime_context().gcs_address)")
-    done = subprocess.run([sys.executable, "-c", script, str(space)], check=False, capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.split("gcs ", 1)[1].split()[0]
-
-
-def test_without_an_address_a_search_starts_its_own_cluster(ray_cluster, toy_world, tmp_path):
-    """Even with RAY_ADDRESS pointing at a running cluster (as a user's shell may have it), a space
-    file without ray_address gets a private cluster: ray.init(address='local')."""
-    address = ray_cluster
-    space = write_yaml(tmp_path / "space.yaml", good_space(toy_world))
-    own = _own_cluster_address(space, cli_env(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled"), tmp_path)
-    assert own.rsplit(":", 1)[1] != address.rsplit(":", 1)[1]
-
-
-def test_workers_the_cluster_cannot_place_are_refused_before_the_run_exists(cluster, toy_world, tmp_path):
-    """The cluster has 3 CPUs (2 on the head, 1 on node 2): 2 workers of 2 CPUs would leave one
-    pending for ever, and a worker of 3 CPUs fits on no node."""
-    address, _, _ = cluster
-    env = cli_env(RAY_AUTH_MODE="disabled")
-    for workers, expect in (({"count": 2, "cpus_per_worker": 2}, "workers.count: 2 workers of 2 CPUs need 4; the cluster at"),
-                            ({"count": 1, "cpus_per_worker": 3}, "workers.cpus_per_worker: each worker asks for 3 CPUs; "
-                                                                 "no node of the cluster at")):
-        space = write_yaml(tmp_path / "space.yaml", good_space(toy_world, workers=workers))
-        done = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(space), "--runs-dir", str(tmp_path / "runs"),
-                               "--ray-address", address], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and expect in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
-        assert not (tmp_path / "runs").exists()
