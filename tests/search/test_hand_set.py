@@ -81,6 +81,13 @@ def test_hand_set_trials_come_first_labelled_and_the_search_ends_no_lower(toy_wo
     # the run's best on its own items is at least the best hand-set trial's
     assert max(map(mean_score, records)) >= max(map(mean_score, first))
 
+    # the progress log names each hand-set trial by its label
+    from evomerge.loop import Progress
+    from evomerge.reporter import trial_line
+
+    line = trial_line(Progress(budget=budget, finished_before=0), first[3], new_best=False)
+    assert line.startswith(f"trial {first[3].number} (hand-set: task arithmetic, weight 1) complete: "), line
+
     # `show` says which trials are hand-set, by label
     store = RunStore.open(run)
     try:
