@@ -61,7 +61,8 @@ def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, st
         headers.append("recipe")
     table = Table(title=title)
     for i, header in enumerate(headers):
-        table.add_column(header, justify="right", overflow="fold", min_width=max((len(row[i]) for row in rows), default=1))
+        table.add_column(header, justify="left" if header == "recipe" else "right", overflow="fold",
+                         min_width=max((len(row[i]) for row in rows), default=1))
     for row in rows:
         table.add_row(*row)
     return table

@@ -188,7 +188,8 @@ def build_driver(prepared: Prepared, store: Any, report: Reporter | None = None)
     for line in notices:
         if report is not None:
             report.notice(line)
-    common: dict[str, Any] = dict(distributions=space.optuna_distributions(), objectives=objectives, constraints=constraints)
+    common: dict[str, Any] = {"distributions": space.optuna_distributions(), "objectives": objectives,
+                              "constraints": constraints}
     if cfg.search.driver == "cma":
         # CMA starts at the best hand-set trial once all are back (evomerge.drivers.hand_set)
         return HandSetFirst(store, points, build_after=lambda best: build(None if best is None else space.to_unit(best)),

@@ -14,7 +14,6 @@ from typing import Any
 
 from ..errors import EvomergeError
 
-
 TASK_ARITHMETIC_1 = "task arithmetic, weights 1"
 
 
