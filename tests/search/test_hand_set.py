@@ -228,3 +228,41 @@ def test_hand_set_false_runs_none_and_a_space_that_cannot_express_one_says_why(t
     ties_only["merge"] = {"method": "ties", "parameters": {"normalize": False}}
     points, notices = hand_set_points(SearchSpace(config(ties_only, tmp_path), 4))
     assert points == [] and any("normalize is pinned to False, not True" in n for n in notices), notices
+
+
+@pytest.mark.parametrize("kill_at", ["search.after_dispatch=kill@3", "search.before_tell=kill@4"])
+def test_a_search_killed_in_its_hand_set_trials_resumes_to_the_uninterrupted_run(toy_world, tmp_path, kill_at):
+    """SIGKILL of the search process (no handler runs) while a hand-set trial is out, or with the
+    last hand-set result in hand and not recorded (CMA not yet built): the resume runs each label
+    once and CMA proposes the candidates of a run never killed, with the same scores."""
+    import subprocess
+    import sys
+
+    from tests.reliability.helpers import env_with
+
+    budget = len(HAND_SET_LABELS) + 8
+    data = space_data(toy_world, driver="cma", budget=budget)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def cli(*args: str, failpoints: str | None = None) -> int:
+        done = subprocess.run([sys.executable, "-m", "evomerge.cli", *args], check=False, capture_output=True, text=True,
+                              cwd=tmp_path, timeout=600, env=env_with(failpoints))
+        return done.returncode
+
+    assert cli("search", str(space_file), "--runs-dir", str(tmp_path / "killed"), failpoints=kill_at) == -9
+    run = tmp_path / "killed" / data["name"]
+    assert cli("resume", str(run)) == 0
+    assert cli("search", str(space_file), "--runs-dir", str(tmp_path / "reference")) == 0
+    records, _ = read_run(run)
+    ref, _ = read_run(tmp_path / "reference" / data["name"])
+    assert any(r.interrupted for r in records)
+    finished = [r for r in records if r.finished]
+    assert len(finished) == budget
+    assert sorted(r.attrs[HAND_SET_ATTR] for r in finished if HAND_SET_ATTR in r.attrs) == sorted(HAND_SET_LABELS)
+
+    def members(rs):
+        return {(r.attrs["generation"], r.attrs["member"]): (r.attrs["unit_x"], r.objectives) for r in rs
+                if r.finished and "member" in r.attrs}
+
+    assert members(finished) == members(ref) and len(members(ref)) == budget - len(HAND_SET_LABELS)
