@@ -65,7 +65,7 @@ class HandSetFirst:
         self._constraints = tuple(constraints)
         self._inner = driver
         self._build_after = build_after
-        self._study = getattr(driver, "_study", None)  # Optuna: hand-set trials go into the sampler's study
+        self._study = getattr(driver, "study", None)  # Optuna: hand-set trials go into the sampler's study
         trials = store.trials()
         labelled = [t for t in trials if HAND_SET_ATTR in t.attrs]
         fresh = not trials or labelled

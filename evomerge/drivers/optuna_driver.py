@@ -99,6 +99,12 @@ class OptunaDriver:
         self._warned_slow = False
         self._ask_times: list[float] = []
 
+    @property
+    def study(self) -> optuna.Study:
+        """The run's study as this driver's sampler sees it: trials started on it (hand-set ones,
+        see ``evomerge.drivers.hand_set``) go through the sampler's own bookkeeping."""
+        return self._study
+
     def ask(self) -> Proposal:
         if self._redo:
             lost = self._redo.popleft()
