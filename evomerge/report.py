@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .export import scalar_score
+from .hand_set import HAND_SET_ATTR
 
 
 def _fmt(value: float | None) -> str:
@@ -46,16 +47,22 @@ def counts_sentence(counts: Any) -> str:
 def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, str]) -> Table:
     """One row per trial. A column is never narrower than its widest number, so a narrow terminal
     folds the headers, never a number."""
+    labelled = any(HAND_SET_ATTR in r.attrs for r in records)  # a "recipe" column only where it says something
     rows = []
     for r in records:
         row = [str(r.number)] + [_fmt((r.objectives or {}).get(n)) for n in directions]
         row += [str(r.forward_passes) if r.cost else "-", _fmt(r.timings.get("merge_s")), _fmt(r.timings.get("eval_s"))]
+        if labelled:
+            row.append(str(r.attrs.get(HAND_SET_ATTR, "searched")))
         rows.append(row)
     headers = ["trial", *(f"{name.removeprefix('task:')} {'↑' if direction == 'maximize' else '↓'}"
                           for name, direction in directions.items()), "fwd passes", "merge s", "eval s"]
+    if labelled:
+        headers.append("recipe")
     table = Table(title=title)
     for i, header in enumerate(headers):
-        table.add_column(header, justify="right", overflow="fold", min_width=max((len(row[i]) for row in rows), default=1))
+        table.add_column(header, justify="left" if header == "recipe" else "right", overflow="fold",
+                         min_width=max((len(row[i]) for row in rows), default=1))
     for row in rows:
         table.add_row(*row)
     return table
@@ -80,6 +87,10 @@ def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
     best = sorted(complete, key=lambda r: scalar_score(r, directions), reverse=True)[:top]
     title = f"Best {len(best)} by the sum of objectives (maximize +, minimize -)"
     console.print(trials_table(title, best, directions), crop=False)
+    hand_set = [r for r in records if HAND_SET_ATTR in r.attrs and r.finished]
+    if hand_set:
+        console.print(trials_table(f"Hand-set trials ({len(hand_set)}): the merges a person would try first",
+                                   hand_set, directions), crop=False)
     failed = [r for r in records if r.state == "failed" and not r.interrupted]
     if failed:
         table = Table(title=f"Failed trials ({len(failed)})")

@@ -205,12 +205,14 @@ _NUMBER_AND_UNIT = re.compile(r"(\d) (s|min|B|kB|MB|GB|TB)\b")
 def trial_line(progress: Any, record: Any, *, new_best: bool) -> str:
     """A finished trial in one plain line: number, state, every score (or the reason), progress."""
     done = progress.finished_before + progress.finished
+    label = (getattr(record, "attrs", None) or {}).get("hand_set")  # evomerge.hand_set.HAND_SET_ATTR
+    name = f"trial {record.number} ({label})" if label else f"trial {record.number}"
     if record.state == "complete":
         scores = " ".join(f"{k.removeprefix('task:')}={v:.4g}" for k, v in (record.objectives or {}).items())
-        what = f"trial {record.number} complete: {scores}"
+        what = f"{name} complete: {scores}"
     else:
         reason = (record.error or "no reason recorded").strip().splitlines()[0][:200]
-        what = f"trial {record.number} {record.state}: {reason}"
+        what = f"{name} {record.state}: {reason}"
     wall = (record.timings or {}).get("wall_s")
     took = f"{duration(wall)}, " if wall is not None else ""
     return f"{what} ({took}{done}/{progress.budget} trials{', best so far' if new_best else ''})"

@@ -100,7 +100,7 @@ def run_search(
             store.remove_stale_temp_files()
             store.requeue_interrupted()
             store.write_pareto()  # a process killed between a trial's record and this file left it stale
-            loop = SearchLoop(store, build_driver(prepared, store), prepared.space, workers, budget=config.search.budget,
+            loop = SearchLoop(store, build_driver(prepared, store, report), prepared.space, workers, budget=config.search.budget,
                               workers=config.workers.count, report=report)
             loop.run()
         finally:
@@ -150,28 +150,51 @@ def _refuse_all_failed(store: Any) -> None:
                         f"See `evomerge show {store.path}`")
 
 
-def build_driver(prepared: Prepared, store: Any) -> Any:
-    """The driver the config names, rebuilt from whatever the store's log holds."""
+def build_driver(prepared: Prepared, store: Any, report: Reporter | None = None) -> Any:
+    """The driver the config names, rebuilt from whatever the store's log holds; with
+    ``search.hand_set`` on, wrapped so that the hand-set recipes run first (``report`` gets a
+    notice for each one the space cannot express)."""
     from .drivers import make_driver
     from .objectives import ConstraintSpec, ObjectiveSpec
 
     cfg = prepared.config
     space = prepared.space
     popsize = cfg.search.population or _default_popsize(space.unit_dimension, cfg.search.driver)
-    return make_driver(
-        cfg.search.driver,
-        store,
-        distributions=space.optuna_distributions(),
-        objectives=[ObjectiveSpec(o.key, o.direction, o.weight) for o in cfg.objectives],
-        constraints=[ConstraintSpec(c.key, c.max) for c in cfg.constraints if c.max is not None],
-        seed=cfg.search.seed,
-        popsize=popsize,
-        sigma0=cfg.search.sigma0 or 0.25,
-        x0=space.initial_unit(),
-        dim=space.unit_dimension,
-        from_unit=space.from_unit,
-        lookahead=_lookahead(cfg, popsize),
-    )
+    objectives = [ObjectiveSpec(o.key, o.direction, o.weight) for o in cfg.objectives]
+    constraints = [ConstraintSpec(c.key, c.max) for c in cfg.constraints if c.max is not None]
+
+    def build(x0: Any = None) -> Any:
+        return make_driver(
+            cfg.search.driver,
+            store,
+            distributions=space.optuna_distributions(),
+            objectives=objectives,
+            constraints=constraints,
+            seed=cfg.search.seed,
+            popsize=popsize,
+            sigma0=cfg.search.sigma0 or 0.25,
+            x0=x0 if x0 is not None else space.initial_unit(),
+            dim=space.unit_dimension,
+            from_unit=space.from_unit,
+            lookahead=_lookahead(cfg, popsize),
+        )
+
+    if not cfg.search.hand_set_on:
+        return build()
+    from .drivers.hand_set import HandSetFirst
+    from .hand_set import hand_set_points
+
+    points, notices = hand_set_points(space)
+    for line in notices:
+        if report is not None:
+            report.notice(line)
+    common: dict[str, Any] = {"distributions": space.optuna_distributions(), "objectives": objectives,
+                              "constraints": constraints}
+    if cfg.search.driver == "cma":
+        # CMA starts at the best hand-set trial once all are back (evomerge.drivers.hand_set)
+        return HandSetFirst(store, points, build_after=lambda best: build(None if best is None else space.to_unit(best)),
+                            **common)
+    return HandSetFirst(store, points, driver=build(), **common)
 
 
 def _lookahead(cfg: SpaceConfig, popsize: int | None) -> int:

@@ -180,6 +180,16 @@ def describe(checked: Checked) -> list[str]:
     s = config.search
     extra = f", population {s.population}" if s.population else ""
     lines.append(f"driver: {s.driver}, budget {s.budget} trials{extra}, seed {s.seed}")
+    if s.hand_set_on:  # what a new run starts with (a resumed one never repeats them)
+        from .hand_set import hand_set_points
+
+        points, notices = hand_set_points(space)
+        if points:
+            lines.append(f"hand-set trials first ({len(points)}, within the budget): "
+                         + ", ".join(p.label.removeprefix("hand-set: ") for p in points))
+        lines += [f"  {n}" for n in notices]
+    else:
+        lines.append("hand-set trials: off (search.hand_set: false)")
     w = config.workers
     where = f"on the Ray cluster at {w.ray_address}" if w.ray_address else "on a local Ray cluster"
     lines.append(f"workers: {w.count} {where}, {w.cpus_per_worker:g} CPU and {w.gpus_per_worker:g} GPU each"

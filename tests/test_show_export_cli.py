@@ -36,7 +36,12 @@ def test_pareto_export_to_one_file_name_is_refused_with_the_fix(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "front").iterdir()) == [f"trial_{n:05d}.yaml" for n in front]
     result = CliRunner().invoke(main, ["export", str(run), "--trial", str(front[0]), "-o", "a.yaml"])
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load((tmp_path / "a.yaml").read_text())["merge_method"] == "ties"
+    from evomerge.store import RunStore
+
+    store = RunStore.open(run)
+    method = next(t for t in store.trials() if t.number == front[0]).params["method"]  # the demo space searches it
+    store.close()
+    assert yaml.safe_load((tmp_path / "a.yaml").read_text())["merge_method"] == method
 
 
 def test_show_says_counts_plainly(tmp_path):

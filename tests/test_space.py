@@ -77,10 +77,12 @@ MIXED_SPACE = SearchSpace.from_config(MIXED, NUM_LAYERS)
 
 def test_toy_coordinates_are_named_by_group_filter_donor_and_parameter() -> None:
     names = TOY_SPACE.names
-    assert len(names) == 2 * 3 * 2 + 2  # weights per group x filter x donor, one density per donor
+    # the method, weights per group x filter x donor, one density per donor, one lambda
+    assert len(names) == 1 + 2 * 3 * 2 + 2 + 1
+    assert names[0] == "method" and TOY_SPACE.coordinate("method").choices == ("task_arithmetic", "ties")
     assert "g0/self_attn/arith/weight" in names and "g1/*/reverse/weight" in names
     assert "g0/*/arith/density" in names and "g1/*/arith/density" not in names
-    assert not any(n.endswith("/lambda") for n in names)  # pinned
+    assert [n for n in names if n.endswith("/lambda")] == ["g0/*/lambda"]  # shared, one for the whole model
     assert len(set(names)) == len(names)
 
 
@@ -196,11 +198,13 @@ def test_optuna_distributions_match_the_coordinates() -> None:
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_decode_repairs_by_clipping(data: st.DataObject) -> None:
-    values = data.draw(st.fixed_dictionaries({n: st.floats(-3, 3, allow_nan=False) for n in TOY_SPACE.names}))
+    values = data.draw(st.fixed_dictionaries({n: st.sampled_from(c.choices) if c.choices else st.floats(-3, 3, allow_nan=False)
+                                              for n, c in ((c.name, c) for c in TOY_SPACE.coordinates)}))
     recipe = TOY_SPACE.decode(values)
     for name, v in recipe.params.items():
         c = TOY_SPACE.coordinate(name)
-        assert v == min(c.high, max(c.low, values[name]))  # type: ignore[type-var]
+        if c.choices is None:
+            assert v == min(c.high, max(c.low, values[name]))  # type: ignore[type-var]
 
 
 def test_decode_refuses_unknown_or_missing_coordinates() -> None:
@@ -215,7 +219,7 @@ def test_decode_refuses_unknown_or_missing_coordinates() -> None:
 
 
 def test_decoded_config_is_complete_and_explicit() -> None:
-    recipe = TOY_SPACE.decode(TOY_SPACE.default_values())
+    recipe = TOY_SPACE.decode({**TOY_SPACE.default_values(), "method": "ties"})
     merge = recipe.merge
     assert merge.merge_method == "ties" and merge.base_model == "toy_world/base"
     assert [m.model for m in merge.models] == ["toy_world/base", "toy_world/arith", "toy_world/reverse"]

@@ -83,7 +83,7 @@ def test_toy_example_is_what_the_readme_promises() -> None:
     config = load_space_config(REPO / "search_spaces" / "toy_ties.yaml")
     assert config.models.base == "toy_world/base"
     assert [d.name for d in config.models.donors] == ["arith", "reverse"]
-    assert config.merge.method == ("ties",)
+    assert config.merge.method == ("task_arithmetic", "ties")
     assert config.merge.layer_groups == 2 and config.merge.filters == ("self_attn", "mlp")
     assert config.search.driver == "cma" and 40 <= config.search.budget <= 60
     assert config.workers.count == 2

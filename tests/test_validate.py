@@ -54,6 +54,8 @@ def test_a_good_space_passes_scores_the_base_and_writes_nothing(toy_world, tmp_p
     assert f"models.base: {toy_world.base} (4 layers, " in out
     assert f"models.donors[1]: {toy_world.specialists['reverse']} (4 layers, " in out
     assert "driver: cma, budget 48 trials, population 8" in out
+    assert "hand-set trials first (4, within the budget): base alone, arith alone, reverse alone, task arithmetic" in out
+    assert "'ties, registry defaults, weight 1' skipped: normalize is pinned to False" in out
     assert "workers: 2 on a local Ray cluster, 1 CPU and 0 GPU each" in out
     tasks_total = {t: sum(1 for _ in open(ROOT / "eval_tasks" / f"{t}.jsonl")) for t in ("toy_arith", "toy_reverse")}
     for task, total in tasks_total.items():

@@ -277,6 +277,8 @@ class CmaDriver:
         for t in trials:
             if not t.finished:
                 continue  # interrupted: its candidate is handed out again
+            if "hand_set" in t.attrs:
+                continue  # a hand-set trial, outside the generations (evomerge.drivers.hand_set)
             if "generation" not in t.attrs or "member" not in t.attrs:
                 raise EvomergeError(f"trial {t.number} in {self._store.path} was not proposed by the CMA driver")
             done.setdefault(int(t.attrs["generation"]) * self.popsize + int(t.attrs["member"]), t)

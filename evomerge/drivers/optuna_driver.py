@@ -91,10 +91,19 @@ class OptunaDriver:
         self.seed = seed + len(trials)  # see module docstring: deterministic per log, no pickles
         self._study = store.study_for(make_sampler(sampler, self.seed, population))
         rerun = {t.attrs.get("rerun_of") for t in trials}
-        self._redo: deque[TrialRecord] = deque(t for t in trials if t.interrupted and t.number not in rerun)
+        # hand-set trials a crash interrupted are run again by evomerge.drivers.hand_set, labelled
+        self._redo: deque[TrialRecord] = deque(
+            t for t in trials if t.interrupted and t.number not in rerun and "hand_set" not in t.attrs
+        )
         self._outstanding: set[int] = set()
         self._warned_slow = False
         self._ask_times: list[float] = []
+
+    @property
+    def study(self) -> optuna.Study:
+        """The run's study as this driver's sampler sees it: trials started on it (hand-set ones,
+        see ``evomerge.drivers.hand_set``) go through the sampler's own bookkeeping."""
+        return self._study
 
     def ask(self) -> Proposal:
         if self._redo:

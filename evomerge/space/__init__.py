@@ -11,6 +11,6 @@ from __future__ import annotations
 
 from evomerge.space.coordinate import Coordinate
 from evomerge.space.route import RouteEncoding
-from evomerge.space.search_space import SearchSpace
+from evomerge.space.search_space import NotExpressible, SearchSpace
 
-__all__ = ["Coordinate", "RouteEncoding", "SearchSpace"]
+__all__ = ["Coordinate", "NotExpressible", "RouteEncoding", "SearchSpace"]

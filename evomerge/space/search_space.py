@@ -54,6 +54,10 @@ CATCH_ALL = "*"
 METHOD = "method"
 
 
+class NotExpressible(ValueError):
+    """A merge the space cannot decode to exactly (see :meth:`SearchSpace.point`)."""
+
+
 @dataclass(frozen=True)
 class _Slot:
     """Where a searched parameter's coordinates sit: names[participant][filter][group]."""
@@ -175,6 +179,68 @@ class SearchSpace:
             else FloatDistribution(c.low, c.high, log=c.log)  # type: ignore[arg-type]
             for c in self.coordinates
         }
+
+    def point(
+        self,
+        method: str,
+        per_model: Mapping[str, Mapping[str, float]],
+        shared: Mapping[str, float] | None = None,
+    ) -> dict[str, float | str]:
+        """The named values at which a merge with ``method`` uses exactly the given settings.
+
+        ``per_model[param][who]`` (``who``: a donor's short name, or ``base``) and
+        ``shared[param]`` are plain numbers, the same for every layer group and filter. Every
+        setting must be expressible without change: the method is one of the space's, a searched
+        value lies in its coordinate's range (no clipping), a pinned parameter is pinned to that
+        value, and a parameter left at the method's default has that default. Anything else
+        raises :class:`NotExpressible` saying why, so a caller skips the point rather than
+        evaluating something else under its name. Coordinates the settings leave open take the
+        registry default when it lies in range, else the coordinate's own default; coordinates
+        the method does not use (another method's, a route's) take their default and shape nothing.
+        """
+        if self.config.merge is None or self.route is not None:
+            raise NotExpressible("the space searches a layer route; a hand-set point would fix it")
+        if method not in self.config.merge.method:
+            raise NotExpressible(f"{method} is not among the space's methods ({', '.join(self.config.merge.method)})")
+        shared = shared or {}
+        values: dict[str, float | str] = dict(self.default_values())
+        if METHOD in self._by_name:
+            values[METHOD] = method
+        declared = {p.name: p for p in get_method(method).params}
+        for name in set(per_model) | set(shared):
+            if name not in declared:
+                raise NotExpressible(f"{method} takes no parameter {name!r}")
+        for p in declared.values():
+            resolved = self.params[p.name]
+            wanted: dict[str | None, float] = (
+                dict(per_model.get(p.name, {})) if p.per_model  # type: ignore[arg-type]
+                else ({None: shared[p.name]} if p.name in shared else {})
+            )
+            searched = resolved.mode == "search" and method in resolved.searched_by
+            if not searched:
+                current = resolved.value if resolved.mode == "fixed" else p.default
+                for who, v in wanted.items():
+                    if current is None or float(current) != float(v):
+                        state = f"pinned to {current}" if resolved.mode == "fixed" else f"left at its default {current}"
+                        raise NotExpressible(f"{p.name} is {state}, not {v}")
+                continue
+            slot = self._slots[p.name]
+            for who, grid in slot.names.items():
+                v = wanted.get(who)
+                for row in grid:
+                    for name in row:
+                        c = self._by_name[name]
+                        assert c.low is not None and c.high is not None
+                        if v is not None:
+                            if not c.low <= v <= c.high:
+                                raise NotExpressible(f"{p.name} {v:g} lies outside the range [{c.low:g}, {c.high:g}]")
+                            values[name] = float(v)
+                        elif p.default is not None and not isinstance(p.default, bool) and c.low <= p.default <= c.high:
+                            values[name] = float(p.default)
+            unknown = [w for w in wanted if w not in slot.names]
+            if unknown:
+                raise NotExpressible(f"{p.name} has no coordinate for {unknown[0]}")
+        return values
 
     # -- decoding -------------------------------------------------------------------------------
 

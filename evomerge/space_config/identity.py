@@ -29,6 +29,8 @@ def identity_data(data: dict[str, Any], parameters: Sequence[ResolvedParam]) -> 
     a default (``weight: {range: [0, 1]}``) is the same run as leaving it out, and a registry
     whose default ranges changed since the run started is a different run.
     """
+    if data.get("search", {}).get("hand_set") is True:
+        del data["search"]["hand_set"]  # written out or absent, it is on: the same run
     if "merge" in data:
         data["merge"]["parameters"] = {p.name: _resolved_data(p) for p in parameters}
     for field in NON_IDENTITY_FIELDS:

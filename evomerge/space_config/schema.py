@@ -231,6 +231,16 @@ class Search(_Strict):
     wait for each generation's slowest member). Absent: twice ``workers.count``, at most half the
     population (none for one worker), when the run starts (more keeps more workers busy but loses
     score per trial); a resumed run keeps the value it started with."""
+    hand_set: bool | None = None
+    """Start with the hand-set merges a person would try (each input model alone, task arithmetic
+    with weight 1 and lambda 1, each method's registry defaults with weight 1), labelled
+    ``hand-set: ...`` in ``evomerge show``, and seed the driver with them; absent: true. They count
+    against ``budget``; a recipe the space cannot express exactly is skipped with a notice."""
+
+    @property
+    def hand_set_on(self) -> bool:
+        """Whether hand-set trials run (absent counts as true)."""
+        return self.hand_set is not False
 
     @model_validator(mode="before")
     @classmethod

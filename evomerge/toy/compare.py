@@ -1,9 +1,10 @@
 """``evomerge toy compare RUN``: does the search's best recipe beat the obvious merges?
 
 Scores, on the held-out split of every skill (items the search never saw), the run's best
-trial against the two merges a user would try by hand: a 50/50 linear average and a default
-TIES merge (density 0.5, equal weights). Candidates are merged in memory and scored by the same
-evaluator the search workers use.
+trial against what a user would try by hand: each specialist alone, task arithmetic with weight
+1 on every specialist (the build table's best hand-set merge), a 50/50 linear average and a
+default TIES merge (density 0.5, equal weights). Candidates are merged in memory and scored by
+the same evaluator the search workers use.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from ..errors import EvomergeError
 
+TASK_ARITHMETIC_1 = "task arithmetic, weights 1"
+
 
 def heldout_task(task: str) -> str:
     return task if task.endswith("_heldout") else f"{task}_heldout"
@@ -21,7 +24,13 @@ def heldout_task(task: str) -> str:
 def baselines(base: str, donors: list[str]) -> dict[str, dict[str, Any]]:
     """The hand-set merges the search must beat, as mergekit configs."""
     n = len(donors)
+    alone = {f"{Path(d).name} alone": {"merge_method": "linear", "dtype": "float32",
+                                        "models": [{"model": d, "parameters": {"weight": 1.0}}]} for d in donors}
     return {
+        **alone,
+        TASK_ARITHMETIC_1: {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+                            "parameters": {"lambda": 1.0},
+                            "models": [{"model": d, "parameters": {"weight": 1.0}} for d in donors]},
         "linear 50/50": {"merge_method": "linear", "dtype": "float32",
                          "models": [{"model": d, "parameters": {"weight": 1.0 / n}} for d in donors]},
         "ties default (density 0.5)": {"merge_method": "ties", "base_model": base, "dtype": "float32",

@@ -35,7 +35,9 @@ def space(toy_world: Any, *, budget: int, driver: str = "cma", items: int = 16, 
         "objectives": [{"task": f"toy_{n}", "metric": "acc", "direction": "maximize"} for n in sorted(toy_world.specialists)]
         + [{"measure": "l2_from_base", "direction": "minimize"}],
         "evaluation": {"items": items, "batch_size": items, "include_path": [str(ROOT / "eval_tasks")]},
-        "search": {"driver": driver, "budget": budget, "seed": 0, **({"population": 4} if driver == "cma" else {})},
+        # hand_set off: these tests count CMA generations from trial 0 (hand-set trials: tests/search/test_hand_set.py)
+        "search": {"driver": driver, "budget": budget, "seed": 0, "hand_set": False,
+                   **({"population": 4} if driver == "cma" else {})},
         "workers": {"count": 2, "cpus_per_worker": 1},
     }
     data.update(overrides)
