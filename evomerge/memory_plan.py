@@ -296,5 +296,14 @@ def _plan_cpu(d: Devices, *, live: int, work: int, task_vectors: int, stored: in
                       f"{_gb(budget)} of host memory is usable", fix=fix, **common)
 
 
+def format_bytes(n: int) -> str:
+    """A size as a person reads it: ``2.7 MB``, ``14.5 GB``, ``512 B`` (model sizes in start-up
+    lines and ``evomerge validate``)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

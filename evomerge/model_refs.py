@@ -40,6 +40,7 @@ from typing import Any
 from .errors import ConfigError
 from .merge.lora import split_reference
 from .merge.model_folder import _HUB_ID_RE
+from .space_config.base import _dotted
 
 #: keys of a mergekit config whose values are model references
 _MODEL_KEYS = ("model", "base_model", "tokenizer_source")
@@ -63,7 +64,7 @@ def resolve_reference(written: str, *, field: str, source: str, against: Path | 
 
 
 def _resolve_part(text: str, *, field: str, source: str, against: Path | None) -> str:
-    folder = Path(against) if against is not None else Path.cwd()
+    folder = _folder(against)
     local = _absolute(text, folder)
     if local.exists():
         return str(local)
@@ -95,6 +96,11 @@ def _found_elsewhere(text: str, source: str) -> tuple[Path, Path] | None:
         return None
     candidate = _absolute(text, start)
     return (start, candidate) if candidate.exists() else None
+
+
+def _folder(against: Path | None) -> Path:
+    """The folder relative references start from: ``against`` when given, else the current folder."""
+    return Path(against) if against is not None else Path.cwd()
 
 
 def _absolute(text: str, folder: Path) -> Path:
@@ -138,10 +144,6 @@ def _reference_fields(data: Mapping[str, Any]) -> list[tuple[tuple[str | int, ..
     out += [(("evaluation", "include_path", i), p, False)
             for i, p in enumerate(data.get("evaluation", {}).get("include_path", ()))]
     return out
-
-
-def _dotted(location: tuple[str | int, ...]) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in location).lstrip(".")
 
 
 def resolve_config(config: Any, *, against: Path | None = None) -> Any:
@@ -203,7 +205,7 @@ def _rename_stage_one(data: dict[str, Any], mapping: Mapping[str, str]) -> None:
 
 
 def _resolve_folder(text: str, *, field: str, source: str, against: Path | None) -> str:
-    folder = Path(against) if against is not None else Path.cwd()
+    folder = _folder(against)
     local = _absolute(text, folder)
     if not local.is_dir():
         raise ConfigError(f"task folder {text!r} does not exist; point it at a folder of lm-eval task YAMLs (resolved "
@@ -280,7 +282,7 @@ def _portable(reference: str, mapping: Mapping[str, str], lenient: bool, against
         return mapping[reference]
     if not lenient or reference in _NOT_FOLDERS:
         return reference
-    folder = Path(against) if against is not None else Path.cwd()
+    folder = _folder(against)
     try:
         parts = _parts(reference)
     except Exception:  # noqa: BLE001  (not a reference: ``tokenizer_source: union``)

@@ -74,15 +74,11 @@ def prepare(config: SpaceConfig, *, report: Reporter | None = None) -> Prepared:
 
 def _sizes(config: SpaceConfig, folders: dict[str, Any]) -> str:
     """Each model's short name and size on disk, from its headers: "base 2.7 MB, arith 2.7 MB"."""
-    from .memory_plan import size_from_folder
+    from .memory_plan import format_bytes, size_from_folder
 
     names = {config.models.base: "base", **{d.model: d.name for d in config.models.donors}}
-    return ", ".join(f"{names.get(ref, ref)} {_megabytes(size_from_folder(folder).stored_bytes)}"
+    return ", ".join(f"{names.get(ref, ref)} {format_bytes(size_from_folder(folder).stored_bytes)}"
                      for ref, folder in folders.items())
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def memory_plan(config: SpaceConfig, folders: dict[str, Any]) -> Any:

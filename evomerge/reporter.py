@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol
 
+from .hand_set import HAND_SET_ATTR
+
 #: The live line's fields, left to right.
 FIELDS = ("elapsed", "stage", "trials", "failed", "best", "front", "passes", "eta", "rate")
 #: What goes first when the line does not fit: each step drops the field named, or, for one
@@ -205,7 +207,7 @@ _NUMBER_AND_UNIT = re.compile(r"(\d) (s|min|B|kB|MB|GB|TB)\b")
 def trial_line(progress: Any, record: Any, *, new_best: bool) -> str:
     """A finished trial in one plain line: number, state, every score (or the reason), progress."""
     done = progress.finished_before + progress.finished
-    label = (getattr(record, "attrs", None) or {}).get("hand_set")  # evomerge.hand_set.HAND_SET_ATTR
+    label = (getattr(record, "attrs", None) or {}).get(HAND_SET_ATTR)
     name = f"trial {record.number} ({label})" if label else f"trial {record.number}"
     if record.state == "complete":
         scores = " ".join(f"{k.removeprefix('task:')}={v:.4g}" for k, v in (record.objectives or {}).items())

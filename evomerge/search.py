@@ -162,12 +162,13 @@ def build_driver(prepared: Prepared, store: Any, report: Reporter | None = None)
     popsize = cfg.search.population or _default_popsize(space.unit_dimension, cfg.search.driver)
     objectives = [ObjectiveSpec(o.key, o.direction, o.weight) for o in cfg.objectives]
     constraints = [ConstraintSpec(c.key, c.max) for c in cfg.constraints if c.max is not None]
+    distributions = space.optuna_distributions()
 
     def build(x0: Any = None) -> Any:
         return make_driver(
             cfg.search.driver,
             store,
-            distributions=space.optuna_distributions(),
+            distributions=distributions,
             objectives=objectives,
             constraints=constraints,
             seed=cfg.search.seed,
@@ -185,10 +186,10 @@ def build_driver(prepared: Prepared, store: Any, report: Reporter | None = None)
     from .hand_set import hand_set_points
 
     points, notices = hand_set_points(space)
-    for line in notices:
-        if report is not None:
+    if report is not None:
+        for line in notices:
             report.notice(line)
-    common: dict[str, Any] = {"distributions": space.optuna_distributions(), "objectives": objectives,
+    common: dict[str, Any] = {"distributions": distributions, "objectives": objectives,
                               "constraints": constraints}
     if cfg.search.driver == "cma":
         # CMA starts at the best hand-set trial once all are back (evomerge.drivers.hand_set)

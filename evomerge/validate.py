@@ -162,13 +162,15 @@ def _quiet_stderr() -> Iterator[None]:
 
 def describe(checked: Checked) -> list[str]:
     """The summary lines: what was checked and what the search would run."""
+    from .memory_plan import format_bytes
+
     config, space = checked.config, checked.prepared.space
     lines = [f"{config.source}: the space file, the models, the tasks and their metrics pass every check "
              "`evomerge search` makes before it starts"]
     lines.append("models:")
     for m in checked.models:
         lines.append(f"  {m.field}: {m.reference} ({m.layers} layers, {_count(m.parameters)} parameters, "
-                     f"{_bytes(m.bytes)} in {'/'.join(m.dtypes)})")
+                     f"{format_bytes(m.bytes)} in {'/'.join(m.dtypes)})")
     names = space.names
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     lines.append(f"search space: {len(names)} coordinates ({shown}); candidates merged in {config.dtype}")
@@ -206,8 +208,3 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"

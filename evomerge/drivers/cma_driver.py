@@ -78,6 +78,7 @@ from evomerge.drivers.base import (
     refuse_running_trials,
 )
 from evomerge.errors import EvomergeError
+from evomerge.hand_set import HAND_SET_ATTR
 from evomerge.objectives import ConstraintSpec, ObjectiveSpec, scalarize
 from evomerge.store import RunStore, TrialRecord
 
@@ -277,7 +278,7 @@ class CmaDriver:
         for t in trials:
             if not t.finished:
                 continue  # interrupted: its candidate is handed out again
-            if "hand_set" in t.attrs:
+            if HAND_SET_ATTR in t.attrs:
                 continue  # a hand-set trial, outside the generations (evomerge.drivers.hand_set)
             if "generation" not in t.attrs or "member" not in t.attrs:
                 raise EvomergeError(f"trial {t.number} in {self._store.path} was not proposed by the CMA driver")

@@ -35,6 +35,7 @@ from evomerge.drivers.base import (
     record_result,
     refuse_running_trials,
 )
+from evomerge.hand_set import HAND_SET_ATTR
 from evomerge.objectives import ConstraintSpec, ObjectiveSpec
 from evomerge.store import RunStore, TrialRecord
 
@@ -93,7 +94,7 @@ class OptunaDriver:
         rerun = {t.attrs.get("rerun_of") for t in trials}
         # hand-set trials a crash interrupted are run again by evomerge.drivers.hand_set, labelled
         self._redo: deque[TrialRecord] = deque(
-            t for t in trials if t.interrupted and t.number not in rerun and "hand_set" not in t.attrs
+            t for t in trials if t.interrupted and t.number not in rerun and HAND_SET_ATTR not in t.attrs
         )
         self._outstanding: set[int] = set()
         self._warned_slow = False
