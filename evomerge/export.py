@@ -39,7 +39,7 @@ def _header(run: str, record: Any, directions: Mapping[str, str]) -> str:
 
 def _run_config(run_dir: Path) -> Any:
     """The run's stored config (which maps the models as written to where they are), if readable."""
-    from .search import resume_config
+    from .space_config import resume_config
 
     try:
         return resume_config(run_dir)
