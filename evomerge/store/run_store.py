@@ -12,6 +12,7 @@ It composes three parts, each in its own module:
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -23,6 +24,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 
+from evomerge import failpoints
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.objectives import DIRECTIONS
 from evomerge.pareto import pareto_front
@@ -134,7 +136,16 @@ class RunStore:
             storage.engine.dispose()  # no connection may outlive the rename of the SQLite file
             write_atomic(tmp / PARETO_FILE, pareto_text(name, dict(directions), dict(constraints or {}), [],
                                                         TrialCounts(0, 0, 0, 0, 0)))
-            os.rename(tmp, final)  # atomic; fails rather than merge into a folder created meanwhile
+            failpoints.hit("store.before_create_rename")  # another process may create the run meanwhile
+            try:
+                os.rename(tmp, final)  # atomic; fails rather than merge into a folder created meanwhile
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                raise EvomergeError(
+                    f"{final} was created by another process while this one was creating it; "
+                    f"resume it with `evomerge resume {final}`, or choose another run name"
+                ) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if remote_created:

@@ -120,3 +120,44 @@ def test_a_half_built_run_folder_of_a_dead_process_is_removed_by_the_next_start(
     store.close()
     assert not dead.exists() and not old_format.exists() and building.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [building.name, "r"]
+
+
+def test_two_creators_of_one_run_leave_the_first_run_whole_and_refuse_the_second(tmp_path, monkeypatch):
+    """A run folder created by another process between this one's check and its rename (two
+    searches started at once on a new run) is a one-line refusal naming the folder and the fix:
+    the folder that won is left exactly as its creator wrote it, and no half-built folder remains."""
+    import threading
+    import time
+
+    from evomerge.errors import EvomergeError
+    from evomerge.store import RunStore
+
+    counters = tmp_path / "failpoints"
+    counters.mkdir()
+    monkeypatch.setenv(failpoints.DIR_ENV, str(counters))
+    failpoints.configure("store.before_create_rename=sleep(1.5)@1")  # the first to get there stalls
+    runs = tmp_path / "runs"
+    outcome: list[BaseException | None] = []
+
+    def late() -> None:
+        try:
+            RunStore.create(runs, "r", "name: late\n", "1" * 16, directions={"x": "maximize"}).close()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(e)
+
+    try:
+        slow = threading.Thread(target=late)
+        slow.start()
+        while not failpoints.read_hits(counters):  # the thread is about to rename its folder
+            time.sleep(0.05)
+        first = RunStore.create(runs, "r", "name: early\n", "0" * 16, directions={"x": "maximize"})
+        first.close()
+        slow.join()
+    finally:
+        failpoints.configure("")
+    (err,) = outcome
+    assert isinstance(err, EvomergeError), err
+    assert str(runs / "r") in str(err) and "evomerge resume" in str(err)
+    assert (runs / "r" / "space.yaml").read_text() == "name: early\n"
+    assert sorted(p.name for p in runs.iterdir()) == ["r"]
