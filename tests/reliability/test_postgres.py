@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import evomerge
+from .conftest import cli_env, evomerge
 from .helpers import env_with, reap_session, start, write_space
 from .helpers import space as toy_space
 from .postgres_server import bin_dir, running_server
@@ -136,7 +136,8 @@ def test_postgres_run_is_held_taken_over_after_kill_9_resumed_and_read_back(toy_
     from evomerge.run_lock import STALE_S
 
     _put_lease(postgres_url, "faults", "lost-host", time.time())
-    fresh = evomerge("resume", str(other / "faults"), cwd=tmp_path)
+    # fresh for an hour here: a loaded machine may take longer than STALE_S to start the CLI
+    fresh = evomerge("resume", str(other / "faults"), cwd=tmp_path, env=cli_env(EVOMERGE_LEASE_STALE_S="3600"))
     assert fresh.returncode == 2 and "by pid 4242 on host lost-host" in fresh.stderr, fresh.stderr[-2000:]
     _put_lease(postgres_url, "faults", "lost-host", time.time() - STALE_S - 5)
     stale = evomerge("resume", str(other / "faults"), cwd=tmp_path)  # budget spent: takes it, nothing to do
