@@ -281,14 +281,14 @@ def _plan_gpu(d: Devices, *, live: int, held: int, work: int, inputs_on_device: 
         # for them on the host
         ("streamed", "on the fly", live + held + work + stream + reserve, stream, stored, transfer),
     ]
-    for placement, vectors, need, host_own, shared, transfer in options:
+    for placement, vectors, need, host_own, shared, moved in options:
         if need <= budget:
             notes = ()
             if shared and shared + workers * host_own > d.host_available:
                 notes = (f"the inputs ({_gb(shared)}) exceed usable host memory: they are re-read from disk "
                          "for every candidate",)
             return MemoryPlan(placement, vectors, device_bytes_per_worker=need, host_bytes_per_worker=host_own,
-                              shared_host_bytes=shared, transfer_bytes_per_candidate=transfer, reserve_bytes=reserve,
+                              shared_host_bytes=shared, transfer_bytes_per_candidate=moved, reserve_bytes=reserve,
                               notes=notes, **common)
     need = live + held + work + stream + reserve
     gpus = math.ceil(need / d.free_per_gpu) if d.free_per_gpu else 0

@@ -38,7 +38,7 @@ from .lora import split_reference
 from .mapped import MappedFiles
 from .model_folder import ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge
-from .prefetch import ReadAhead
+from .prefetch import READ_AHEAD, ReadAhead
 from .run import compute_task
 
 
@@ -68,6 +68,7 @@ class ResidentModels:
         self._maps = MappedFiles()
         self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see _squared_distance
         self._side_streams: dict[torch.device, Any] = {}  # CUDA copy streams, one per device
+        self.read_ahead = READ_AHEAD  # tasks read ahead on the mapped path (0: none; scripts/gpu_check.py compares)
         self.base = base
         self.folders = {ref: ModelFolder(ref, allow_pickle=allow_pickle) for ref in references}
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -180,22 +181,26 @@ class ResidentModels:
         squared = 0.0
         if self.storage == "mapped":
             # computed where the live model holds each tensor (with a device map: one of several GPUs)
-            loaded = iter(ReadAhead(plan.tasks, lambda task: self._read_inputs(task, target[task.name].device)))
+            loaded = ReadAhead(plan.tasks, lambda task: self._read_inputs(task, target[task.name].device),
+                               ahead=self.read_ahead).__iter__()
         else:
             loaded = ((task, ([self._get(m, n) for m, n in task.sources], None)) for task in plan.tasks)
-        for task, (inputs, copied) in loaded:
-            dest = target[task.name]
-            if copied is not None:  # GPU path: checked by scripts/gpu_check.py
-                _after_copies(copied, inputs, dest.device)
-            deltas = self._task_deltas(task.sources, task.base_index)
-            if deltas is not None and self.storage == "mapped":
-                deltas = [None if d is None else d.to(dest.device, non_blocking=True) for d in deltas]
-            result = compute_task(plan, task, inputs, deltas)
-            with torch.no_grad():
-                dest.copy_(result)
-            if task.base_index is not None and result.is_floating_point():
-                squared += self._squared_distance(result, inputs[task.base_index])
-            del inputs, result, deltas  # before the next task is loaded into the freed slot
+        try:
+            for task, (inputs, copied) in loaded:
+                dest = target[task.name]
+                if copied is not None:  # GPU path: checked by scripts/gpu_check.py
+                    _after_copies(copied, inputs, dest.device)
+                deltas = self._task_deltas(task.sources, task.base_index)
+                if deltas is not None and self.storage == "mapped":
+                    deltas = [None if d is None else d.to(dest.device, non_blocking=True) for d in deltas]
+                result = compute_task(plan, task, inputs, deltas)
+                with torch.no_grad():
+                    dest.copy_(result)
+                if task.base_index is not None and result.is_floating_point():
+                    squared += self._squared_distance(result, inputs[task.base_index])
+                del inputs, result, deltas  # before the next task is loaded into the freed slot
+        finally:
+            loaded.close()  # a merge that failed stops the read-ahead now, not when its traceback goes
         return MergeOutcome(l2_from_base=math.sqrt(squared), num_tensors=len(plan.tasks))
 
     def _read_inputs(self, task: TensorTask, device: torch.device) -> tuple[list[torch.Tensor], Any]:

@@ -17,7 +17,7 @@ with read-ahead is bit for bit the merge without it; only when the work happens 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Generic, TypeVar
 
 Task = TypeVar("Task")
@@ -61,7 +61,7 @@ class ReadAhead(Generic[Task, Loaded]):
                 return
             self._ready[i].set()
 
-    def __iter__(self) -> Iterator[tuple[Task, Loaded]]:
+    def __iter__(self) -> Generator[tuple[Task, Loaded], None, None]:
         thread = threading.Thread(target=self._run, name="evomerge-read-ahead", daemon=True)
         thread.start()
         try:

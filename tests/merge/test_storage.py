@@ -93,3 +93,46 @@ def test_mapped_inputs_are_views_of_the_files_not_copies(models):
     half = ResidentModels([str(half_base)], str(half_base), storage="mapped", dtype=torch.float32)
     assert half.tensors[str(half_base)][name].dtype == torch.bfloat16
     assert half._get(str(half_base), name).dtype == torch.float32
+
+
+def test_read_ahead_gives_tasks_in_order_with_at_most_one_loaded_ahead():
+    """The streamed path's read-ahead: the caller's order, ``1 + READ_AHEAD`` tasks' inputs in
+    flight at most (what the memory plan counts), a load's error raised at its task, and a loop
+    left early stops the loader."""
+    import threading
+    import time
+
+    from evomerge.merge.prefetch import READ_AHEAD, ReadAhead
+
+    loaded_at: dict[int, int] = {}
+    consumed: list[int] = []
+
+    def load(i: int) -> int:
+        loaded_at[i] = len(consumed)  # how many tasks the caller had finished when this one was read
+        return i * i
+
+    reader = ReadAhead(list(range(12)), load)
+    for i, value in reader:
+        time.sleep(0.002)  # a merge: the loader gets ahead if it can
+        assert value == i * i
+        consumed.append(i)
+    assert consumed == list(range(12))
+    assert reader.max_in_flight == 1 + READ_AHEAD
+    assert all(loaded_at[i] >= i - READ_AHEAD for i in range(12))  # never further ahead than allowed
+
+    def failing(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad tensor")
+        return i
+
+    seen = []
+    with pytest.raises(ValueError, match="bad tensor"):
+        for i, _ in ReadAhead(list(range(6)), failing):
+            seen.append(i)
+    assert seen == [0, 1, 2]
+
+    before = threading.active_count()
+    for i, _ in ReadAhead(list(range(100)), load):
+        if i == 2:
+            break
+    assert threading.active_count() == before  # the loader thread was joined
