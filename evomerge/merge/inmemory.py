@@ -38,7 +38,7 @@ from .lora import split_reference
 from .mapped import MappedFiles
 from .model_folder import ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge
-from .prefetch import READ_AHEAD, ReadAhead
+from .prefetch import READ_AHEAD, READ_AHEAD_MIN_BYTES, ReadAhead
 from .run import compute_task
 
 
@@ -68,7 +68,10 @@ class ResidentModels:
         self._maps = MappedFiles()
         self._scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see _squared_distance
         self._side_streams: dict[torch.device, Any] = {}  # CUDA copy streams, one per device
-        self.read_ahead = READ_AHEAD  # tasks read ahead on the mapped path (0: none; scripts/gpu_check.py compares)
+        # tasks read ahead on the mapped path; None: READ_AHEAD for models whose tensors are worth
+        # it (READ_AHEAD_MIN_BYTES), else 0 (read inline); set to compare (tests, scripts/gpu_check.py)
+        self.read_ahead: int | None = None
+        self._largest_bytes: int | None = None
         self.base = base
         self.folders = {ref: ModelFolder(ref, allow_pickle=allow_pickle) for ref in references}
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -176,13 +179,17 @@ class ResidentModels:
         """Write every planned tensor into ``target`` (e.g. a model's parameters) in place.
 
         Mapped inputs are read one task ahead (:class:`~evomerge.merge.prefetch.ReadAhead`): the
-        next tensor's pages, conversion and (on a GPU) copy overlap the current tensor's merge.
+        next tensor's pages, conversion and (on a GPU) copy overlap the current tensor's merge
+        (a toy model's small tensors are read inline: see ``READ_AHEAD_MIN_BYTES``).
         """
         squared = 0.0
-        if self.storage == "mapped":
+        ahead = self.read_ahead if self.read_ahead is not None else self._default_read_ahead()
+        if self.storage == "mapped" and ahead > 0:
             # computed where the live model holds each tensor (with a device map: one of several GPUs)
             loaded = ReadAhead(plan.tasks, lambda task: self._read_inputs(task, target[task.name].device),
-                               ahead=self.read_ahead).__iter__()
+                               ahead=ahead).__iter__()
+        elif self.storage == "mapped":
+            loaded = ((task, self._read_inputs(task, target[task.name].device)) for task in plan.tasks)
         else:
             loaded = ((task, ([self._get(m, n) for m, n in task.sources], None)) for task in plan.tasks)
         try:
@@ -202,6 +209,12 @@ class ResidentModels:
         finally:
             loaded.close()  # a merge that failed stops the read-ahead now, not when its traceback goes
         return MergeOutcome(l2_from_base=math.sqrt(squared), num_tensors=len(plan.tasks))
+
+    def _default_read_ahead(self) -> int:
+        if self._largest_bytes is None:
+            self._largest_bytes = max((t.numel() * t.element_size() for tensors in self.tensors.values()
+                                       for t in tensors.values()), default=0)
+        return READ_AHEAD if self._largest_bytes >= READ_AHEAD_MIN_BYTES else 0
 
     def _read_inputs(self, task: TensorTask, device: torch.device) -> tuple[list[torch.Tensor], Any]:
         """One task's inputs in the merge dtype on ``device`` (read ahead, on the loader's thread).

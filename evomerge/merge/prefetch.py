@@ -26,6 +26,11 @@ Loaded = TypeVar("Loaded")
 #: Tasks whose inputs are prepared ahead of the one being merged (one already hides a tensor's
 #: read behind the previous tensor's merge; more only holds more memory).
 READ_AHEAD = 1
+#: Below this size of a model's largest tensor a worker reads inline: handing a task to the
+#: thread costs tens of microseconds, more than reading a small tensor's inputs (a toy model's
+#: candidate took 8% longer read ahead), while a large tensor's page-in, conversion or copy to a
+#: GPU takes milliseconds.
+READ_AHEAD_MIN_BYTES = 1 << 20
 
 
 class ReadAhead(Generic[Task, Loaded]):

@@ -1,5 +1,6 @@
-"""Storage apart from math: memory-mapped inputs, and task vectors formed on the fly, merge bit for
-bit as the resident path does, for every family of methods and for float32 and bfloat16 files."""
+"""Storage apart from math: memory-mapped inputs (read inline or one tensor ahead on a thread), and
+task vectors formed on the fly, merge bit for bit as the resident path does, for every family of
+methods and for float32 and bfloat16 files."""
 
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ def _merge(base, donors, method, **storage) -> dict[str, torch.Tensor]:
     if "random_seed" in method:
         data["random_seed"] = method["random_seed"]
     config = parse_merge_config(data)
+    read_ahead = storage.pop("read_ahead", None)
     resident = ResidentModels([str(base), *map(str, donors)], str(base), **storage)
+    resident.read_ahead = read_ahead  # None: these small tensors are read inline; 1: one ahead, on a thread
     target = {k: torch.zeros_like(resident._for_math(v)) for k, v in resident.tensors[str(base)].items()}
     outcome = resident.merge_into(resident.plan(config), target)
     target["l2"] = torch.tensor(outcome.l2_from_base, dtype=torch.float64)
@@ -69,12 +72,13 @@ def test_mapped_storage_and_task_vectors_on_the_fly_merge_bit_for_bit(models, me
     base, donors = models[files]
     name = str(merge_dtype).removeprefix("torch.")
     reference = _merge(base, donors, method, dtype=merge_dtype, dtype_name=name)  # today's resident path
-    for storage, task_vectors in (("mapped", True), ("mapped", False), ("resident", False)):
+    for storage, task_vectors, read_ahead in (("mapped", True, None), ("mapped", False, None), ("mapped", False, 1),
+                                              ("resident", False, None)):
         got = _merge(base, donors, method, dtype=merge_dtype, dtype_name=name, storage=storage,
-                     task_vectors=task_vectors)
+                     task_vectors=task_vectors, read_ahead=read_ahead)
         assert got.keys() == reference.keys()
         for key, want in reference.items():
-            assert got[key].dtype == want.dtype and torch.equal(got[key], want), (storage, task_vectors, key)
+            assert got[key].dtype == want.dtype and torch.equal(got[key], want), (storage, task_vectors, read_ahead, key)
     assert any(not torch.equal(reference[k], load_file(str(base / "model.safetensors"))[k].to(merge_dtype))
                for k in reference if k != "l2")  # the merge changed something
 
