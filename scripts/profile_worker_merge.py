@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_scale  # noqa: E402  (the 1B benchmark's model shapes and builder)
+import bench_scale  # the 1B benchmark's model shapes and builder
 
-from evomerge.merge.config import parse_merge_config  # noqa: E402
-from evomerge.merge.inmemory import ResidentModels  # noqa: E402
-from evomerge.merge.run import compute_task  # noqa: E402
+from evomerge.merge.config import parse_merge_config
+from evomerge.merge.inmemory import ResidentModels
+from evomerge.merge.run import compute_task
 
 
 def _usage() -> tuple[float, int]:
