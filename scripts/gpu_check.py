@@ -202,6 +202,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run this script on a machine with a GPU", file=sys.stderr)
         return 2
+    started = time.perf_counter()
     print(f"GPU: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}, "
           f"{torch.cuda.mem_get_info()[0] / 1e9:.1f} GB free")
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +215,7 @@ def main() -> int:
         check_two_gpus(base, donors)
     check_evaluation()
     print(json.dumps({"bit_equal_float32": equal, "streamed_equals_resident": overlap_equal,
-                      "bfloat16_default": dtype_ok}))
+                      "bfloat16_default": dtype_ok, "seconds": round(time.perf_counter() - started)}))
     return 0 if equal and overlap_equal and dtype_ok else 1
 
 
