@@ -8,11 +8,12 @@ With the worker's mapped storage (task vectors on the fly, one thread) it merges
 (task_arithmetic) once to map the pages, then times each phase of the next candidates' merges in
 CPU seconds (user + system, from ``getrusage``: a machine shared with other jobs inflates wall
 time, not these): reading the inputs, the method, the copy into the live model, and the distance
-from the base the worker reports (``l2_from_base``), the latter both as the worker computes it
-now (a buffer kept between tensors) and as the plain expression ``sum((merged - base) ** 2)``,
-whose two fresh tensor-sized temporaries were a third of the merge at 1B. Both give the same
-value (checked). Minor page faults per candidate are printed with each: first touches of fresh
-allocations, paid in system time.
+from the base the worker reports (``l2_from_base``). Two ways, interleaved: ``now``, as the worker
+merges (inputs stored in another dtype converted into buffers kept between tensors, the distance
+summed in a buffer too), and ``fresh``, as it merged before (each conversion a new tensor, and the
+distance the plain expression ``sum((merged - base) ** 2)``, whose two tensor-sized temporaries
+were a third of the merge at 1B). Both give the same distance (checked). Minor page faults per
+candidate are printed with each: first touches of fresh allocations, paid in system time.
 """
 
 from __future__ import annotations
@@ -37,23 +38,26 @@ def _usage() -> tuple[float, int]:
     return r.ru_utime + r.ru_stime, r.ru_minflt
 
 
-def profile(resident: ResidentModels, plan, live: dict[str, torch.Tensor], distance: str) -> tuple[dict[str, float], int, float]:
-    """One candidate merged as ``merge_into`` merges it, phase by phase (CPU seconds)."""
-    phases = dict.fromkeys(("read inputs", "method", "copy into live model", f"l2_from_base ({distance})"), 0.0)
+def profile(resident: ResidentModels, plan, live: dict[str, torch.Tensor], way: str) -> tuple[dict[str, float], int, float]:
+    """One candidate merged as ``merge_into`` merges it (inline), phase by phase (CPU seconds)."""
+    phases = dict.fromkeys(("read inputs", "method", "copy into live model", "l2_from_base"), 0.0)
     names = list(phases)
     squared = 0.0
     start_faults = _usage()[1]
     for task in plan.tasks:
         marks = [_usage()[0]]
         dest = live[task.name]
-        inputs = [resident._get(m, n, dest.device) for m, n in task.sources]
+        if way == "now":
+            inputs = resident._read_inputs(task, dest.device)[0]
+        else:
+            inputs = [resident._get(m, n, dest.device) for m, n in task.sources]
         marks.append(_usage()[0])
         result = compute_task(plan, task, inputs, None)
         marks.append(_usage()[0])
         dest.copy_(result)
         marks.append(_usage()[0])
         base = inputs[task.base_index]
-        if distance == "buffer":
+        if way == "now":
             squared += resident._squared_distance(result, base)
         else:
             squared += float(torch.sum((result.to(base.dtype) - base) ** 2))
@@ -86,13 +90,13 @@ def main() -> None:
     print(f"model: {args.layers} layers, {model_bytes / 1e9:.3f} GB in {args.dtype}; {args.donors} donors; "
           f"one thread; CPU seconds per candidate (user + system)")
     values = {}
-    for distance in ("expression", "buffer", "expression", "buffer"):  # interleaved: a busy moment hits both
-        phases, faults, values[distance] = profile(resident, plan, live, distance)
+    for way in ("fresh", "now", "fresh", "now"):  # interleaved: a busy moment hits both
+        phases, faults, values[way] = profile(resident, plan, live, way)
         total = sum(phases.values())
-        print(f"  {total:.3f} CPU-s, {faults} minor faults: "
+        print(f"  {way:>5}: {total:.3f} CPU-s, {faults} minor faults: "
               + ", ".join(f"{name} {seconds:.3f}" for name, seconds in phases.items()))
-    print(f"l2_from_base: {values['expression'] ** 0.5!r} (expression) and {values['buffer'] ** 0.5!r} (buffer): "
-          f"{'the same' if values['expression'] == values['buffer'] else 'DIFFERENT'}")
+    print(f"l2_from_base: {values['fresh'] ** 0.5!r} (fresh) and {values['now'] ** 0.5!r} (now): "
+          f"{'the same' if values['fresh'] == values['now'] else 'DIFFERENT'}")
 
 
 if __name__ == "__main__":

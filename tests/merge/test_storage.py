@@ -140,3 +140,24 @@ def test_read_ahead_gives_tasks_in_order_with_at_most_one_loaded_ahead():
         if i == 2:
             break
     assert threading.active_count() == before  # the loader thread was joined
+
+
+def test_conversion_buffers_reused_across_tensors_and_candidates_merge_bit_for_bit(models):
+    """bfloat16 files merged in float32 on the mapped path: inputs converted into buffers that
+    take turns between the tensor merged and the one read ahead, and serve the next candidate
+    too; each candidate equals a fresh resident worker's merge."""
+    base, donors = models["bfloat16"]
+    mapped = ResidentModels([str(base), *map(str, donors)], str(base), storage="mapped", task_vectors=False)
+    mapped.read_ahead = 1
+    for method in (TIES, ARITHMETIC):
+        config = parse_merge_config({"merge_method": method["merge_method"], "base_model": str(base),
+                                     "dtype": "float32", "models": [{"model": str(d), "parameters": method["parameters"]}
+                                                                    for d in donors]})
+        resident = ResidentModels([str(base), *map(str, donors)], str(base), task_vectors=False)
+        want = {k: torch.zeros_like(v) for k, v in resident.tensors[str(base)].items()}
+        got = {k: torch.zeros_like(v) for k, v in want.items()}
+        expected = resident.merge_into(resident.plan(config), want)
+        outcome = mapped.merge_into(mapped.plan(config), got)
+        assert outcome.l2_from_base == expected.l2_from_base
+        assert all(torch.equal(got[k], want[k]) for k in want), method["merge_method"]
+    assert len(mapped._conversions) == 2 * 3  # two slots (merged, read ahead) x three inputs, kept
