@@ -14,6 +14,8 @@ summed in a buffer too), and ``fresh``, as it merged before (each conversion a n
 distance the plain expression ``sum((merged - base) ** 2)``, whose two tensor-sized temporaries
 were a third of the merge at 1B). Both give the same distance (checked). Minor page faults per
 candidate are printed with each: first touches of fresh allocations, paid in system time.
+Last, whole candidates through ``merge_into`` with the inputs read inline and read one tensor
+ahead on a thread (interleaved), wall and CPU seconds each.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -97,6 +100,15 @@ def main() -> None:
               + ", ".join(f"{name} {seconds:.3f}" for name, seconds in phases.items()))
     print(f"l2_from_base: {values['fresh'] ** 0.5!r} (fresh) and {values['now'] ** 0.5!r} (now): "
           f"{'the same' if values['fresh'] == values['now'] else 'DIFFERENT'}")
+    for ahead in (0, 1):
+        resident.read_ahead = ahead
+        resident.merge_into(plan, live)  # this way's buffers made
+    for ahead in (0, 1, 0, 1):
+        resident.read_ahead = ahead
+        cpu, start = _usage()[0], time.perf_counter()
+        resident.merge_into(plan, live)
+        print(f"  merge_into, inputs read {'one tensor ahead' if ahead else 'inline'}: "
+              f"{time.perf_counter() - start:.3f} s wall, {_usage()[0] - cpu:.3f} CPU-s")
 
 
 if __name__ == "__main__":
