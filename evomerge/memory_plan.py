@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .errors import ModelError
+from .merge.prefetch import READ_AHEAD
 
 #: Of the device memory left after the weights, the share kept back for evaluation (activations,
 #: the KV cache of a generation, the CUDA context): at least ``EVAL_RESERVE_MIN`` bytes.
@@ -51,6 +52,9 @@ class ModelSize:
 
     reference: str
     tensors: tuple[tuple[str, int, torch.dtype], ...]
+    #: for a LoRA donor (``base+adapter``): the bytes a worker holds for it (its factors, and any
+    #: full tensors saved with the adapter); its other tensors are the base's, formed per merge
+    low_rank_bytes: int | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -77,9 +81,18 @@ class ModelSize:
 
 
 def size_from_folder(folder: Any) -> ModelSize:
-    """From a :class:`~evomerge.merge.model_folder.ModelFolder`'s safetensors headers (no weights read)."""
-    return ModelSize(folder.reference, tuple((name, math.prod(folder.shape(name)), folder.dtype(name))
-                                             for name in folder.tensor_names))
+    """From a :class:`~evomerge.merge.model_folder.ModelFolder`'s safetensors headers (no weights read).
+
+    An adapter donor's tensors are the adapted model's (as its merge reads them), and its
+    ``low_rank_bytes`` what a worker keeps of it: the factors in their stored dtype and any saved
+    full tensor in the base's dtype (see :class:`evomerge.merge.inmemory.ResidentModels`)."""
+    tensors = tuple((name, math.prod(folder.shape(name)), folder.dtype(name)) for name in folder.tensor_names)
+    adapter = folder.adapter
+    if adapter is None:
+        return ModelSize(folder.reference, tensors)
+    held = sum(f.a.nbytes + f.b.nbytes for f in adapter.factors.values())
+    held += sum(math.prod(info.shape) * folder.dtype(name).itemsize for name, info in adapter.replacements.items())
+    return ModelSize(folder.reference, tensors, low_rank_bytes=held)
 
 
 def size_from_config(config: dict[str, Any], reference: str) -> ModelSize:
@@ -217,63 +230,83 @@ def plan_memory(inputs: Sequence[ModelSize], *, base: int, workers: int, devices
 
     The most resident placement that fits wins: it transfers nothing per candidate. ``merge_dtype``
     None means the base's own dtype (on a GPU the default: bfloat16 models merge in bfloat16).
+
+    Inputs are read :data:`~evomerge.merge.prefetch.READ_AHEAD` tensors ahead of the merge, so
+    ``1 + READ_AHEAD`` tensors' inputs are in flight at once wherever they are copies (streamed
+    to a GPU, converted to the merge dtype, or formed from an adapter). A LoRA donor
+    (``low_rank_bytes``) costs its factors, held by each worker beside the live model, and each
+    of its tensors formed per merge (the base's, plus a float32 delta); it has no task vector.
     """
     base_size = inputs[base]
     dtype = merge_dtype or base_size.dtype
     donors = [m for i, m in enumerate(inputs) if i != base]
+    full = [base_size] + [m for m in donors if m.low_rank_bytes is None]
+    adapters = [m for m in donors if m.low_rank_bytes is not None]
+    held_adapters = sum(m.low_rank_bytes or 0 for m in adapters)
     live = base_size.bytes_in(dtype)
-    largest = max(m.largest() for m in inputs) * dtype.itemsize
+    largest_count = max(m.largest() for m in inputs)
+    largest = largest_count * dtype.itemsize
+    in_flight = 1 + READ_AHEAD
     # one tensor's merge: a row of terms per donor, the result, and each input converted to dtype
-    work = (len(donors) + 2) * largest + (len(inputs) * largest if any(m.dtype != dtype for m in inputs) else 0)
-    inputs_on_device = sum(m.bytes_in(dtype) for m in inputs)
-    task_vectors = sum(m.bytes_in(dtype) for m in donors)
-    stored = sum(m.stored_bytes for m in inputs)
+    work = (len(donors) + 2) * largest
+    if any(m.dtype != dtype for m in full):
+        work += in_flight * len(full) * largest
+    if adapters:  # formed per tensor: the tensor itself, and the delta (B @ A, in float32) of one at a time
+        work += in_flight * len(adapters) * largest + largest_count * 4
+    inputs_on_device = sum(m.bytes_in(dtype) for m in full) + held_adapters
+    task_vectors = sum(m.bytes_in(dtype) for m in full[1:])
+    stored = sum(m.stored_bytes for m in full)  # an adapter's factors are each worker's own, not shared
+    stream = in_flight * len(full) * largest
+    # an adapter donor's tensors are formed from the base's, which then cross to the GPU once more
+    transfer = stored + len(adapters) * base_size.stored_bytes
     common = dict(merge_dtype=str(dtype).removeprefix("torch."), workers=workers, device=devices, live_bytes=live,
-                  merge_work_bytes=work + (len(inputs) * largest if devices.kind == "cuda" else 0))
+                  merge_work_bytes=work + (stream if devices.kind == "cuda" else 0))
     if devices.kind == "cuda":
-        return _plan_gpu(devices, live=live, work=work, inputs_on_device=inputs_on_device,
-                         task_vectors=task_vectors, stored=stored, stream=len(inputs) * largest,
+        return _plan_gpu(devices, live=live, held=held_adapters, work=work, inputs_on_device=inputs_on_device,
+                         task_vectors=task_vectors, stored=stored, stream=stream, transfer=transfer,
                          workers=workers, common=common)
-    return _plan_cpu(devices, live=live, work=work, task_vectors=task_vectors, stored=stored,
+    return _plan_cpu(devices, live=live, held=held_adapters, work=work, task_vectors=task_vectors, stored=stored,
                      workers=workers, common=common)
 
 
-def _plan_gpu(d: Devices, *, live: int, work: int, inputs_on_device: int, task_vectors: int, stored: int,
-              stream: int, workers: int, common: dict[str, Any]) -> MemoryPlan:
+def _plan_gpu(d: Devices, *, live: int, held: int, work: int, inputs_on_device: int, task_vectors: int, stored: int,
+              stream: int, transfer: int, workers: int, common: dict[str, Any]) -> MemoryPlan:
     budget = d.device_budget
     reserve = max(EVAL_RESERVE_MIN, int(EVAL_RESERVE_FRACTION * live))
     # the GPU path (streaming to CUDA) is written here, checked by scripts/gpu_check.py on a GPU
     options = [
         ("device", "resident", live + inputs_on_device + task_vectors + work + reserve, 0, 0, 0),
         ("device", "on the fly", live + inputs_on_device + work + reserve, 0, 0, 0),
-        # streamed: inputs of one tensor in flight on the device, pinned staging for them on the host
-        ("streamed", "on the fly", live + work + stream + reserve, stream, stored, stored),
+        # streamed: inputs of the tensor merged and those read ahead on the device, pinned staging
+        # for them on the host
+        ("streamed", "on the fly", live + held + work + stream + reserve, stream, stored, transfer),
     ]
-    for placement, vectors, need, host_own, shared, transfer in options:
+    for placement, vectors, need, host_own, shared, moved in options:
         if need <= budget:
             notes = ()
             if shared and shared + workers * host_own > d.host_available:
                 notes = (f"the inputs ({_gb(shared)}) exceed usable host memory: they are re-read from disk "
                          "for every candidate",)
             return MemoryPlan(placement, vectors, device_bytes_per_worker=need, host_bytes_per_worker=host_own,
-                              shared_host_bytes=shared, transfer_bytes_per_candidate=transfer, reserve_bytes=reserve,
+                              shared_host_bytes=shared, transfer_bytes_per_candidate=moved, reserve_bytes=reserve,
                               notes=notes, **common)
-    need = live + work + stream + reserve
+    need = live + held + work + stream + reserve
     gpus = math.ceil(need / d.free_per_gpu) if d.free_per_gpu else 0
     fix = (f"give each worker more GPUs (workers.gpus_per_worker: {gpus} spreads the live model over them), "
            "or raise workers.device_memory if it caps the budget" if gpus else "give the workers a GPU")
     return MemoryPlan("streamed", "on the fly", device_bytes_per_worker=need, host_bytes_per_worker=stream,
-                      shared_host_bytes=stored, transfer_bytes_per_candidate=stored, reserve_bytes=reserve,
+                      shared_host_bytes=stored, transfer_bytes_per_candidate=transfer, reserve_bytes=reserve,
                       fits=False, problem=f"even streaming its inputs a worker needs {_gb(need)} on its device, "
                       f"and {d.gpus_per_worker:g} GPU(s) with {_gb(d.free_per_gpu)} free each give {_gb(budget)}",
                       fix=fix, **common)
 
 
-def _plan_cpu(d: Devices, *, live: int, work: int, task_vectors: int, stored: int, workers: int,
+def _plan_cpu(d: Devices, *, live: int, held: int, work: int, task_vectors: int, stored: int, workers: int,
               common: dict[str, Any]) -> MemoryPlan:
     """CPU: the inputs are memory-mapped (shared, never copied); each worker owns its live model,
-    the merge's temporaries and, where they fit, its task vectors."""
+    the merge's temporaries, any LoRA donor's factors (``held``) and, where they fit, its task vectors."""
     budget = d.host_available
+    live += held
     options = [
         ("resident", live + task_vectors + work, ()),
         ("on the fly", live + work, ()),

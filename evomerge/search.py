@@ -72,6 +72,7 @@ def run_search(
     import optuna
 
     from . import preflight
+    from .merge_dtype import resolve_merge_dtype
     from .model_refs import resolve_config
     from .pool import make_pool
 
@@ -81,7 +82,8 @@ def run_search(
     interrupted = 0
     try:
         failpoints.hit("search.start")
-        config = resolve_merged(resolve_config(config))  # models by absolute path or pinned id: portable
+        # models by absolute path or pinned id (portable), and the merge dtype fixed for this machine
+        config = resolve_merged(resolve_merge_dtype(resolve_config(config), as_loaded=config))
         prepared = prepare(config, report=report)
         preflight.check_run_inputs(config, runs_dir=runs_dir, ray_address=ray_address)
         interrupts.check()

@@ -48,10 +48,12 @@ class Checked:
 
 def check(space_file: Path, *, runs_dir: Path = Path("runs"), ray_address: str | None = None) -> Checked:
     """Run every check ``evomerge search`` makes before it starts; raise its error, write nothing."""
+    from .merge_dtype import resolve_merge_dtype
     from .model_refs import resolve_config
     from .pool.ray_pool import check_reachable
 
-    config = resolve_merged(resolve_config(load_space_config(space_file)))  # as the search resolves them
+    loaded = load_space_config(space_file)
+    config = resolve_merged(resolve_merge_dtype(resolve_config(loaded), as_loaded=loaded))  # as the search resolves them
     prepared = prepare(config)
     from .preflight import check_run_inputs
 

@@ -11,8 +11,10 @@ each worker's ``/proc/<pid>/smaps_rollup``: ``Pss`` (shared pages split between 
 mapping them, so the sum over workers is what the node holds for them), ``Rss`` and ``Anonymous``
 (the worker's own memory). Printed: peak node memory against one model's bytes, beside the goal
 (D+1 copies shared + 1 per worker + 15%) and today's resident path (2D+2 copies per worker); merge
-seconds per candidate and the bytes a merge moves per second, beside this machine's memory
-bandwidth measured in the same run (a large tensor copy). The live model here is a dict of tensors
+seconds per candidate (wall and CPU: user + system of the worker's threads, which a machine
+shared with other jobs does not inflate) and the bytes a merge moves per second of each, beside
+this machine's memory bandwidth measured in the same run (a large tensor copy), and the major
+page faults per candidate (input pages the kernel had dropped, read from disk again). The live model here is a dict of tensors
 (the merge side of a worker; lm-eval's side is bench_candidate.py's). A donor count whose
 (D+1) + workers copies do not fit in the memory available now is skipped, saying so.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -81,14 +84,17 @@ def worker(base: str, donors: list[str], candidates: int) -> None:
     torch.set_num_threads(1)
     resident = ResidentModels([base, *donors], base, dtype=torch.bfloat16, storage="mapped", task_vectors=False)
     live = {k: v.clone() for k, v in resident.tensors[base].items()}
-    seconds = []
+    seconds, cpu, faults = [], [], []
     for c in range(candidates):
         config = parse_merge_config({"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
                                      "models": [{"model": d, "parameters": {"weight": 0.2 + 0.1 * c}} for d in donors]})
-        start = time.perf_counter()
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         resident.merge_into(resident.plan(config), live)
         seconds.append(time.perf_counter() - start)
-    print(json.dumps({"merge_s": seconds}), flush=True)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        faults.append(after.ru_majflt - before.ru_majflt)
+    print(json.dumps({"merge_s": seconds, "cpu_s": cpu, "major_faults": faults}), flush=True)
 
 
 def _rollup(pid: int) -> dict[str, int]:
@@ -115,7 +121,7 @@ def bandwidth() -> float:
     return 2 * src.numel() * 4 / best
 
 
-def run(donor_count: int, workers: int, candidates: int, model_bytes: int) -> None:
+def run(donor_count: int, workers: int, candidates: int, model_bytes: int, bandwidth_bps: float) -> None:
     import psutil
 
     need = (donor_count + 1 + workers) * model_bytes * 1.15
@@ -136,8 +142,14 @@ def run(donor_count: int, workers: int, candidates: int, model_bytes: int) -> No
             for key in ("Rss", "Anonymous"):
                 peak[pid][key] = max(peak[pid][key], r.get(key, 0))
         time.sleep(0.2)
-    seconds = [s for p in procs for s in json.loads(p.stdout.read().splitlines()[-1])["merge_s"]]
+    reports = [json.loads(p.stdout.read().splitlines()[-1]) for p in procs]
+    # the first candidate of each worker also maps every input page once: the later ones are the steady state
+    steady = all(len(r["merge_s"]) > 1 for r in reports)
+    seconds = [s for r in reports for s in (r["merge_s"][1:] or r["merge_s"])]
+    cpu = [s for r in reports for s in (r["cpu_s"][1:] or r["cpu_s"])]
+    faults = [f for r in reports for f in (r["major_faults"][1:] or r["major_faults"])]
     per_candidate = sorted(seconds)[len(seconds) // 2]
+    cpu_per_candidate = sorted(cpu)[len(cpu) // 2]
     copies = peak_node / model_bytes
     goal = (donor_count + 1 + workers) * 1.15
     moved = (donor_count + 2) * model_bytes  # every input read once, the live model written once
@@ -147,8 +159,11 @@ def run(donor_count: int, workers: int, candidates: int, model_bytes: int) -> No
     for i, p in enumerate(procs):
         print(f"  worker {i}: peak RSS {peak[p.pid]['Rss'] / 1e9:.2f} GB (own memory {peak[p.pid]['Anonymous'] / 1e9:.2f} GB, "
               f"the rest mapped model pages shared through the page cache)")
-    print(f"  merge: {per_candidate:.2f} s per candidate (median of {len(seconds)}), "
-          f"{moved / per_candidate / 1e9:.2f} GB/s moved per worker")
+    print(f"  merge: {per_candidate:.2f} s per candidate (median of {len(seconds)}{', first candidates left out' if steady else ''}), "
+          f"{moved / per_candidate / 1e9:.2f} GB/s moved per worker; {cpu_per_candidate:.2f} CPU-s per candidate "
+          f"(user + system, the worker's threads), {moved / cpu_per_candidate / 1e9:.2f} GB moved per CPU-second "
+          f"= {moved / cpu_per_candidate / bandwidth_bps:.2f} x the copy bandwidth; "
+          f"{max(faults)} major page faults per candidate at most (pages read from disk again)")
 
 
 def main() -> None:
@@ -170,7 +185,7 @@ def main() -> None:
     bw = bandwidth()
     print(f"this machine's memory bandwidth (one thread, 256 MB copy): {bw / 1e9:.2f} GB/s")
     for d in args.donors:
-        run(d, args.workers, args.candidates, model_bytes)
+        run(d, args.workers, args.candidates, model_bytes, bw)
     print(f"(each worker uses one thread; the bandwidth above is one thread's: {bw / 1e9:.2f} GB/s)")
 
 

@@ -27,6 +27,16 @@ class MappedFiles:
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
 
+    def will_need(self, info: TensorInfo) -> None:
+        """Ask the kernel to read ``info``'s pages now, in the background (``MADV_WILLNEED``):
+        pages dropped under memory pressure come back before the merge touches them, instead of
+        one blocking fault at a time. A hint: it changes no bytes, and is skipped where absent."""
+        mapped = self._maps.get(info.path)
+        if mapped is None or info.nbytes == 0 or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = info.start - info.start % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_WILLNEED, start, info.start + info.nbytes - start)
+
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         """A view of ``info``'s bytes in the file's map (no copy)."""
         if info.nbytes == 0:

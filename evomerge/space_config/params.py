@@ -150,7 +150,9 @@ class MergeSection(_Strict):
     """Per parameter name: a number pins it, a mapping searches it; not listed: searched over the registry's range when
     it has one, else the method's default."""
     dtype: str = "float32"
-    """The dtype candidates are merged and evaluated in (and the exported ``dtype``)."""
+    """The dtype candidates are merged and evaluated in (and the exported ``dtype``). Left out: float32
+    on CPU; with GPU workers the base's stored dtype (e.g. bfloat16), fixed in the run's config when
+    it starts."""
     random_seed: int = 0
     """Seeds the random sparsifiers (dare, della), the same for every trial; exported as ``random_seed``."""
 

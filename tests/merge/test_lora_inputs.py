@@ -187,18 +187,45 @@ def test_space_file_takes_an_adapter_donor(toy_world, tmp_path):
         toy_world, **{"models.donors": [donor, str(toy_world.specialists["reverse"])]}))
     config = load_space_config(space_file)
     assert config.models.donors[0].name == "arith_lora"
-    prepare(config)  # the checks a search runs before its run folder exists
+    plan = prepare(config).memory  # the checks a search runs before its run folder exists
     recipe = SearchSpace.from_config(config, 4).decode(
         {**SearchSpace.from_config(config, 4).default_values()})
     assert donor in [m.model for m in recipe.merge.models]
     references = [str(toy_world.base), donor, str(toy_world.specialists["reverse"])]
     merged, resident = _in_memory(recipe, references, str(toy_world.base), torch.float32)
     assert resident.resident_bytes(donor) == _factor_bytes(adapter)
+    _check_plan_counts_the_adapter_low_rank(plan, resident, references, donor, _factor_bytes(adapter))
     exported = tmp_path / "recipe.yaml"
     exported.write_text(recipe.to_yaml())
     written = load_folder(merge_from_file(exported, tmp_path / "out"))
     for name, tensor in merged.items():
         assert torch.equal(tensor, written[name]), name
+
+
+def _check_plan_counts_the_adapter_low_rank(plan, resident, references, donor, factor_bytes):
+    """The memory plan counts an adapter donor by its factors and one tensor's forming, not as a
+    model: against the same plan with the adapter donor counted as a full model, and against
+    what the worker holds for it."""
+    import dataclasses
+
+    from evomerge.memory_plan import plan_memory, size_from_folder
+
+    sizes = [size_from_folder(resident.folders[r]) for r in references]
+    adapter_size = sizes[1]
+    assert adapter_size.low_rank_bytes == factor_bytes  # read from the headers, as the test reads the file
+    as_model = [*sizes[:1], dataclasses.replace(adapter_size, low_rank_bytes=None), *sizes[2:]]
+    low, full = (plan_memory(s, base=0, workers=1, merge_dtype=torch.float32, devices=plan.device)
+                 for s in (sizes, as_model))
+    assert (low.device_bytes_per_worker, low.shared_host_bytes) == (plan.device_bytes_per_worker, plan.shared_host_bytes)
+    model = adapter_size.bytes_in(torch.float32)
+    assert full.shared_host_bytes - low.shared_host_bytes == model  # no model's pages for it
+    # what the worker owns for it: the factors (measured), plus its tensors formed per merge (one
+    # being merged and one read ahead, and a float32 delta): a few tensors, not a model
+    without = plan_memory([sizes[0], sizes[2]], base=0, workers=1, merge_dtype=torch.float32, devices=plan.device)
+    extra = low.device_bytes_per_worker - without.device_bytes_per_worker
+    largest = max(s.largest() for s in sizes) * 4
+    assert resident.resident_bytes(donor) <= extra - 2 * largest  # the worker holds no more than its share
+    assert factor_bytes + 2 * largest <= extra <= factor_bytes + 5 * largest
 
 
 def test_a_route_over_an_adapter_donor_sees_its_merged_tensors(lora, tmp_path):

@@ -1,5 +1,6 @@
-"""Storage apart from math: memory-mapped inputs, and task vectors formed on the fly, merge bit for
-bit as the resident path does, for every family of methods and for float32 and bfloat16 files."""
+"""Storage apart from math: memory-mapped inputs (read inline or one tensor ahead on a thread), and
+task vectors formed on the fly, merge bit for bit as the resident path does, for every family of
+methods and for float32 and bfloat16 files."""
 
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ def _merge(base, donors, method, **storage) -> dict[str, torch.Tensor]:
     if "random_seed" in method:
         data["random_seed"] = method["random_seed"]
     config = parse_merge_config(data)
+    read_ahead = storage.pop("read_ahead", None)
     resident = ResidentModels([str(base), *map(str, donors)], str(base), **storage)
+    resident.read_ahead = read_ahead  # None: these small tensors are read inline; 1: one ahead, on a thread
     target = {k: torch.zeros_like(resident._for_math(v)) for k, v in resident.tensors[str(base)].items()}
     outcome = resident.merge_into(resident.plan(config), target)
     target["l2"] = torch.tensor(outcome.l2_from_base, dtype=torch.float64)
@@ -69,12 +72,13 @@ def test_mapped_storage_and_task_vectors_on_the_fly_merge_bit_for_bit(models, me
     base, donors = models[files]
     name = str(merge_dtype).removeprefix("torch.")
     reference = _merge(base, donors, method, dtype=merge_dtype, dtype_name=name)  # today's resident path
-    for storage, task_vectors in (("mapped", True), ("mapped", False), ("resident", False)):
+    for storage, task_vectors, read_ahead in (("mapped", True, None), ("mapped", False, None), ("mapped", False, 1),
+                                              ("resident", False, None)):
         got = _merge(base, donors, method, dtype=merge_dtype, dtype_name=name, storage=storage,
-                     task_vectors=task_vectors)
+                     task_vectors=task_vectors, read_ahead=read_ahead)
         assert got.keys() == reference.keys()
         for key, want in reference.items():
-            assert got[key].dtype == want.dtype and torch.equal(got[key], want), (storage, task_vectors, key)
+            assert got[key].dtype == want.dtype and torch.equal(got[key], want), (storage, task_vectors, read_ahead, key)
     assert any(not torch.equal(reference[k], load_file(str(base / "model.safetensors"))[k].to(merge_dtype))
                for k in reference if k != "l2")  # the merge changed something
 
@@ -93,3 +97,67 @@ def test_mapped_inputs_are_views_of_the_files_not_copies(models):
     half = ResidentModels([str(half_base)], str(half_base), storage="mapped", dtype=torch.float32)
     assert half.tensors[str(half_base)][name].dtype == torch.bfloat16
     assert half._get(str(half_base), name).dtype == torch.float32
+
+
+def test_read_ahead_gives_tasks_in_order_with_at_most_one_loaded_ahead():
+    """The streamed path's read-ahead: the caller's order, ``1 + READ_AHEAD`` tasks' inputs in
+    flight at most (what the memory plan counts), a load's error raised at its task, and a loop
+    left early stops the loader."""
+    import threading
+    import time
+
+    from evomerge.merge.prefetch import READ_AHEAD, ReadAhead
+
+    loaded_at: dict[int, int] = {}
+    consumed: list[int] = []
+
+    def load(i: int) -> int:
+        loaded_at[i] = len(consumed)  # how many tasks the caller had finished when this one was read
+        return i * i
+
+    reader = ReadAhead(list(range(12)), load)
+    for i, value in reader:
+        time.sleep(0.002)  # a merge: the loader gets ahead if it can
+        assert value == i * i
+        consumed.append(i)
+    assert consumed == list(range(12))
+    assert reader.max_in_flight == 1 + READ_AHEAD
+    assert all(loaded_at[i] >= i - READ_AHEAD for i in range(12))  # never further ahead than allowed
+
+    def failing(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad tensor")
+        return i
+
+    seen = []
+    with pytest.raises(ValueError, match="bad tensor"):
+        for i, _ in ReadAhead(list(range(6)), failing):
+            seen.append(i)
+    assert seen == [0, 1, 2]
+
+    before = threading.active_count()
+    for i, _ in ReadAhead(list(range(100)), load):
+        if i == 2:
+            break
+    assert threading.active_count() == before  # the loader thread was joined
+
+
+def test_conversion_buffers_reused_across_tensors_and_candidates_merge_bit_for_bit(models):
+    """bfloat16 files merged in float32 on the mapped path: inputs converted into buffers that
+    take turns between the tensor merged and the one read ahead, and serve the next candidate
+    too; each candidate equals a fresh resident worker's merge."""
+    base, donors = models["bfloat16"]
+    mapped = ResidentModels([str(base), *map(str, donors)], str(base), storage="mapped", task_vectors=False)
+    mapped.read_ahead = 1
+    for method in (TIES, ARITHMETIC):
+        config = parse_merge_config({"merge_method": method["merge_method"], "base_model": str(base),
+                                     "dtype": "float32", "models": [{"model": str(d), "parameters": method["parameters"]}
+                                                                    for d in donors]})
+        resident = ResidentModels([str(base), *map(str, donors)], str(base), task_vectors=False)
+        want = {k: torch.zeros_like(v) for k, v in resident.tensors[str(base)].items()}
+        got = {k: torch.zeros_like(v) for k, v in want.items()}
+        expected = resident.merge_into(resident.plan(config), want)
+        outcome = mapped.merge_into(mapped.plan(config), got)
+        assert outcome.l2_from_base == expected.l2_from_base
+        assert all(torch.equal(got[k], want[k]) for k in want), method["merge_method"]
+    assert len(mapped._conversions) == 2 * 3  # two slots (merged, read ahead) x three inputs, kept
