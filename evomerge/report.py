@@ -73,6 +73,22 @@ def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, st
     return table
 
 
+def rungs_sentence(records: Sequence[Any]) -> str:
+    """How far a multi-fidelity run's complete trials climbed: "rungs: 9 trials scored on every
+    item (rung 3 of 3); stopped: 20 at rung 1, 6 at rung 2" ('' for a run without rungs)."""
+    complete = [r for r in records if r.state == "complete" and RUNG_OF_ATTR in r.attrs]
+    if not complete:
+        return ""
+    of = complete[0].attrs[RUNG_OF_ATTR]
+    stopped: dict[int, int] = {}
+    for r in complete:
+        if STOPPED_ATTR in r.attrs:
+            stopped[r.attrs[STOPPED_ATTR] + 1] = stopped.get(r.attrs[STOPPED_ATTR] + 1, 0) + 1
+    whole = len(complete) - sum(stopped.values())
+    listed = ", ".join(f"{n} at rung {k}" for k, n in sorted(stopped.items())) or "none"
+    return f"rungs: {whole} trials scored on every item (rung {of} of {of}); stopped lower: {listed}"
+
+
 def _rung(record: Any) -> str:
     """"2 of 3" for a trial scored on every item, "0 of 3 (stopped)" for one stopped lower."""
     of = record.attrs.get(RUNG_OF_ATTR)
@@ -94,6 +110,9 @@ def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
         tokens = f" and {spent.generated_tokens} generated tokens" if spent.generated_tokens else ""
         console.print(f"scoring cost {spent.forward_passes} forward passes{tokens} over {spent.scored_trials} scored trials "
                       f"({spent.forward_passes / spent.scored_trials:.0f} a trial)")
+    rung_line = rungs_sentence(records)
+    if rung_line:
+        console.print(rung_line)
     directions = store.directions
     front = sorted(store.pareto(records), key=lambda r: r.number)
     stopped = sum(1 for r in records if r.state == "complete" and not full_fidelity(r))

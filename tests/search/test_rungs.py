@@ -100,6 +100,12 @@ def test_rungs_promote_stop_and_equal_a_whole_evaluation(toy_world, tmp_path, dr
         spent = store.spent().forward_passes
     finally:
         store.close()
+    from evomerge.report import rungs_sentence
+
+    assert rungs_sentence(records) == (f"rungs: {len(records) - len(stopped)} trials scored on every item (rung 3 of 3); "
+                                       f"stopped lower: " + ", ".join(
+                                           f"{n} at rung {k + 1}" for k in range(2)
+                                           if (n := sum(r.attrs[STOPPED_ATTR] == k for r in stopped))))
     everything = sum(full[r.number].cost["forward_passes"] for r in records)
     assert spent == sum(r.forward_passes for r in records) < everything  # the saving, counted
 
@@ -155,3 +161,25 @@ def test_bad_rung_settings_are_refused_before_anything_runs(toy_world, tmp_path)
         run_search(config(data, tmp_path), runs_dir=tmp_path / "runs")
     assert err.value.exit_code == 2 and "mean" in str(err.value)
     assert not (tmp_path / "runs" / data["name"]).exists()
+
+
+def test_cma_ranks_stopped_candidates_below_full_ones_by_rung_then_score():
+    from evomerge.drivers.cma_driver import stopped_fitness
+
+    full = [-0.9, -0.2]  # fitness: lower is better
+    # member: (rung reached, score there); a lucky rung-0 score must not outrank a rung-1 one
+    ranked = stopped_fitness({0: (0, 0.99), 1: (1, 0.4), 2: (0, 0.5), 3: (1, 0.6)}, full, None)
+    assert sorted(ranked, key=ranked.get) == [3, 1, 0, 2]
+    assert min(ranked.values()) > max(full)
+    assert stopped_fitness({}, full, None) == {}
+
+
+def test_pareto_rule_promotes_what_can_still_reach_the_front():
+    from evomerge.rungs import ParetoSuccessiveHalving
+
+    rule = ParetoSuccessiveHalving({"a": "maximize", "b": "minimize"}, eta=3)
+    assert rule.promote(0, 0, {"a": 0.5, "b": 1.0})  # alone on its rung
+    assert rule.promote(1, 0, {"a": 0.9, "b": 0.5})  # dominates the first
+    assert rule.promote(2, 0, {"a": 0.1, "b": 0.1})  # nothing dominates it: it may reach the front
+    assert not rule.promote(3, 0, {"a": 0.2, "b": 2.0})  # two of the three dominate it
+    assert rule.promote(4, 1, {"a": 0.0, "b": 9.0})  # rungs compete separately
