@@ -232,8 +232,8 @@ def plot_cmd(run_dir: Path, out: Path | None) -> None:
 @main.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--trial", type=int, default=None, help="Export this trial number.")
-@click.option("--best", "best", is_flag=True, help="Export the best trial by the weighted sum of objectives (default).")
-@click.option("--pareto", is_flag=True, help="Export every trial on the Pareto front.")
+@click.option("--best", "best", is_flag=True, help="Export the best trial scored on every item (multi-fidelity: top rung only) by the weighted sum of objectives (default).")
+@click.option("--pareto", is_flag=True, help="Export every trial on the Pareto front (of trials scored on every item).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="A .yaml file (one recipe) or a folder (any number: trial_NNNNN.yaml each); "
                    "default RUN_DIR/exports/.")

@@ -237,11 +237,63 @@ class LmEvalScorer:
             scores.update(self._task_scores(name, p))
         return Evaluation(scores, cost)
 
-    def run_requests(self, model: PreTrainedModel, tokenizer) -> EvalCost:
-        """Run the model on every prepared request and keep its answers in the instances: the
-        forward passes of an evaluation and nothing else (the floor a benchmark compares with)."""
+    def evaluate_items(
+        self, model: PreTrainedModel, tokenizer, items: Mapping[str, Sequence[int]]
+    ) -> tuple[dict[str, dict[int, float]], EvalCost]:
+        """Score ``model`` on the given documents of each task only, item by item (multi-fidelity
+        rungs: :mod:`evomerge.rungs`): ``{"task:<task>/<metric>": {doc_id: value}}`` and the cost.
+
+        Each value is what lm-eval's ``process_results`` gives that document, after the same
+        filters as :meth:`evaluate`; a metric aggregated by ``mean`` over any set of documents is
+        then the mean of these values (:meth:`mean_aggregated` says which metrics are)."""
+        if not self._fast_path():
+            raise ConfigError("scoring by rungs needs plain tasks and lm-eval options evomerge applies itself; "
+                              "remove evaluation.rungs or the task group / lm_eval_args option")
         lm = self._wrap(model, tokenizer)
         prepared = self._prepare(lm)
+        for task, docs in items.items():
+            missing = set(docs) - set(prepared[task].by_doc)
+            if missing:
+                raise ValueError(f"task {task!r} was not prepared with documents {sorted(missing)[:5]}")
+        cost = self.run_requests(model, tokenizer, docs={t: set(d) for t, d in items.items()})
+        out: dict[str, dict[int, float]] = {}
+        for name, docs in items.items():
+            p = prepared[name]
+            chosen = [inst for d in docs for inst in p.by_doc[d]]
+            for f in getattr(p.task, "_filters", ()):  # lm-eval's own filter ensembles, on these documents' instances only
+                f.apply(chosen)
+            for filter_key in p.by_doc[docs[0]][0].filtered_resps if docs else ():
+                for d in docs:
+                    insts = p.by_doc[d]
+                    metrics = p.task.process_results(insts[0].doc, [inst.filtered_resps[filter_key] for inst in insts])
+                    for metric, value in metrics.items():
+                        key = metric if filter_key in ("", "none") else f"{metric},{filter_key}"
+                        out.setdefault(objective_name(name, key), {})[d] = float(value)
+        return out, cost
+
+    def scores_per_item(self, extra_args: Mapping[str, Any]) -> bool:
+        """Whether these tasks with these lm-eval options can be scored item by item
+        (:meth:`evaluate_items`): plain tasks, and only options the fast path applies."""
+        for name in self.tasks:
+            self._load(name)
+        return set(extra_args) <= FAST_PATH_ARGS | set(_ALWAYS_OFF) and not self._groups & set(self.tasks)
+
+    def mean_aggregated(self, task: str, metric: str) -> bool:
+        """Whether lm-eval aggregates ``metric`` (as :meth:`metrics` names it) of ``task`` by the
+        plain mean of per-document values, the only kind rung results can be combined by."""
+        from lm_eval.api.metrics import mean
+
+        return self._task(task).aggregation().get(metric.partition(",")[0]) is mean
+
+    def run_requests(self, model: PreTrainedModel, tokenizer, docs: Mapping[str, set[int]] | None = None) -> EvalCost:
+        """Run the model on every prepared request (or only those of ``docs``, by task) and keep
+        its answers in the instances: the forward passes of an evaluation and nothing else (the
+        floor a benchmark compares with)."""
+        lm = self._wrap(model, tokenizer)
+        prepared = self._prepare(lm)
+        if docs is not None:
+            prepared = {name: _PreparedTask(p.task, {d: insts for d, insts in p.by_doc.items() if d in docs.get(name, ())})
+                        for name, p in prepared.items() if name in docs}
         instances = [inst for p in prepared.values() for insts in p.by_doc.values() for inst in insts]
         for inst in instances:  # the instances are reused: clear the last candidate's answers
             inst.resps.clear()

@@ -23,6 +23,8 @@ from .recipe import Recipe
 
 def _header(run: str, record: Any, directions: Mapping[str, str]) -> str:
     lines = [f"# evomerge run {run!r}, trial {record.number}"]
+    if "stopped_at_rung" in record.attrs:
+        lines.append(f"# stopped at rung {record.attrs['stopped_at_rung']}: the scores below are means over fewer items")
     for name, value in (record.objectives or {}).items():
         arrow = {"maximize": " (maximize)", "minimize": " (minimize)"}.get(directions.get(name, ""), "")
         lines.append(f"#   {name} = {value:.6g}{arrow}")
@@ -78,7 +80,13 @@ def choose(store: Any, *, trial: int | None, best: bool, pareto: bool, weights: 
         return found
     if pareto:
         return sorted(store.pareto(), key=lambda r: r.number)
-    return [max(records, key=lambda r: scalar_score(r, store.directions, weights))]
+    from .rungs import full_fidelity
+
+    whole = [r for r in records if full_fidelity(r)]  # a trial stopped at a lower rung was scored on fewer items
+    if not whole:
+        raise EvomergeError(f"{store.path}: no trial was scored on every item yet (all stopped at a lower rung); "
+                            "export one with --trial N")
+    return [max(whole, key=lambda r: scalar_score(r, store.directions, weights))]
 
 
 def check_out_path(out: Path, *, single: bool) -> None:

@@ -16,6 +16,11 @@ result the moment it arrives. It talks to the workers only through the pool prot
 Every failure is told to the driver, which gives it a defined penalty. The loop keeps no state a
 crash could lose: the run store is the memory; the loop holds only the candidates out on workers
 and which workers are idle.
+
+With ``evaluation.rungs`` (:mod:`evomerge.rungs`) a candidate is scored rung by rung: each rung
+result is written to its trial at once, the promotion rule decides, and a promoted candidate waits
+for the next free worker ahead of any new one (a trial under promotion counts against the budget
+as one trial out). Only a candidate's last rung is told to the driver.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class Flight:
     generation: int | None
     attempts: int = 1
     failed_on: Worker | None = None  # the worker of the last failed attempt: a retry goes elsewhere
+    rung: int | None = None  # with rungs: the rung this job completes (None: a whole evaluation)
+    items: Mapping[str, Sequence[int]] | None = None  # with rungs: the items this job scores (the new ones)
 
 
 @dataclass
@@ -94,9 +101,10 @@ class Progress:
     def note_best(self, records: Sequence[Any]) -> None:
         """Keep the best complete trial among ``records`` and the best so far."""
         from .export import scalar_score
+        from .rungs import full_fidelity
 
         for r in records:
-            if r.state != "complete" or not r.objectives:
+            if r.state != "complete" or not r.objectives or not full_fidelity(r):
                 continue
             if self.best is None or scalar_score(r, self.directions) > scalar_score(self.best, self.directions):
                 self.best = r
@@ -115,8 +123,13 @@ class SearchLoop:
         budget: int,
         workers: int,
         report: Reporter | None = None,
+        rungs: Any = None,
+        max_forward_passes: int | None = None,
     ) -> None:
-        """``report``: where stages, notices and finished trials go (default: notices to stderr)."""
+        """``report``: where stages, notices and finished trials go (default: notices to stderr).
+        ``rungs``: a :class:`~evomerge.rungs.RungLadder` (multi-fidelity), or None.
+        ``max_forward_passes``: ask no new candidate once the run has spent this many (a benchmark
+        comparing searches at equal cost; candidates out, and their promotions, still finish)."""
         self.store = store
         self.driver = driver
         self.space = space
@@ -135,6 +148,21 @@ class SearchLoop:
         self.progress = Progress(budget=budget, finished_before=store.counts().finished, directions=store.directions,
                                  forward_passes=store.spent().forward_passes, front_size=len(store.pareto()))
         self.progress.note_best(store.trials())
+        self.max_forward_passes = max_forward_passes
+        self.rungs = rungs
+        self.promotions: deque[Flight] = deque()  # promoted candidates, waiting for a free worker
+        self._rung_state: dict[int, Any] = {}  # trial number -> RungState, while it climbs
+        self._rung_timings: dict[int, dict[str, float]] = {}
+        self._inheritable: dict[str, Any] = {}  # recipe JSON -> an interrupted trial's rung results
+        if rungs is not None:
+            from .rungs import INHERITED_ATTR, ITEMS_ATTR, make_promotion
+
+            self.promotion = make_promotion(store, rungs)
+            records = store.trials()
+            taken = {t.attrs.get(INHERITED_ATTR) for t in records}
+            for t in records:
+                if t.interrupted and t.attrs.get(ITEMS_ATTR) and t.recipe_json and t.number not in taken:
+                    self._inheritable[t.recipe_json] = t
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -152,8 +180,9 @@ class SearchLoop:
                 raise SearchStopped(f"another process took over {self.store.path} while this one stalled; this one stops "
                                     "and writes nothing more (the other holds the run now)")
             self._dispatch_retries()
+            self._dispatch_promotions()
             wanted = self._ask_and_submit()
-            if not self.flights and not self.retries and (wanted <= 0 or self.idle):
+            if not self.flights and not self.retries and not self.promotions and (wanted <= 0 or self.idle):
                 return  # done: nothing out, nothing to retry, nothing more to ask
             if not (self.idle or self.starting or self.flights):
                 raise SearchStopped("no worker is left to run candidates on")
@@ -163,17 +192,28 @@ class SearchLoop:
 
     def _ask_and_submit(self) -> int:
         """Ask while a worker is free and the budget allows; returns how many more it allows."""
-        wanted = self.budget - self.store.counts().finished - len(self.flights) - len(self.retries)
+        wanted = (self.budget - self.store.counts().finished - len(self.flights) - len(self.retries)
+                  - len(self.promotions))
+        if self.max_forward_passes is not None and self.progress.forward_passes >= self.max_forward_passes:
+            return 0
         while self.idle and wanted > 0:
             proposal = self.driver.ask()
             if proposal is None:
                 break  # CMA waits for its generation to come back
             recipe_json = self.space.decode(proposal.values).to_json()
             self.store.annotate(proposal.number, {"recipe": recipe_json})
-            self._submit(Flight(proposal.number, recipe_json, proposal.generation), self.idle.pop())
+            flight = Flight(proposal.number, recipe_json, proposal.generation)
             wanted -= 1
+            if self.rungs is not None and not self._first_rung(flight, proposal.full_fidelity):
+                continue  # decided from inherited results: told, or waiting for promotion
+            self._submit(flight, self.idle.pop())
             failpoints.hit("search.after_dispatch")  # candidates are out on workers
         return wanted
+
+    def _dispatch_promotions(self) -> None:
+        """Promoted candidates go to idle workers before any new candidate is asked (ASHA)."""
+        while self.promotions and self.idle:
+            self._submit(self.promotions.popleft(), self.idle.pop())
 
     def _dispatch_retries(self) -> None:
         """Each retry goes to an idle worker other than the one it failed on, unless there is no other."""
@@ -188,7 +228,136 @@ class SearchLoop:
 
     def _submit(self, flight: Flight, worker: Worker) -> None:
         self.flights[worker] = flight
-        self.pool.submit(worker, flight.recipe_json)
+        if flight.items is None:
+            self.pool.submit(worker, flight.recipe_json)
+        else:
+            self.pool.submit(worker, flight.recipe_json, flight.items)
+
+    # ---- rungs (multi-fidelity; see evomerge.rungs) -------------------------------------------
+
+    def _first_rung(self, flight: Flight, full_fidelity: bool) -> bool:
+        """Set a new trial's first job: rung 0, or the top rung at once (``full_fidelity``: hand-set
+        trials). A rerun of an interrupted trial takes over its per-item results first and asks the
+        promotion rule again for each rung they reach. False: nothing to submit now."""
+        from .rungs import INHERITED_ATTR, RUNG_OF_ATTR, RungState
+
+        state = RungState()
+        old = self._inheritable.pop(flight.recipe_json, None)
+        if old is not None:
+            inherited = RungState.from_attrs(old.attrs)
+            state = RungState(inherited.per_item, {}, inherited.measured)
+            self.store.annotate(flight.number, {INHERITED_ATTR: old.number, **state.attrs()})
+        self._rung_state[flight.number] = state
+        self.store.annotate(flight.number, {RUNG_OF_ATTR: self.rungs.top + 1})
+        target = self.rungs.top if full_fidelity else 0
+        if old is not None and not full_fidelity:
+            reached = self._reached(state)
+            for rung in range(reached + 1):
+                values = self._rung_values(state, rung)
+                state.values[rung] = values
+                self.store.annotate(flight.number, state.attrs())
+                if rung == self.rungs.top or not self.promotion.promote(flight.number, rung, values):
+                    self._tell_rung_outcome(flight, rung, values)
+                    return False
+            target = reached + 1
+        return self._set_job(flight, target)
+
+    def _rung_values(self, state: Any, rung: int) -> dict[str, float]:
+        """A candidate's objectives over ``rung``'s items alone, from the per-item results it holds."""
+        items = self.rungs.items(rung)
+
+        def docs(objective: str) -> list[int]:
+            return items[objective.split(":", 1)[1].split("/", 1)[0]]
+
+        return {**self.rungs.combine({k: {d: v[d] for d in docs(k)} for k, v in state.per_item.items()}),
+                **state.measured}
+
+    def _reached(self, state: Any) -> int:
+        """The highest rung whose every item ``state`` holds (-1: not even rung 0's)."""
+        reached = -1
+        for rung in range(self.rungs.top + 1):
+            if all(set(docs) <= state.scored(task) for task, docs in self.rungs.items(rung).items()):
+                reached = rung
+        return reached
+
+    def _set_job(self, flight: Flight, rung: int) -> bool:
+        """Point ``flight`` at ``rung``: the items of it not yet scored for this candidate."""
+        state = self._rung_state[flight.number]
+        flight.rung = rung
+        flight.items = {task: [d for d in docs if d not in state.scored(task)]
+                        for task, docs in self.rungs.items(rung).items()}
+        flight.attempts, flight.failed_on = 1, None
+        return True
+
+    def _rung_result(self, flight: Flight, event: Finished) -> None:
+        """A rung came back: keep its per-item results in the log, then promote or tell."""
+        from .rungs import RungState, add_costs
+
+        result = event.result
+        state: RungState = self._rung_state[flight.number]
+        timings = self._rung_timings.setdefault(flight.number, {"merge_s": 0.0, "eval_s": 0.0, "wall_s": 0.0})
+        for key, value in (("merge_s", result.merge_s), ("eval_s", result.eval_s), ("wall_s", event.wall_s)):
+            timings[key] += value
+        self.progress.forward_passes += int((result.cost or {}).get("forward_passes", 0))
+        if result.error is not None or result.per_item is None:
+            cost = add_costs(state.cost, result.cost or {})
+            attrs = {"timings": timings, "worker": result.worker, "attempts": flight.attempts, **self._gen(flight)}
+            if cost:
+                attrs["cost"] = cost
+            self._forget(flight.number)
+            record = self.driver.tell(flight.number, None, failed_reason=result.error or "no per-item results",
+                                      attrs=attrs)
+            self._recorded(record, counted=True)
+            return
+        assert flight.rung is not None
+        state.add(result.per_item, result.cost)
+        state.measured.update(result.objectives or {})
+        values = {**self.rungs.combine(state.per_item), **state.measured}
+        state.values[flight.rung] = values
+        if flight.rung == self.rungs.top:
+            self._enter_lower_rungs(flight.number, state)
+        self.store.annotate(flight.number, state.attrs())
+        failpoints.hit("search.after_rung")  # a rung result is recorded, its promotion not yet decided
+        if flight.rung == self.rungs.top or not self.promotion.promote(flight.number, flight.rung, values):
+            self._tell_rung_outcome(flight, flight.rung, values, worker=result.worker)
+            return
+        self._set_job(flight, flight.rung + 1)
+        self.promotions.append(flight)
+
+    def _enter_lower_rungs(self, number: int, state: Any) -> None:
+        """A trial scored at the top rung at once (hand-set) competes at every rung below too, with
+        its means over each rung's items: the baseline sets the bar a searched candidate must pass
+        to go up (the promotion rule's verdict on it is not used)."""
+        for rung in range(self.rungs.top):
+            if rung in state.values:
+                continue
+            values = self._rung_values(state, rung)
+            state.values[rung] = values
+            self.promotion.promote(number, rung, values)
+
+    def _tell_rung_outcome(self, flight: Flight, rung: int, values: Mapping[str, float], worker: str = "") -> None:
+        """Tell the driver a candidate's last rung: complete, stopped below the top when ``rung`` is."""
+        from .rungs import STOPPED_ATTR
+
+        state = self._rung_state[flight.number]
+        attrs: dict[str, Any] = {"timings": self._rung_timings.get(flight.number, {}), "attempts": flight.attempts,
+                                 **self._gen(flight), **state.attrs()}
+        if worker:
+            attrs["worker"] = worker
+        if rung < self.rungs.top:
+            attrs[STOPPED_ATTR] = rung
+        self._forget(flight.number)
+        failpoints.hit("search.before_tell")
+        self._recorded(self.driver.tell(flight.number, dict(values), attrs=attrs), counted=True)
+        failpoints.hit("search.after_tell")
+
+    def _forget(self, number: int) -> None:
+        self._rung_state.pop(number, None)
+        self._rung_timings.pop(number, None)
+
+    @staticmethod
+    def _gen(flight: Flight) -> dict[str, Any]:
+        return {"generation": flight.generation} if flight.generation is not None else {}
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -201,7 +370,11 @@ class SearchLoop:
             case Finished(worker, _, _):
                 self.infra_faults_in_a_row = 0
                 self.idle.append(worker)
-                self._tell_result(self.flights.pop(worker), event)
+                flight = self.flights.pop(worker)
+                if flight.rung is not None:
+                    self._rung_result(flight, event)
+                else:
+                    self._tell_result(flight, event)
             case EvaluatorRaised(worker, reason, wall_s):
                 self.infra_faults_in_a_row = 0  # the worker answered; the fault is the evaluator's
                 self.idle.append(worker)
@@ -296,12 +469,20 @@ class SearchLoop:
         attrs: dict[str, Any] = {"attempts": flight.attempts, "timings": {"wall_s": wall_s}}
         if flight.generation is not None:
             attrs["generation"] = flight.generation
-        self._recorded(self.driver.tell(flight.number, None, failed_reason=reason, attrs=attrs))
+        counted = flight.rung is not None  # its earlier rungs were counted as they came back
+        if counted:
+            state = self._rung_state.get(flight.number)
+            if state is not None and state.cost:
+                attrs["cost"] = state.cost
+            self._forget(flight.number)
+        self._recorded(self.driver.tell(flight.number, None, failed_reason=reason, attrs=attrs), counted=counted)
 
-    def _recorded(self, record: Any) -> None:
-        """Count a told trial, whatever its outcome, and show it."""
+    def _recorded(self, record: Any, *, counted: bool = False) -> None:
+        """Count a told trial, whatever its outcome, and show it (``counted``: its forward passes
+        were added rung by rung already)."""
         self.progress.finished += 1
-        self.progress.forward_passes += record.forward_passes
+        if not counted:
+            self.progress.forward_passes += record.forward_passes
         if record.state != "complete":
             self.progress.failed += 1
         if record.state == "complete":

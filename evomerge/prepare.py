@@ -30,6 +30,7 @@ class Prepared:
     num_layers: int
     samples: dict[str, list[int]] | None
     memory: Any = None  # MemoryPlan: where each worker stores the models (printed by search and validate)
+    rungs: Any = None  # RungLadder: the items of each rung per task, with evaluation.rungs (evomerge.rungs)
 
 
 def prepare(config: SpaceConfig, *, report: Reporter | None = None) -> Prepared:
@@ -66,10 +67,29 @@ def prepare(config: SpaceConfig, *, report: Reporter | None = None) -> Prepared:
     _check_metrics(config, scorer)
     preflight.check_num_fewshot(config, scorer)
     samples = _draw_items(config, scorer)
+    rungs = _rung_ladder(config, scorer, samples)
     report.done("tasks loaded: " + ", ".join(f"{t} {len(samples[t]) if samples and t in samples else scorer.num_docs(t)} "
-                                             f"of {scorer.num_docs(t)} items" for t in config.task_names()))
+                                             f"of {scorer.num_docs(t)} items" for t in config.task_names())
+                + (f"; rungs: {rungs.describe()}" if rungs is not None else ""))
     preflight.warn_unrelated_donors(config, folders)
-    return Prepared(config, space, base.num_layers, samples, memory_plan(config, folders))
+    return Prepared(config, space, base.num_layers, samples, memory_plan(config, folders), rungs)
+
+
+def _rung_ladder(config: SpaceConfig, scorer: Any, samples: dict[str, list[int]] | None) -> Any:
+    """The items of each rung per task (``evaluation.rungs``), once every metric is known to combine."""
+    from .rungs import RungLadder, check_mean_metrics
+
+    if config.evaluation.rungs is None:
+        return None
+    if not scorer.scores_per_item(config.evaluation.lm_eval_args):
+        raise ConfigError("rungs score items one by one on evomerge's own evaluation path, which these lm_eval_args "
+                          "or task groups leave; remove evaluation.rungs, or the option or group",
+                          where=f"{config.source}: evaluation.rungs")
+    check_mean_metrics(config, scorer)
+    # lm-eval numbers a task's documents by their position among those scored (``samples=`` keeps
+    # dataset order): the rungs climb those positions
+    items = {t: list(range(len((samples or {}).get(t) or range(scorer.num_docs(t))))) for t in config.task_names()}
+    return RungLadder.build(config.evaluation.rungs, items)
 
 
 def _sizes(config: SpaceConfig, folders: dict[str, Any]) -> str:

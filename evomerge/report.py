@@ -14,6 +14,7 @@ from rich.text import Text
 
 from .export import scalar_score
 from .hand_set import HAND_SET_ATTR
+from .rungs import RUNG_ATTR, RUNG_OF_ATTR, STOPPED_ATTR, full_fidelity
 
 
 def _fmt(value: float | None) -> str:
@@ -48,15 +49,19 @@ def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, st
     """One row per trial. A column is never narrower than its widest number, so a narrow terminal
     folds the headers, never a number."""
     labelled = any(HAND_SET_ATTR in r.attrs for r in records)  # a "recipe" column only where it says something
+    rungs = any(RUNG_OF_ATTR in r.attrs for r in records)  # multi-fidelity: the rung each trial reached
     rows = []
     for r in records:
         row = [str(r.number)] + [_fmt((r.objectives or {}).get(n)) for n in directions]
+        if rungs:
+            row.append(_rung(r))
         row += [str(r.forward_passes) if r.cost else "-", _fmt(r.timings.get("merge_s")), _fmt(r.timings.get("eval_s"))]
         if labelled:
             row.append(str(r.attrs.get(HAND_SET_ATTR, "searched")))
         rows.append(row)
     headers = ["trial", *(f"{name.removeprefix('task:')} {'↑' if direction == 'maximize' else '↓'}"
-                          for name, direction in directions.items()), "fwd passes", "merge s", "eval s"]
+                          for name, direction in directions.items()), *(["rung"] if rungs else []),
+               "fwd passes", "merge s", "eval s"]
     if labelled:
         headers.append("recipe")
     table = Table(title=title)
@@ -66,6 +71,32 @@ def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, st
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def rungs_sentence(records: Sequence[Any]) -> str:
+    """How far a multi-fidelity run's complete trials climbed: "rungs: 9 trials scored on every
+    item (rung 3 of 3); stopped: 20 at rung 1, 6 at rung 2" ('' for a run without rungs)."""
+    complete = [r for r in records if r.state == "complete" and RUNG_OF_ATTR in r.attrs]
+    if not complete:
+        return ""
+    of = complete[0].attrs[RUNG_OF_ATTR]
+    stopped: dict[int, int] = {}
+    for r in complete:
+        if STOPPED_ATTR in r.attrs:
+            stopped[r.attrs[STOPPED_ATTR] + 1] = stopped.get(r.attrs[STOPPED_ATTR] + 1, 0) + 1
+    whole = len(complete) - sum(stopped.values())
+    listed = ", ".join(f"{n} at rung {k}" for k, n in sorted(stopped.items())) or "none"
+    return f"rungs: {whole} trials scored on every item (rung {of} of {of}); stopped lower: {listed}"
+
+
+def _rung(record: Any) -> str:
+    """"2 of 3" for a trial scored on every item, "0 of 3 (stopped)" for one stopped lower."""
+    of = record.attrs.get(RUNG_OF_ATTR)
+    if of is None:
+        return "-"
+    if STOPPED_ATTR in record.attrs:
+        return f"{record.attrs[STOPPED_ATTR] + 1} of {of} (stopped)"
+    return f"{record.attrs.get(RUNG_ATTR, 0) + 1} of {of}"
 
 
 def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
@@ -79,13 +110,18 @@ def show(store: Any, *, top: int = 5, console: Console | None = None) -> None:
         tokens = f" and {spent.generated_tokens} generated tokens" if spent.generated_tokens else ""
         console.print(f"scoring cost {spent.forward_passes} forward passes{tokens} over {spent.scored_trials} scored trials "
                       f"({spent.forward_passes / spent.scored_trials:.0f} a trial)")
+    rung_line = rungs_sentence(records)
+    if rung_line:
+        console.print(rung_line)
     directions = store.directions
     front = sorted(store.pareto(records), key=lambda r: r.number)
+    stopped = sum(1 for r in records if r.state == "complete" and not full_fidelity(r))
+    of_whole = f" of the trials scored on every item ({stopped} stopped at a lower rung are left out)" if stopped else ""
     # crop=False: a table wider than a tiny terminal wraps there, never cropped mid-number
-    console.print(trials_table(f"Pareto front ({len(front)} trials)", front, directions), crop=False)
-    complete = [r for r in records if r.state == "complete"]
+    console.print(trials_table(f"Pareto front ({len(front)} trials){of_whole}", front, directions), crop=False)
+    complete = [r for r in records if r.state == "complete" and full_fidelity(r)]
     best = sorted(complete, key=lambda r: scalar_score(r, directions), reverse=True)[:top]
-    title = f"Best {len(best)} by the sum of objectives (maximize +, minimize -)"
+    title = f"Best {len(best)} by the sum of objectives (maximize +, minimize -){of_whole}"
     console.print(trials_table(title, best, directions), crop=False)
     hand_set = [r for r in records if HAND_SET_ATTR in r.attrs and r.finished]
     if hand_set:

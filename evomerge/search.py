@@ -57,6 +57,7 @@ def run_search(
     report: Reporter | None = None,
     on_progress: Callable[[Progress, Any], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
+    max_forward_passes: int | None = None,
 ) -> Path:
     """Run (or resume) the search ``config`` describes; returns the run folder.
 
@@ -68,6 +69,9 @@ def run_search(
     ``report`` is told every start-up stage, notice and finished trial (see
     :mod:`evomerge.reporter`); without one, ``on_progress`` and ``on_notice`` get the trials and
     notices (notices to stderr when neither is given).
+
+    ``max_forward_passes``: ask no new candidate once the run has spent that many forward passes
+    (``scripts/bench_fitness.py`` compares searches at equal cost with it).
     """
     import optuna
 
@@ -103,7 +107,8 @@ def run_search(
             store.requeue_interrupted()
             store.write_pareto()  # a process killed between a trial's record and this file left it stale
             loop = SearchLoop(store, build_driver(prepared, store, report), prepared.space, workers, budget=config.search.budget,
-                              workers=config.workers.count, report=report)
+                              workers=config.workers.count, report=report, rungs=prepared.rungs,
+                              max_forward_passes=max_forward_passes)
             loop.run()
         finally:
             with interrupts.deferred():  # a second Ctrl-C must not leave workers running

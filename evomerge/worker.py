@@ -76,6 +76,9 @@ class EvalResult:
     eval_s: float = 0.0
     worker: str = ""
     cost: dict[str, Any] | None = None  # what scoring cost (EvalCost.to_dict()); None when not scored
+    # scored by rung (evomerge.rungs): {"task:<task>/<metric>": {doc_id: value}} for the items asked;
+    # ``objectives`` then holds only what is measured whole (l2_from_base)
+    per_item: dict[str, dict[int, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,8 +127,9 @@ class CandidateEvaluator:
         self.name = f"{os.uname().nodename}:{os.getpid()}:{self.device}{_ray_node()}"
         self._pool_modules: dict[str, Any] | None = None  # routing: modules over the resident tensors
 
-    def evaluate(self, recipe_json: str) -> EvalResult:
-        """Merge and score one candidate; candidate faults come back as ``error``."""
+    def evaluate(self, recipe_json: str, items: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
+        """Merge and score one candidate; candidate faults come back as ``error``. ``items``
+        (task -> document ids): score only those, item by item (``per_item``), for a rung."""
         from .recipe import Recipe
 
         start = time.perf_counter()
@@ -156,15 +160,23 @@ class CandidateEvaluator:
             return EvalResult(None, error=f"merge produced non-finite weights in {len(broken)} tensor(s): "
                               f"{', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}",
                               merge_s=merged - start, worker=self.name)
-        evaluation = self.scorer.evaluate(model, self.tokenizer)
+        per_item = None
+        if items is not None:
+            per_item, spent = self.scorer.evaluate_items(model, self.tokenizer, items)
+            scores: dict[str, float] = {}
+            bad_items = [k for k, values in per_item.items() if not all(math.isfinite(v) for v in values.values())]
+        else:
+            evaluation = self.scorer.evaluate(model, self.tokenizer)
+            scores, spent, bad_items = evaluation.scores, evaluation.cost, []
         done = time.perf_counter()
-        cost = evaluation.cost.to_dict()  # spent whether or not the scores are usable
-        objectives = {**evaluation.scores, **measured}
-        bad = [k for k, v in objectives.items() if not math.isfinite(v)]
+        cost = spent.to_dict()  # spent whether or not the scores are usable
+        objectives = {**scores, **measured}
+        bad = bad_items + [k for k, v in objectives.items() if not math.isfinite(v)]
         if bad:
             return EvalResult(None, error=f"non-finite objective(s): {', '.join(bad)}", merge_s=merged - start,
                               eval_s=done - merged, worker=self.name, cost=cost)
-        return EvalResult(objectives, merge_s=merged - start, eval_s=done - merged, worker=self.name, cost=cost)
+        return EvalResult(objectives, merge_s=merged - start, eval_s=done - merged, worker=self.name, cost=cost,
+                          per_item=per_item)
 
     def _routed(self, route_config: Any) -> Any:
         """The candidate's routed model: layers of the resident models (and of this candidate's

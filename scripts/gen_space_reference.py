@@ -57,6 +57,7 @@ def _sections() -> list[tuple[str, type[BaseModel]]]:
         ("constraints[]", sc.Constraint),
         ("evaluation", sc.Evaluation),
         ("evaluation.tasks.<task>", sc.TaskEvaluation),
+        ("evaluation.rungs", sc.Rungs),
         ("search", sc.Search),
         ("workers", sc.Workers),
         ("route", sc.RouteSection),

@@ -28,6 +28,7 @@ class Proposal:
     number: int
     values: Mapping[str, Value]
     generation: int | None = None  # CMA generation (for logs); None for the Optuna samplers
+    full_fidelity: bool = False  # scored on every item even with rungs (hand-set trials: the baseline)
 
 
 class Driver(Protocol):

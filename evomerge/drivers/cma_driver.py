@@ -51,6 +51,13 @@ Why it looks the way it does:
   has succeeded yet. CMA-ES only uses ranks, so this puts failures below every success of their
   generation, never in the middle (mergekit's evolve replaced them by the median, which rewards
   breaking things). It depends only on results, not on their arrival order, so replay agrees.
+- **Candidates stopped at a lower rung** (multi-fidelity, :mod:`evomerge.rungs`) rank below every
+  full-fidelity member of their generation and above its failures, ordered among themselves by the
+  rung reached, then by their score there (:func:`stopped_fitness`). Why: their scores are means
+  over fewer items, so set against whole evaluations a lucky 16-item mean would outrank a better
+  candidate measured on every item; and they were stopped for ranking low at their rung, which is
+  what the rung order keeps. pycma uses ranks only, so the values need only put them in that order;
+  they depend on results alone, so replay agrees.
 - **Resume by deterministic replay, not pickles.** Each trial records its generation, member index
   and unit vector. A new driver with the same seed re-asks pycma generation by generation and
   tells it the logged results; the first incomplete generation's missing members (never asked, or
@@ -80,6 +87,7 @@ from evomerge.drivers.base import (
 from evomerge.errors import EvomergeError
 from evomerge.hand_set import HAND_SET_ATTR
 from evomerge.objectives import ConstraintSpec, ObjectiveSpec, scalarize
+from evomerge.rungs import STOPPED_ATTR
 from evomerge.store import RunStore, TrialRecord
 
 with warnings.catch_warnings():  # pycma warns at import when matplotlib is absent; plots are not used
@@ -164,6 +172,7 @@ class CmaDriver:
         self._drawn_in: dict[int, int] = {}  # stream index -> the pycma iteration that sampled it
         self._tell_X: list[np.ndarray] = []  # pycma's solutions for the current generation, in member order
         self._results: dict[int, Mapping[str, float] | None] = {}  # stream index -> result (None: failed)
+        self._stopped: dict[int, int] = {}  # stream index -> the rung a candidate stopped at (multi-fidelity)
         self._pending: list[int] = []  # heap of stream indices to hand out, lowest first
         self._outstanding: dict[int, int] = {}  # trial number -> stream index
         self._sample(0)
@@ -195,7 +204,8 @@ class CmaDriver:
         if number not in self._outstanding:
             raise ValueError(f"trial {number} was not asked from this driver, or was told already")
         record = record_result(self._store, number, objectives, failed_reason, attrs)
-        self._receive(self._outstanding.pop(number), record.objectives if record.state == "complete" else None)
+        self._receive(self._outstanding.pop(number), record.objectives if record.state == "complete" else None,
+                      record.attrs.get(STOPPED_ATTR))
         return record
 
     def state_dict(self) -> dict[str, Any]:
@@ -241,8 +251,10 @@ class CmaDriver:
         for i in older:
             self._genos.pop(i)
 
-    def _receive(self, index: int, measured: Mapping[str, float] | None) -> None:
+    def _receive(self, index: int, measured: Mapping[str, float] | None, stopped_at: int | None = None) -> None:
         self._results[index] = measured
+        if stopped_at is not None and measured is not None:
+            self._stopped[index] = int(stopped_at)
         k = self.popsize
         while all(i in self._results for i in range(self.generation * k, (self.generation + 1) * k)):
             self._finish_generation()
@@ -250,12 +262,17 @@ class CmaDriver:
     def _finish_generation(self) -> None:
         k, first = self.popsize, self.generation * self.popsize
         results = {m: self._results.pop(first + m) for m in range(k)}
+        stopped = {m: self._stopped.pop(first + m) for m in range(k) if first + m in self._stopped}
         scores = {m: scalarize(r, self._objectives, self._constraints) for m, r in results.items() if r is not None}
-        for s in scores.values():
-            self._worst_fitness = -s if self._worst_fitness is None else max(self._worst_fitness, -s)
+        full = {m: -s for m, s in scores.items() if m not in stopped}
+        for f in full.values():
+            self._worst_fitness = f if self._worst_fitness is None else max(self._worst_fitness, f)
+        ranked = stopped_fitness({m: (stopped[m], scores[m]) for m in stopped}, list(full.values()), self._worst_fitness)
         failed = k - len(scores)
         penalty = FAIL_FITNESS_BEFORE_ANY_SUCCESS if self._worst_fitness is None else self._worst_fitness + FAIL_MARGIN
-        fitness = [-scores[m] if m in scores else penalty for m in range(k)]
+        if ranked:
+            penalty = max(penalty, max(ranked.values()) + FAIL_MARGIN)
+        fitness = [full[m] if m in full else ranked.get(m, penalty) for m in range(k)]
         if failed:
             log.warning(
                 "CMA generation %d: %d of %d candidates failed; ranked last with fitness %g",
@@ -301,10 +318,25 @@ class CmaDriver:
                 )
             self._pending.remove(index)
             heapq.heapify(self._pending)
-            self._receive(index, t.objectives if t.state == "complete" else None)
+            self._receive(index, t.objectives if t.state == "complete" else None, t.attrs.get(STOPPED_ATTR))
             replayed += 1
         if replayed:
             log.info("CMA replayed %d trials; resuming in generation %d", replayed, self.generation)
+
+
+def stopped_fitness(
+    stopped: Mapping[int, tuple[int, float]], full: Sequence[float], worst_so_far: float | None
+) -> dict[int, float]:
+    """Fitness (lower is better) for a generation's members stopped at a lower rung, ``{member:
+    (rung reached, scalar score there)}``: just above the worst full-fidelity fitness of the
+    generation (of the run so far when the generation has none), in the order of rung reached,
+    then score, a step of ``FAIL_MARGIN / (len(stopped) + 1)`` apart (see the module docstring)."""
+    if not stopped:
+        return {}
+    base = max(full) if full else (worst_so_far if worst_so_far is not None else 0.0)
+    order = sorted(stopped, key=lambda m: (-stopped[m][0], -stopped[m][1], m))
+    step = FAIL_MARGIN / (len(stopped) + 1)
+    return {m: base + step * (i + 1) for i, m in enumerate(order)}
 
 
 def _logged_lookahead(trials: list[TrialRecord], asked: int) -> int:

@@ -91,7 +91,7 @@ class HandSetFirst:
                 attrs["rerun_of"] = lost
             number = self._store.start_trial(dict(point.values), self._distributions, attrs, study=self._study)
             self._outstanding.add(number)
-            return Proposal(number, dict(point.values))
+            return Proposal(number, dict(point.values), full_fidelity=True)
         if self._inner is None:
             if self._outstanding:
                 return None  # CMA starts where the best hand-set trial is: wait for the last one

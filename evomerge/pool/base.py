@@ -13,6 +13,7 @@ the search process, one candidate at a time: no Ray, for tests and single-machin
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -121,8 +122,9 @@ class WorkerPool(Protocol):
         cluster of 2 CPUs"): the start-up line a person reads."""
         ...
 
-    def submit(self, worker: Worker, recipe_json: str) -> None:
-        """Give an idle, started worker one candidate (a :class:`~evomerge.recipe.Recipe` as JSON)."""
+    def submit(self, worker: Worker, recipe_json: str, items: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Give an idle, started worker one candidate (a :class:`~evomerge.recipe.Recipe` as JSON);
+        ``items`` (task -> document ids): score only those, item by item (a rung; see :mod:`evomerge.rungs`)."""
         ...
 
     def wait(self, timeout_s: float | None = None) -> PoolEvent | None:

@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -73,7 +73,7 @@ class InProcessPool:
         self._timeout_s: float | None = workers.timeout_s
         self._evaluators: dict[Worker, Any] = {}
         self._starting: deque[Worker] = deque()
-        self._queue: deque[tuple[Worker, str]] = deque()  # submitted candidates, oldest first
+        self._queue: deque[tuple[Worker, str, Any]] = deque()  # submitted candidates, oldest first
 
     def open(self) -> None:
         """Nothing to connect to."""
@@ -86,10 +86,10 @@ class InProcessPool:
     def describe(self) -> str:
         return "in-process pool: the workers take turns in this process (no Ray)"
 
-    def submit(self, worker: Worker, recipe_json: str) -> None:
+    def submit(self, worker: Worker, recipe_json: str, items: Mapping[str, Sequence[int]] | None = None) -> None:
         if worker not in self._evaluators:
             raise ValueError(f"{worker} has not started")
-        self._queue.append((worker, recipe_json))
+        self._queue.append((worker, recipe_json, items))
 
     def wait(self, timeout_s: float | None = None) -> PoolEvent | None:
         """The next event: a worker built, else the oldest candidate run to its end (this pool
@@ -112,7 +112,7 @@ class InProcessPool:
             return StartFailed(worker, f"{type(err).__name__}: {err}"[:300])
         return WorkerStarted(worker)
 
-    def _evaluate(self, worker: Worker, recipe_json: str) -> PoolEvent:
+    def _evaluate(self, worker: Worker, recipe_json: str, items: Any = None) -> PoolEvent:
         evaluator = self._evaluators[worker]
         start = time.perf_counter()
         try:  # the context names the worker and the candidate in the failpoints' hit log
@@ -122,7 +122,7 @@ class InProcessPool:
             return WorkerLost(worker, f"worker lost: {err}", time.perf_counter() - start)
         try:
             with self._time_limit(), _quiet():
-                result = evaluator.evaluate(recipe_json)
+                result = evaluator.evaluate(recipe_json) if items is None else evaluator.evaluate(recipe_json, items)
         except _TimeLimit:
             del self._evaluators[worker]  # stopped halfway through a merge: thrown away, as a killed actor is
             assert self._timeout_s is not None
@@ -157,7 +157,7 @@ class InProcessPool:
 
     def replace(self, worker: Worker) -> Worker:
         self._evaluators.pop(worker, None)
-        self._queue = deque((w, r) for w, r in self._queue if w != worker)
+        self._queue = deque(job for job in self._queue if job[0] != worker)
         with contextlib.suppress(ValueError):
             self._starting.remove(worker)
         return self.start(1)[0]

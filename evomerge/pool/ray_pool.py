@@ -18,7 +18,7 @@ import math
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .. import failpoints
@@ -123,8 +123,9 @@ class RayPool:
 
     # ---- running ----------------------------------------------------------------------------
 
-    def submit(self, worker: Worker, recipe_json: str) -> None:
-        self._running[self._actors[worker].evaluate.remote(recipe_json)] = (worker, time.perf_counter())
+    def submit(self, worker: Worker, recipe_json: str, items: Mapping[str, Sequence[int]] | None = None) -> None:
+        items = {t: list(d) for t, d in items.items()} if items is not None else None
+        self._running[self._actors[worker].evaluate.remote(recipe_json, items)] = (worker, time.perf_counter())
 
     def wait(self, timeout_s: float | None = None) -> PoolEvent | None:
         import ray

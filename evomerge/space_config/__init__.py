@@ -17,7 +17,7 @@ a config). The names the rest of evomerge imports are re-exported here.
 
 from __future__ import annotations
 
-from evomerge.space_config.evaluation import Evaluation, TaskEvaluation
+from evomerge.space_config.evaluation import Evaluation, Rungs, TaskEvaluation
 from evomerge.space_config.loading import (
     load_space_config,
     parse_space_config,
@@ -54,6 +54,7 @@ __all__ = [
     "ScaleSpec",
     "Search",
     "SpaceConfig",
+    "Rungs",
     "TaskEvaluation",
     "Workers",
     "load_space_config",

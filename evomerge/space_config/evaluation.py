@@ -56,6 +56,36 @@ def _check_items(value: int | tuple[int, ...] | None) -> int | tuple[int, ...] |
     return value
 
 
+class Rungs(_Strict):
+    """Multi-fidelity evaluation: each candidate is scored on a few items per task first and
+    promoted to more only while it can still matter (asynchronous successive halving, ASHA).
+
+    Rung ``k`` holds ``min_items * eta**k`` items of each task (every item at the top rung), taken
+    in one fixed shuffled order per task, so each rung is a superset of the one below: a promoted
+    candidate is scored only on the new items and its per-item results are combined with those of
+    the rung below (so only metrics lm-eval aggregates by ``mean`` are accepted). A candidate goes
+    up a rung only while it ranks in the best ``1/eta`` of the candidates that reached that rung
+    (one objective: Optuna's ``SuccessiveHalvingPruner``) or is dominated by few enough of them
+    (several objectives: no other candidate at its rung dominates it, or it is within the best
+    ``1/eta`` by domination count). Hand-set trials are scored at the top rung: they are the
+    baseline. The Pareto front, ``export --best`` and CMA-ES's ranking use top-rung results only
+    (a candidate stopped early ranks below every full-fidelity one of its generation)."""
+
+    min_items: int = Field(ge=1)
+    """Items per task at the first rung (a task with fewer items has one rung: all of them)."""
+    eta: int = Field(default=3, ge=2)
+    """Each rung holds ``eta`` times the items of the one below; about one candidate in ``eta`` goes up."""
+
+    def sizes(self, total: int) -> list[int]:
+        """Items per rung for a task of ``total`` items, the last being ``total``."""
+        out: list[int] = []
+        n = self.min_items
+        while n < total:
+            out.append(n)
+            n *= self.eta
+        return [*out, total]
+
+
 class Evaluation(_Strict):
     """How each candidate is scored with lm-eval; every trial sees the same items.
 
@@ -78,6 +108,9 @@ class Evaluation(_Strict):
     """Per-task overrides of ``items`` and ``num_fewshot``, keyed by task name."""
     lm_eval_args: dict[str, Any] = Field(default_factory=dict)
     """Further arguments for lm-eval's ``simple_evaluate`` (plain values), except those evomerge sets itself."""
+    rungs: Rungs | None = None
+    """Multi-fidelity evaluation (``{min_items: 16, eta: 3}``: 16, 48, 144 ... items per task); absent: every trial
+    scores every item."""
 
     @field_validator("items")
     @classmethod

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evomerge.pareto import IncrementalFront
+from evomerge.rungs import full_fidelity
 from evomerge.store.run_folder import PARETO_FILE, write_atomic
 from evomerge.store.trial_log import TrialCounts, TrialRecord
 
@@ -87,14 +88,15 @@ class RunFront:
         self.spent = Spent()
         for r in records:
             self.spent.add(r)
-            if r.state == "complete":
+            if r.state == "complete" and full_fidelity(r):
                 self._front.add(r)
 
     def add(self, record: TrialRecord) -> None:
-        """A trial finished; it joins the front when nothing on the front dominates it."""
+        """A trial finished; it joins the front when nothing on the front dominates it. A trial
+        stopped at a lower rung never does: the front ranks whole evaluations only (:mod:`evomerge.rungs`)."""
         if self._front is not None:
             self.spent.add(record)
-            if record.state == "complete":
+            if record.state == "complete" and full_fidelity(record):
                 self._front.add(record)
         self._stale = True
 
@@ -138,6 +140,7 @@ def pareto_text(
              "forward_passes": t.forward_passes}
             for t in sorted(front, key=lambda t: t.number)
         ],
+        "front_of": "trials scored on every item (trials stopped at a lower rung are left out)",
         "recipes": "in the trial log: evomerge show / evomerge export --trial N",
     }
     return json.dumps(doc, indent=2) + "\n"

@@ -28,6 +28,7 @@ from evomerge import failpoints
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.objectives import DIRECTIONS
 from evomerge.pareto import pareto_front
+from evomerge.rungs import full_fidelity
 from evomerge.store.front import DEFAULT_INTERVAL_S, RunFront, Spent, pareto_text
 from evomerge.store.run_folder import (
     PARETO_FILE,
@@ -258,6 +259,11 @@ class RunStore:
         """Add user attributes (recipe JSON, worker id...) to a trial that is still running."""
         self._log.annotate(number, attrs)
 
+    def report_rung(self, number: int, step: int, value: float, pruner: optuna.pruners.BasePruner) -> bool:
+        """A rung's value as an intermediate value of the study, and ``pruner``'s verdict (True:
+        stop); see :meth:`TrialLog.report_rung` and :mod:`evomerge.rungs`."""
+        return self._log.report_rung(number, step, value, pruner)
+
     def complete_trial(
         self, number: int, measured: Mapping[str, float], attrs: Mapping[str, Any] | None = None
     ) -> TrialRecord:
@@ -314,9 +320,10 @@ class RunStore:
 
     def pareto(self, records: list[TrialRecord] | None = None) -> list[TrialRecord]:
         """The current Pareto front in trial-number order (feasible trials first; see
-        :mod:`evomerge.pareto`), or the front of ``records`` when given."""
+        :mod:`evomerge.pareto`), or the front of ``records`` when given; full-fidelity trials only
+        (a trial stopped at a lower rung is measured on fewer items: :mod:`evomerge.rungs`)."""
         if records is not None:
-            return pareto_front(records, self.directions)
+            return pareto_front([r for r in records if full_fidelity(r)], self.directions)
         if not self._front.built:
             self._front.build(self.trials())
         return self._front.members()

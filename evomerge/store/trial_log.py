@@ -297,6 +297,15 @@ class TrialLog:
         written.user_attrs.update(checked)
         self._put(written.record(number))
 
+    def report_rung(self, number: int, step: int, value: float, pruner: optuna.pruners.BasePruner) -> bool:
+        """Report a running trial's intermediate ``value`` at ``step`` to the study and ask
+        ``pruner`` whether to stop it (True: stop). The pruner's own bookkeeping (Optuna's
+        successive halving keeps each trial's rung values as system attributes) goes to the study."""
+        trial = self._live_trial(number)
+        trial_id = trial if isinstance(trial, int) else trial._trial_id
+        self._storage.set_trial_intermediate_value(trial_id, step, float(value))
+        return bool(pruner.prune(self._study, self._storage.get_trial(trial_id)))
+
     # ---- finishing trials -----------------------------------------------------------------
 
     def complete_trial(

@@ -1,0 +1,246 @@
+"""Multi-fidelity evaluation: item rungs per task, promotion while a candidate can still matter.
+
+``evaluation.rungs: {min_items: m, eta: e}`` scores every candidate on ``m`` items of each task
+first (rung 0), then ``m*e``, ``m*e**2`` ... up to every item (the top rung). Why it is built so:
+
+- **One fixed item order per task** (a shuffle seeded by the task's name, :func:`fixed_order`):
+  rung ``k`` is the first ``size_k`` items of it, so each rung is a superset of the one below and
+  a random sample of the task (datasets are often sorted). A promoted candidate is scored on the
+  new items only; its per-item results of the rungs below are kept (in the trial log, attribute
+  ``rung_items``, after every rung, so a kill loses none) and combined with the new ones. Only
+  metrics lm-eval aggregates by ``mean`` combine exactly; :func:`check_mean_metrics` refuses the
+  others before the run starts. At the top rung the mean over every item is what a whole
+  evaluation of the same candidate gives.
+- **Asynchronous promotion** (ASHA): the decision is taken the moment a rung result arrives,
+  against the candidates that reached that rung so far; no worker waits for a rung to fill. A
+  promoted candidate goes back to the next free worker before any new candidate is asked.
+  One objective: Optuna's ``SuccessiveHalvingPruner`` decides, on the run's study, with each rung's
+  mean reported as the intermediate value at step ``min_items * eta**k``
+  (:class:`OptunaSuccessiveHalving`). Several objectives (Optuna cannot prune multi-objective
+  studies): :class:`ParetoSuccessiveHalving` promotes a candidate that no other candidate at its
+  rung dominates (it can still reach the front), or one within the best ``1/eta`` of the rung by
+  domination count (Fonseca and Fleming's Pareto ranking), the same share ASHA keeps.
+- **What a stopped trial is.** It is a complete trial whose objectives are its rung's means, with
+  attribute ``stopped_at_rung``. The Pareto front, ``export --best`` and the live "best" use
+  full-fidelity trials only (:func:`full_fidelity`); Optuna samplers learn from a stopped trial's
+  rung means (an estimate on fewer items; it was stopped for ranking low at its rung); CMA-ES ranks
+  it below every full-fidelity member of its generation (``evomerge.drivers.cma_driver``).
+- **Hand-set trials** are scored at the top rung at once: they are the baseline a search must
+  beat, so they are measured as precisely as what they are compared with.
+- **Resume.** A trial a kill interrupted keeps its per-item results in the log. When the driver
+  hands the same recipe out again, the new trial inherits them (``rung_items_from`` names the
+  old one), the promotion rule is asked again rung by rung, and only items never scored for the
+  candidate are sent to a worker. Each trial's ``cost`` counts what that trial itself scored, so
+  the run's forward passes count every item once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import ConfigError
+
+STOPPED_ATTR = "stopped_at_rung"  # a trial promotion stopped below the top rung
+RUNG_ATTR = "rung"  # the rung a trial reached (0 = the first); on every trial of a run with rungs
+RUNG_OF_ATTR = "rungs"  # how many rungs the run has
+ITEMS_ATTR = "rung_items"  # per-item results so far: {"task:<task>/<metric>": {doc_id: value}}
+VALUES_ATTR = "rung_values"  # each reached rung's objectives: {"0": {...}, "1": {...}}
+INHERITED_ATTR = "rung_items_from"  # the interrupted trial whose per-item results a rerun took over
+
+
+def full_fidelity(record: Any) -> bool:
+    """Whether a trial's objectives are a whole evaluation (no rungs, or the top rung reached)."""
+    return STOPPED_ATTR not in record.attrs
+
+
+def fixed_order(task: str, items: Sequence[int]) -> list[int]:
+    """``items`` in the task's one rung order: a shuffle seeded by the task's name alone, so every
+    trial, every resume and every run over the same items climbs them in the same order."""
+    order = sorted(items)
+    random.Random(f"evomerge-rungs:{task}").shuffle(order)
+    return order
+
+
+def _task_of(objective: str) -> str:
+    return objective.split(":", 1)[1].split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class RungLadder:
+    """Each task's items in rung order and how many of them each rung holds (cumulative)."""
+
+    order: dict[str, list[int]]
+    sizes: dict[str, list[int]]  # per task, one size per rung; a task with fewer rungs repeats its last
+    min_items: int
+    eta: int
+
+    @classmethod
+    def build(cls, rungs: Any, items: Mapping[str, Sequence[int]]) -> RungLadder:
+        """``rungs``: the space file's ``evaluation.rungs``; ``items``: every item each task scores."""
+        order = {t: fixed_order(t, ids) for t, ids in items.items()}
+        sizes = {t: rungs.sizes(len(ids)) for t, ids in order.items()}
+        count = max(len(s) for s in sizes.values())
+        sizes = {t: s + [s[-1]] * (count - len(s)) for t, s in sizes.items()}
+        return cls(order, sizes, rungs.min_items, rungs.eta)
+
+    @property
+    def top(self) -> int:
+        return len(next(iter(self.sizes.values()))) - 1
+
+    def items(self, rung: int) -> dict[str, list[int]]:
+        """Every item of ``rung`` (and so of every rung below), per task."""
+        return {t: self.order[t][: self.sizes[t][rung]] for t in self.order}
+
+    def step(self, rung: int) -> int:
+        """The rung as Optuna's successive halving counts it: ``min_items * eta**rung``."""
+        return self.min_items * self.eta**rung
+
+    def describe(self) -> str:
+        return "; ".join(f"{t}: {' -> '.join(map(str, s))} items" for t, s in self.sizes.items())
+
+    def combine(self, per_item: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
+        """Each metric's mean over the items scored so far, in item-number order (the order
+        lm-eval's whole evaluation sums them in)."""
+        out = {}
+        for name, values in per_item.items():
+            docs = sorted(values)
+            out[name] = sum(values[d] for d in docs) / len(docs)
+        return out
+
+
+@dataclass
+class RungState:
+    """What a trial has scored so far: per-item results, what each reached rung measured, the cost."""
+
+    per_item: dict[str, dict[int, float]] = field(default_factory=dict)
+    values: dict[int, dict[str, float]] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)  # measured whole at every rung (l2_from_base)
+    cost: dict[str, Any] = field(default_factory=dict)  # this trial's own scoring cost, summed over rungs
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> RungState:
+        """A state read back from the trial log (JSON keys are text)."""
+        per_item = {k: {int(d): float(v) for d, v in vs.items()} for k, vs in (attrs.get(ITEMS_ATTR) or {}).items()}
+        values = {int(k): dict(v) for k, v in (attrs.get(VALUES_ATTR) or {}).items()}
+        top = max(values) if values else None
+        measured = {k: v for k, v in values[top].items() if k not in per_item} if top is not None else {}
+        return cls(per_item, values, measured)
+
+    def scored(self, task: str) -> set[int]:
+        for name, values in self.per_item.items():
+            if _task_of(name) == task:
+                return set(values)
+        return set()
+
+    def add(self, per_item: Mapping[str, Mapping[int, float]], cost: Mapping[str, Any] | None) -> None:
+        for name, values in per_item.items():
+            self.per_item.setdefault(name, {}).update({int(d): float(v) for d, v in values.items()})
+        self.cost = add_costs(self.cost, cost or {})
+
+    def attrs(self) -> dict[str, Any]:
+        """The trial-log attributes that hold this state (a kill after this write loses nothing)."""
+        return {ITEMS_ATTR: {k: {str(d): v for d, v in sorted(vs.items())} for k, vs in self.per_item.items()},
+                VALUES_ATTR: {str(k): v for k, v in sorted(self.values.items())},
+                RUNG_ATTR: max(self.values) if self.values else 0,
+                **({"cost": self.cost} if self.cost else {})}
+
+
+def add_costs(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Two :class:`~evomerge.evaluate.EvalCost` dicts summed (items per task, requests by kind...)."""
+    if not a:
+        return dict(b)
+    if not b:
+        return dict(a)
+    out: dict[str, Any] = {}
+    for key in ("items", "requests"):
+        merged = dict(a.get(key, {}))
+        for k, v in b.get(key, {}).items():
+            merged[k] = merged.get(k, 0) + v
+        out[key] = merged
+    out["forward_passes"] = int(a.get("forward_passes", 0)) + int(b.get("forward_passes", 0))
+    out["generated_tokens"] = int(a.get("generated_tokens", 0)) + int(b.get("generated_tokens", 0))
+    return out
+
+
+class Promotion(Protocol):
+    """Decides, when a rung result arrives, whether the candidate goes up a rung."""
+
+    def promote(self, number: int, rung: int, values: Mapping[str, float]) -> bool: ...
+
+
+class OptunaSuccessiveHalving:
+    """One objective: Optuna's ``SuccessiveHalvingPruner`` (asynchronous successive halving) on the
+    run's study; each rung's mean is reported as the intermediate value at :meth:`RungLadder.step`."""
+
+    def __init__(self, store: Any, ladder: RungLadder) -> None:
+        import optuna
+
+        self._store = store
+        self._objective = next(iter(store.directions))
+        self._ladder = ladder
+        self._pruner = optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=ladder.min_items, reduction_factor=ladder.eta, min_early_stopping_rate=0, bootstrap_count=0)
+
+    def promote(self, number: int, rung: int, values: Mapping[str, float]) -> bool:
+        return not self._store.report_rung(number, self._ladder.step(rung), values[self._objective], self._pruner)
+
+
+class ParetoSuccessiveHalving:
+    """Several objectives: promote a candidate no other at its rung dominates, or one within the best
+    ``1/eta`` of its rung by domination count (see the module docstring)."""
+
+    def __init__(self, directions: Mapping[str, str], eta: int, trials: Sequence[Any] = ()) -> None:
+        self._signs = {n: (1.0 if d == "maximize" else -1.0) for n, d in directions.items()}
+        self._eta = eta
+        self._seen: dict[int, dict[int, tuple[float, ...]]] = {}  # rung -> trial number -> values, all maximised
+        inherited = {t.attrs.get(INHERITED_ATTR) for t in trials}
+        for t in trials:  # resume: every rung result already in the log competes
+            if t.number in inherited:
+                continue  # its results live on in the trial that took them over
+            for rung, values in (t.attrs.get(VALUES_ATTR) or {}).items():
+                if all(n in values for n in self._signs):
+                    self._seen.setdefault(int(rung), {})[t.number] = self._vector(values)
+
+    def _vector(self, values: Mapping[str, float]) -> tuple[float, ...]:
+        return tuple(s * float(values[n]) for n, s in self._signs.items())
+
+    def promote(self, number: int, rung: int, values: Mapping[str, float]) -> bool:
+        competing = self._seen.setdefault(rung, {})
+        competing[number] = self._vector(values)
+        vectors = list(competing.values())
+
+        def dominated_by(v: tuple[float, ...]) -> int:
+            return sum(1 for o in vectors if all(a >= b for a, b in zip(o, v)) and o != v)
+
+        mine = dominated_by(competing[number])
+        if mine == 0:
+            return True  # nothing at its rung dominates it: it can still reach the front
+        counts = sorted(dominated_by(v) for v in vectors)
+        return mine <= counts[max(0, len(vectors) // self._eta - 1)]
+
+
+def make_promotion(store: Any, ladder: RungLadder) -> Promotion:
+    """Optuna's pruner for one objective, the Pareto rule for several."""
+    if len(store.directions) == 1:
+        return OptunaSuccessiveHalving(store, ladder)
+    return ParetoSuccessiveHalving(store.directions, ladder.eta, store.trials())
+
+
+def check_mean_metrics(config: Any, scorer: Any) -> None:
+    """Refuse rungs when an objective's or constraint's metric is not aggregated by a plain mean:
+    per-item results of two rungs could not be combined into what a whole evaluation gives."""
+    if config.evaluation.rungs is None:
+        return
+    named = [*config.objectives, *config.constraints]
+    for i, obj in enumerate(named):
+        if obj.task is None or scorer.mean_aggregated(obj.task, obj.metric):
+            continue
+        kind, index = ("objectives", i) if i < len(config.objectives) else ("constraints", i - len(config.objectives))
+        raise ConfigError(
+            f"evaluation.rungs combines per-item results by their mean, but task {obj.task!r} aggregates "
+            f"{obj.metric!r} otherwise; remove evaluation.rungs or choose a metric aggregated by mean",
+            where=f"{config.source}: {kind}[{index}].metric",
+        )

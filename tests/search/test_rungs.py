@@ -1,0 +1,185 @@
+"""Multi-fidelity evaluation (``evaluation.rungs``): real searches on the toy world (in-process pool,
+real lm-eval scoring, real Optuna and pycma), checking that candidates are promoted and stopped,
+that a promoted candidate scores exactly what a whole evaluation of it scores, that no item is
+scored twice for a candidate (its forward passes say so), that the front and ``--best`` hold only
+trials scored on every item, that a run killed between a rung and its promotion resumes without
+losing or re-scoring an item, and that a bad setting is refused before anything runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.rungs import (
+    INHERITED_ATTR,
+    ITEMS_ATTR,
+    STOPPED_ATTR,
+    RungLadder,
+    full_fidelity,
+)
+from evomerge.search import run_search
+from evomerge.space_config import parse_space_config
+from tests.reliability.helpers import read_run
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+ITEMS = 36  # per task: rungs of 4, 12 and 36 items with min_items 4, eta 3
+
+
+def space_data(toy_world, *, driver: str, budget: int, objectives: str = "both", **search) -> dict:
+    donors = [str(p) for _, p in sorted(toy_world.specialists.items())]
+    tasks = sorted(toy_world.specialists)
+    if objectives == "mean":  # one objective: Optuna's successive halving decides
+        tasks = tasks[:1]
+    return {
+        "name": f"rungs_{driver}",
+        "models": {"base": str(toy_world.base), "donors": donors},
+        "merge": {"method": "task_arithmetic", "parameters": {"weight": {"range": [0.0, 1.2]}}},
+        "objectives": [{"task": f"toy_{n}", "metric": "acc", "direction": "maximize"} for n in tasks],
+        "evaluation": {"items": ITEMS, "batch_size": 36, "include_path": [str(ROOT / "eval_tasks")],
+                       "rungs": {"min_items": 4, "eta": 3}},
+        "search": {"driver": driver, "budget": budget, "seed": 0, **({"population": 4} if driver == "cma" else {}),
+                   **search},
+        "workers": {"count": 1, "cpus_per_worker": 1, "pool": "inprocess"},
+    }
+
+
+def config(data: dict, tmp_path: Path):
+    return parse_space_config(data, source=str(tmp_path / "space.yaml"))
+
+
+def whole_evaluation(cfg, records):
+    """Each record's recipe scored by a worker on every item at once (the path without rungs)."""
+    from evomerge.prepare import prepare, worker_spec
+    from evomerge.worker import CandidateEvaluator
+
+    prepared = prepare(cfg)
+    evaluator = CandidateEvaluator(worker_spec(prepared))
+    return prepared, {r.number: evaluator.evaluate(r.recipe_json) for r in records}
+
+
+@pytest.mark.parametrize(("driver", "objectives"), [("tpe", "mean"), ("cma", "both")])
+def test_rungs_promote_stop_and_equal_a_whole_evaluation(toy_world, tmp_path, driver, objectives):
+    cfg = config(space_data(toy_world, driver=driver, budget=14, objectives=objectives), tmp_path)
+    run = run_search(cfg, runs_dir=tmp_path / "runs")
+    records, _ = read_run(run)
+    assert all(r.state == "complete" for r in records)
+    hand_set = [r for r in records if "hand_set" in r.attrs]
+    searched = [r for r in records if "hand_set" not in r.attrs]
+    stopped = [r for r in searched if STOPPED_ATTR in r.attrs]
+    whole = [r for r in searched if full_fidelity(r)]
+    assert stopped and whole, "a rung search both stops and promotes candidates"
+    assert all(full_fidelity(r) for r in hand_set), "hand-set trials are the baseline: scored on every item"
+
+    prepared, full = whole_evaluation(cfg, records)
+    ladder: RungLadder = prepared.rungs
+    assert [ladder.sizes[t] for t in sorted(ladder.sizes)] == [[4, 12, 36]] * len(ladder.sizes)
+    for r in records:
+        rung = r.attrs.get(STOPPED_ATTR, ladder.top)
+        # items never scored twice: the trial's cost counts exactly its rung's items, and its
+        # forward passes are the whole evaluation's scaled to those items
+        assert r.cost["items"] == {t: len(docs) for t, docs in ladder.items(rung).items()}
+        per_item_pass = full[r.number].cost["forward_passes"] / (ITEMS * len(ladder.sizes))
+        assert r.forward_passes == per_item_pass * sum(len(d) for d in ladder.items(rung).values())
+        assert sorted(int(d) for d in next(iter(r.attrs[ITEMS_ATTR].values()))) == sorted(
+            next(iter(ladder.items(rung).values())))
+        if full_fidelity(r):  # promoted to the top (or hand-set): exactly the whole evaluation's scores
+            assert dict(r.objectives) == {k: full[r.number].objectives[k] for k in r.objectives}
+    # the front and --best: trials scored on every item only
+    from evomerge.export import choose
+    from evomerge.store import RunStore
+
+    store = RunStore.open(run)
+    try:
+        assert store.pareto() and all(full_fidelity(r) for r in store.pareto())
+        assert full_fidelity(choose(store, trial=None, best=True, pareto=False)[0])
+        spent = store.spent().forward_passes
+    finally:
+        store.close()
+    from evomerge.report import rungs_sentence
+
+    assert rungs_sentence(records) == (f"rungs: {len(records) - len(stopped)} trials scored on every item (rung 3 of 3); "
+                                       f"stopped lower: " + ", ".join(
+                                           f"{n} at rung {k + 1}" for k in range(2)
+                                           if (n := sum(r.attrs[STOPPED_ATTR] == k for r in stopped))))
+    everything = sum(full[r.number].cost["forward_passes"] for r in records)
+    assert spent == sum(r.forward_passes for r in records) < everything  # the saving, counted
+
+
+def test_a_run_killed_between_a_rung_and_its_promotion_resumes_without_rescoring(toy_world, tmp_path, set_failpoints):
+    data = space_data(toy_world, driver="tpe", budget=10, hand_set=False)
+    cfg = config(data, tmp_path)
+    set_failpoints("search.after_rung=raise@3")  # the third rung result is recorded, its promotion not decided
+    with pytest.raises(Exception, match="failpoint"):
+        run_search(cfg, runs_dir=tmp_path / "runs")
+    set_failpoints("")
+    run = run_search(cfg, runs_dir=tmp_path / "runs")
+    records, _ = read_run(run)
+    interrupted = [r for r in records if r.interrupted]
+    assert len(interrupted) == 1 and interrupted[0].attrs.get(ITEMS_ATTR)
+    lost = interrupted[0]
+    heir = next(r for r in records if r.attrs.get(INHERITED_ATTR) == lost.number)
+    assert heir.recipe_json == lost.recipe_json and heir.state == "complete"
+    # its per-item results went on: what the heir scored itself and what it took over are disjoint
+    taken = {k: set(v) for k, v in lost.attrs[ITEMS_ATTR].items()}
+    final = {k: set(v) for k, v in heir.attrs[ITEMS_ATTR].items()}
+    assert all(taken[k] <= final[k] for k in taken)
+    own = heir.cost.get("items", {})
+    for task, count in own.items():
+        name = next(k for k in final if k.startswith(f"task:{task}/"))
+        assert count == len(final[name]) - len(taken[name])  # only new items were scored
+    # and an uninterrupted run's same candidates score the same: the heir equals a whole evaluation
+    if full_fidelity(heir):
+        _, full = whole_evaluation(cfg, [heir])
+        assert dict(heir.objectives) == {k: full[heir.number].objectives[k] for k in heir.objectives}
+    assert len([r for r in records if r.finished]) == data["search"]["budget"]
+
+
+def test_bad_rung_settings_are_refused_before_anything_runs(toy_world, tmp_path):
+    data = space_data(toy_world, driver="tpe", budget=4)
+    data["evaluation"]["rungs"] = {"min_items": 2, "eta": 1}
+    with pytest.raises(ConfigError, match=r"evaluation\.rungs\.eta") as err:
+        config(data, tmp_path)
+    assert err.value.exit_code == 2
+    # a metric lm-eval aggregates other than by mean cannot be combined across rungs: refused, naming it
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("toy_data.py", "toy_arith.jsonl"):
+        shutil.copy(ROOT / "eval_tasks" / name, tasks / name)
+    text = (ROOT / "eval_tasks" / "toy_arith.yaml").read_text()
+    assert text.count("aggregation: mean") == 1
+    (tasks / "toy_arith_median.yaml").write_text(text.replace("task: toy_arith", "task: toy_arith_median")
+                                                 .replace("aggregation: mean", "aggregation: median"))
+    data = space_data(toy_world, driver="tpe", budget=4)
+    data["evaluation"]["include_path"] = [str(tasks)]
+    data["objectives"] = [{"task": "toy_arith_median", "metric": "acc", "direction": "maximize"}]
+    with pytest.raises(ConfigError, match=r"objectives\[0\]\.metric") as err:
+        run_search(config(data, tmp_path), runs_dir=tmp_path / "runs")
+    assert err.value.exit_code == 2 and "mean" in str(err.value)
+    assert not (tmp_path / "runs" / data["name"]).exists()
+
+
+def test_cma_ranks_stopped_candidates_below_full_ones_by_rung_then_score():
+    from evomerge.drivers.cma_driver import stopped_fitness
+
+    full = [-0.9, -0.2]  # fitness: lower is better
+    # member: (rung reached, score there); a lucky rung-0 score must not outrank a rung-1 one
+    ranked = stopped_fitness({0: (0, 0.99), 1: (1, 0.4), 2: (0, 0.5), 3: (1, 0.6)}, full, None)
+    assert sorted(ranked, key=ranked.get) == [3, 1, 0, 2]
+    assert min(ranked.values()) > max(full)
+    assert stopped_fitness({}, full, None) == {}
+
+
+def test_pareto_rule_promotes_what_can_still_reach_the_front():
+    from evomerge.rungs import ParetoSuccessiveHalving
+
+    rule = ParetoSuccessiveHalving({"a": "maximize", "b": "minimize"}, eta=3)
+    assert rule.promote(0, 0, {"a": 0.5, "b": 1.0})  # alone on its rung
+    assert rule.promote(1, 0, {"a": 0.9, "b": 0.5})  # dominates the first
+    assert rule.promote(2, 0, {"a": 0.1, "b": 0.1})  # nothing dominates it: it may reach the front
+    assert not rule.promote(3, 0, {"a": 0.2, "b": 2.0})  # two of the three dominate it
+    assert rule.promote(4, 1, {"a": 0.0, "b": 9.0})  # rungs compete separately
