@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MergeConfig
-from .lora import split_reference
+from .references import split_reference
 from .mapped import MappedFiles
 from .model_folder import ModelFolder
 from .plan import MergePlan, plan_merge
