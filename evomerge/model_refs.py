@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .merge.lora import split_reference
-from .merge.model_folder import _HUB_ID_RE
+from .merge.references import HUB_ID_RE, split_reference
 from .space_config.base import _dotted
 
 #: keys of a mergekit config whose values are model references
@@ -53,7 +52,7 @@ _PATH_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 def looks_local(text: str) -> bool:
     """Whether a reference can only be a local path: it says so (``/``, ``./``, ``../``, ``~``),
     or it is not of the Hub's ``org/name[@revision]`` form (``models/org/name``, ``C:\\x``)."""
-    return text in (".", "..") or text.startswith(_PATH_PREFIXES) or not _HUB_ID_RE.match(text)
+    return text in (".", "..") or text.startswith(_PATH_PREFIXES) or not HUB_ID_RE.match(text)
 
 
 def resolve_reference(written: str, *, field: str, source: str, against: Path | None = None) -> str:

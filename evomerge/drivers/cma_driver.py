@@ -90,9 +90,32 @@ from evomerge.objectives import ConstraintSpec, ObjectiveSpec, scalarize
 from evomerge.rungs import STOPPED_ATTR
 from evomerge.store import RunStore, TrialRecord
 
-with warnings.catch_warnings():  # pycma warns at import when matplotlib is absent; plots are not used
-    warnings.simplefilter("ignore", UserWarning)
-    import cma
+
+
+def _import_pycma() -> Any:
+    """pycma, imported without matplotlib and scipy.stats: pycma imports ``matplotlib.pyplot``
+    (when installed: evomerge's ``plot`` extra installs it) for plots evomerge never draws, and
+    ``scipy.stats`` for a rank correlation of its surrogate models, which evomerge does not use
+    (pycma falls back to its own); the two cost about a second of every CMA search's start, and
+    of every test that starts one. A process that already imported them keeps them; pycma's
+    warning that matplotlib is missing is not shown."""
+    import sys
+
+    hidden = [name for name in ("matplotlib", "matplotlib.pyplot", "scipy.stats") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # an import of it raises ImportError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            import cma
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, "") is None:
+                del sys.modules[name]
+    return cma
+
+
+cma = _import_pycma()
 
 log = logging.getLogger(__name__)
 

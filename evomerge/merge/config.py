@@ -45,7 +45,7 @@ Parameters = dict[str, ParameterSetting]
 
 def _check_reference(value: str) -> str:
     """A model reference is a folder or Hub id, or ``base+adapter`` (a LoRA adapter, as in mergekit)."""
-    from .lora import split_reference
+    from .references import split_reference
 
     try:
         split_reference(value)

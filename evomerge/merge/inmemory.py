@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .config import MergeConfig
-from .lora import split_reference
+from .references import split_reference
 from .mapped import MappedFiles
 from .model_folder import ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge

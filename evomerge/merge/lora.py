@@ -65,23 +65,6 @@ _UNSUPPORTED_FEATURES = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda")
 
 
-def split_reference(reference: str) -> tuple[str, str | None]:
-    """``base+adapter`` -> (``base``, ``adapter``); a plain model -> (``model``, None).
-
-    As mergekit's ``ModelReference`` parses it: the text is split at every ``+``, and more than
-    one ``+`` is an error.
-    """
-    parts = reference.split("+")
-    if len(parts) == 1:
-        return reference, None
-    if len(parts) == 2 and all(p.strip() for p in parts):
-        return parts[0], parts[1]
-    raise ModelError(
-        f"model reference {reference!r} cannot be read: write a model folder, or a base folder and one LoRA "
-        "adapter folder joined by '+' (base+adapter), as in mergekit"
-    )
-
-
 class BaseTensors(Protocol):
     """What an adapter is checked against: the base model's folder (``ModelFolder``)."""
 

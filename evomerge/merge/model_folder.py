@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from .lora import LoraAdapter, split_reference
+from .lora import LoraAdapter
+from .references import HUB_ID_RE, split_reference
 from .safetensors_io import BufferPool, TensorInfo, read_header, read_tensor
 
 # "<prefix>.<index>.<rest>" where prefix is the decoder's layer container, e.g. "model.layers".
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
-_HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -58,7 +58,7 @@ def resolve_model_path(reference: str) -> Path:
         if not path.is_dir():
             raise ModelError(f"model {reference!r} is a file; give the model's folder")
         return path
-    if not _HUB_ID_RE.match(reference) or reference.startswith((".", "/")):
+    if not HUB_ID_RE.match(reference) or reference.startswith((".", "/")):
         raise ModelError(f"model folder not found: {reference!r}; check the path (relative paths start from {Path.cwd()})")
     repo, _, revision = reference.partition("@")
     try:

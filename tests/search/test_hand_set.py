@@ -230,11 +230,11 @@ def test_hand_set_false_runs_none_and_a_space_that_cannot_express_one_says_why(t
     assert points == [] and any("normalize is pinned to False, not True" in n for n in notices), notices
 
 
-@pytest.mark.parametrize("kill_at", ["search.after_dispatch=kill@3", "search.before_tell=kill@4"])
-def test_a_search_killed_in_its_hand_set_trials_resumes_to_the_uninterrupted_run(toy_world, tmp_path, kill_at):
+def test_a_search_killed_in_its_hand_set_trials_resumes_to_the_uninterrupted_run(toy_world, tmp_path):
     """SIGKILL of the search process (no handler runs) while a hand-set trial is out, or with the
     last hand-set result in hand and not recorded (CMA not yet built): the resume runs each label
-    once and CMA proposes the candidates of a run never killed, with the same scores."""
+    once and CMA proposes the candidates of a run never killed, with the same scores. (Both kill
+    points in one test: they share the uninterrupted run, made here in the test's process.)"""
     import subprocess
     import sys
 
@@ -250,19 +250,20 @@ def test_a_search_killed_in_its_hand_set_trials_resumes_to_the_uninterrupted_run
                               cwd=tmp_path, timeout=600, env=env_with(failpoints))
         return done.returncode
 
-    assert cli("search", str(space_file), "--runs-dir", str(tmp_path / "killed"), failpoints=kill_at) == -9
-    run = tmp_path / "killed" / data["name"]
-    assert cli("resume", str(run)) == 0
-    assert cli("search", str(space_file), "--runs-dir", str(tmp_path / "reference")) == 0
-    records, _ = read_run(run)
-    ref, _ = read_run(tmp_path / "reference" / data["name"])
-    assert any(r.interrupted for r in records)
-    finished = [r for r in records if r.finished]
-    assert len(finished) == budget
-    assert sorted(r.attrs[HAND_SET_ATTR] for r in finished if HAND_SET_ATTR in r.attrs) == sorted(HAND_SET_LABELS)
-
     def members(rs):
         return {(r.attrs["generation"], r.attrs["member"]): (r.attrs["unit_x"], r.objectives) for r in rs
                 if r.finished and "member" in r.attrs}
 
-    assert members(finished) == members(ref) and len(members(ref)) == budget - len(HAND_SET_LABELS)
+    ref, _ = read_run(run_search(config(data, tmp_path), runs_dir=tmp_path / "reference"))
+    assert len(members(ref)) == budget - len(HAND_SET_LABELS)
+    for k, kill_at in enumerate(["search.after_dispatch=kill@3", "search.before_tell=kill@4"]):
+        runs = tmp_path / f"killed{k}"
+        assert cli("search", str(space_file), "--runs-dir", str(runs), failpoints=kill_at) == -9, kill_at
+        run = runs / data["name"]
+        assert cli("resume", str(run)) == 0, kill_at
+        records, _ = read_run(run)
+        assert any(r.interrupted for r in records), kill_at
+        finished = [r for r in records if r.finished]
+        assert len(finished) == budget, kill_at
+        assert sorted(r.attrs[HAND_SET_ATTR] for r in finished if HAND_SET_ATTR in r.attrs) == sorted(HAND_SET_LABELS)
+        assert members(finished) == members(ref), kill_at
