@@ -136,6 +136,34 @@ class OverSampling:
         self._next(injected)
 
 
+class Window:
+    """The driver's ``cma_update: window`` (evomerge.drivers.cma_window) on pycma alone: every
+    candidate a fresh sample of the current distribution; every ``popsize // 2`` arrivals pycma is
+    told the last ``popsize`` results."""
+
+    def __init__(self, seed: int, popsize: int = POP) -> None:
+        self.k, self.step = popsize, max(1, popsize // 2)
+        self.es = _strategy(seed, popsize)
+        self.sampled: dict[Key, np.ndarray] = {}
+        self.window: list[tuple[np.ndarray, float]] = []
+        self.count = self.since_tell = 0
+        self.asked_since_tell = False
+
+    def ask(self) -> tuple[Key, np.ndarray]:
+        key = (0, self.count)
+        self.count += 1
+        self.sampled[key] = np.asarray(self.es.ask(number=1)[0])
+        self.asked_since_tell = True
+        return key, self.sampled[key]
+
+    def tell(self, key: Key, f: float) -> None:
+        self.window = [*self.window, (self.sampled.pop(key), f)][-self.k:]
+        self.since_tell += 1
+        if self.since_tell >= self.step and len(self.window) == self.k and self.asked_since_tell:
+            self.es.tell([x for x, _ in self.window], [f for _, f in self.window])
+            self.since_tell, self.asked_since_tell = 0, False
+
+
 SCHEMES: dict[str, Callable[[int], object]] = {
     "generational": Generational,
     "all-members/inject": lambda seed: OverSampling(seed, rule="all-members", late="inject"),
@@ -143,6 +171,7 @@ SCHEMES: dict[str, Callable[[int], object]] = {
     "first-k/plain": lambda seed: OverSampling(seed, rule="first-k", late="plain"),
     "first-k/drop": lambda seed: OverSampling(seed, rule="first-k", late="drop"),
     "half-k/inject": lambda seed: OverSampling(seed, rule="first-k", late="inject", popsize=POP // 2),
+    "window (chosen)": Window,
 }
 
 
