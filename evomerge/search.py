@@ -185,6 +185,7 @@ def build_driver(prepared: Prepared, store: Any, report: Reporter | None = None)
             dim=space.unit_dimension,
             from_unit=space.from_unit,
             lookahead=_lookahead(cfg, popsize),
+            cma_update=cfg.search.cma_update or "generations",
         )
 
     if not cfg.search.hand_set_on:
@@ -209,6 +210,8 @@ def _lookahead(cfg: SpaceConfig, popsize: int | None) -> int:
     """``search.lookahead`` when given, else :func:`default_lookahead`."""
     if cfg.search.lookahead is not None:
         return cfg.search.lookahead
+    if cfg.search.cma_update == "window":
+        return 0  # every candidate is sampled when asked for: nothing to look ahead of
     return default_lookahead(cfg.workers.count, popsize or 0)
 
 

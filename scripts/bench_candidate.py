@@ -7,9 +7,11 @@ For one recipe and the same task items, measured side by side in one run:
   (c) the floor: the forward passes alone, the same requests run on task objects already built;
   (d) lm-eval's ``simple_evaluate`` on the model already loaded (what its Python API costs per call);
   (e) evomerge's scoring alone (filters, metrics, aggregation included), without the merge.
-Prints (b)/(a) (goal: at least 5), (a)/(c) (goal: at most 1.2), (e)/(c) and (d)/(a).
+Prints (b)/(a) (goal: at least 5), (a)/(c) (goal: at most 1.2), (e)/(c) and (d)/(a), and the
+merge's share of (a) as the worker records it. ``--no-pipeline`` skips (b) (minutes per repeat);
+``--threads 1`` keeps torch from spinning threads on a machine others load.
 
-    python scripts/bench_candidate.py [--toy-world toy_world] [--repeat 3] [--items 64]
+    python scripts/bench_candidate.py [--toy-world toy_world] [--repeat 3] [--items 64] [--threads 2] [--no-pipeline]
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def main() -> None:
     ap.add_argument("--toy-world", type=Path, default=ROOT / "toy_world")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--items", type=int, default=64, help="items per task, the same in every path")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine others load)")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="skip (b), the mergekit-yaml + lm_eval commands (minutes per repeat)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -57,8 +62,8 @@ def main() -> None:
         "models": [{"model": d, "parameters": {"weight": 0.8, "density": 0.6}} for d in donors],
     }
     samples = {t: list(range(args.items)) for t in tasks}
-    torch.set_num_threads(2)
-    spec = WorkerSpec(base=base, donors=tuple(donors), threads=2,
+    torch.set_num_threads(args.threads)
+    spec = WorkerSpec(base=base, donors=tuple(donors), threads=args.threads,
                       evaluation=EvalSettings(tasks=tuple(tasks), include_path=(str(include),), samples=samples, batch_size=32))
     evaluator = CandidateEvaluator(spec)
     recipe = Recipe(merge=parse_merge_config(config), params={}).to_json()
@@ -72,7 +77,8 @@ def main() -> None:
             out.append(time.perf_counter() - t)
         return out
 
-    a = timed(lambda: evaluator.evaluate(recipe))
+    merge_s: list[float] = []  # the merge's share of (a), as the worker records it
+    a = timed(lambda: merge_s.append(evaluator.evaluate(recipe).merge_s))
     scorer: LmEvalScorer = evaluator.scorer
     c = timed(lambda: scorer.run_requests(evaluator.model, evaluator.tokenizer))
     e = timed(lambda: scorer.evaluate(evaluator.model, evaluator.tokenizer))
@@ -81,6 +87,9 @@ def main() -> None:
     d = timed(lambda: general.score(evaluator.model, evaluator.tokenizer))
     cost = scorer.evaluate(evaluator.model, evaluator.tokenizer).cost
 
+    if args.no_pipeline:
+        report(args, len(donors), tasks, a, None, c, d, e, cost, merge_s)
+        return
     mergekit = shutil.which("mergekit-yaml")
     lm_eval = shutil.which("lm_eval") or shutil.which("lm-eval")
     if not mergekit or not lm_eval:
@@ -101,15 +110,22 @@ def main() -> None:
 
     b = timed(pipeline)
     shutil.rmtree(work, ignore_errors=True)
-    ma, mb, mc, md, me = (statistics.median(x) for x in (a, b, c, d, e))
-    print(f"recipe: ties over {len(donors)} toy specialists; tasks {', '.join(tasks)}, {args.items} items each; "
-          f"median of {args.repeat}")
-    print(f"(a) evomerge in-memory merge + lm-eval : {ma:8.2f} s/candidate")
-    print(f"(b) mergekit-yaml + lm_eval commands   : {mb:8.2f} s/candidate")
-    print(f"(c) forward passes alone (the floor)   : {mc:8.2f} s/candidate ({cost.forward_passes} requests)")
-    print(f"(d) simple_evaluate on a loaded model  : {md:8.2f} s/candidate")
-    print(f"(e) evomerge's scoring alone, no merge : {me:8.2f} s/candidate")
-    print(f"(b)/(a) = {mb / ma:.1f}   (goal: at least 5)")
+    report(args, len(donors), tasks, a, b, c, d, e, cost, merge_s)
+
+
+def report(args, donors, tasks, a, b, c, d, e, cost, merge_s) -> None:
+    ma, mc, md, me, mm = (statistics.median(x) for x in (a, c, d, e, merge_s))
+    print(f"recipe: ties over {donors} toy specialists; tasks {', '.join(tasks)}, {args.items} items each; "
+          f"median of {args.repeat}; {args.threads} torch thread(s)")
+    print(f"(a) evomerge in-memory merge + lm-eval : {ma:8.3f} s/candidate (the merge: {mm:.3f} s)")
+    if b is not None:
+        mb = statistics.median(b)
+        print(f"(b) mergekit-yaml + lm_eval commands   : {mb:8.2f} s/candidate")
+    print(f"(c) forward passes alone (the floor)   : {mc:8.3f} s/candidate ({cost.forward_passes} requests)")
+    print(f"(d) simple_evaluate on a loaded model  : {md:8.3f} s/candidate")
+    print(f"(e) evomerge's scoring alone, no merge : {me:8.3f} s/candidate")
+    if b is not None:
+        print(f"(b)/(a) = {mb / ma:.1f}   (goal: at least 5)")
     print(f"(a)/(c) = {ma / mc:.2f}  (goal: at most 1.2; the merge is the rest)")
     print(f"(e)/(c) = {me / mc:.2f}  (scoring's own cost beyond the forward passes)")
     print(f"(d)/(a) = {md / ma:.2f}  (lm-eval's per-call costs that the search no longer pays)")

@@ -27,6 +27,13 @@ run has stopped too), and the mean cosine between consecutive steps of pycma's m
 the mean steps back and forth). On this shared 2-core machine (load average about 6) the whole
 run took 11 minutes (``--trials 240 --seeds 2``: 1 minute).
 
+    python scripts/bench_cma_async.py --window [--trials 960] [--seeds 5]
+
+measures ``search.cma_update: window`` (evomerge.drivers.cma_window) on the real driver and store
+the same way, per setting (its candidates depend on arrival order): utilisation and per-trial
+worst / median against the generational loop on the same seeds. ``scripts/bench_cma_oversampling.py``
+runs the same scheme on pycma alone, next to the over-sampling variants, in a fraction of the time.
+
     python scripts/bench_cma_async.py --runs runs/toy_gen runs/toy_ahead
 
 reads real runs instead and prints, for each, the workers' utilisation (the trials' time on
@@ -97,6 +104,7 @@ def default_lookahead(workers: int, popsize: int = POP) -> int:
 def simulate(
     folder: Path, *, lookahead: int, workers: int, cv: float, trials: int, seed: int,
     objective: Callable[[dict[str, float]], float] = rosenbrock, timing_seed: int | None = None,
+    cma_update: str = "generations",
 ) -> Run:
     """Run the driver against simulated workers."""
     from optuna.distributions import FloatDistribution
@@ -110,7 +118,7 @@ def simulate(
                             directions={"score": "maximize"}, pareto_interval_s=3600)
     dists = {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(DIM)}
     driver = make_driver("cma", store, distributions=dists, objectives=[ObjectiveSpec("score", "maximize")],
-                         seed=seed, popsize=POP, sigma0=0.25, dim=DIM, lookahead=lookahead,
+                         seed=seed, popsize=POP, sigma0=0.25, dim=DIM, lookahead=lookahead, cma_update=cma_update,
                          from_unit=lambda x: {f"x{i}": float(v) for i, v in enumerate(x)})
     rng = np.random.default_rng(1000 + (seed if timing_seed is None else timing_seed))
     sigma = np.sqrt(np.log(1 + cv**2))
@@ -193,6 +201,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=960)
     parser.add_argument("--seeds", type=int, default=5, help="CMA seeds (and timing seeds) per median")
     parser.add_argument("--runs", type=Path, nargs="+", help="compare these finished run folders instead")
+    parser.add_argument("--window", action="store_true",
+                        help="measure search.cma_update: window against the generational loop instead")
     args = parser.parse_args()
     if args.runs:
         compare_runs(args.runs)
@@ -203,6 +213,9 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder = Path(tempfile.mkdtemp(prefix="evomerge-cma-async-"))
     try:
+        if args.window:
+            window_table(folder, args.trials, args.seeds)
+            return
         used = utilisation(folder, args.trials, args.seeds)
         needed = sorted({0} | {a for row in used.values() for a in row.picks()})
         curves = quality_curves(folder, needed, args.trials, args.seeds)
@@ -210,6 +223,30 @@ def main() -> None:
         print_details(curves, args.trials, args.seeds)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def window_table(folder: Path, trials: int, seeds: int) -> None:
+    """``search.cma_update: window`` on the real driver and store, per (workers, cv): its
+    candidates depend on arrival order, so each setting has its own per-trial curves (CMA seed s
+    with timing seed s), against the generational loop's (lookahead 0) on the same seeds."""
+    marks = [m for m in MARKS if m <= trials]
+    print(f"search.cma_update: window against the generational loop; population {POP}, {trials} trials, {DIM}-D, "
+          f"{seeds} seeds; per trial: worst / median over {', '.join(OBJECTIVES)} and n in {marks} of the median "
+          "distance to the optimum after n trials over the generational loop's (<= 1: no worse)\n")
+    print("| workers | cv | generational: utilisation | window: utilisation | window: per trial, worst / median |")
+    print("|---|---|---|---|---|")
+    for workers in (8, 16):
+        for cv in (0.3, 0.6):
+            runs = {update: {name: [simulate(folder, lookahead=0, workers=workers, cv=cv, trials=trials, seed=s,
+                                             objective=objective, timing_seed=s, cma_update=update)
+                                    for s in range(seeds)] for name, objective in OBJECTIVES.items()}
+                    for update in ("generations", "window")}
+            ratios = [statistics.median(-r.curve[m - 1] for r in runs["window"][name])
+                      / statistics.median(-r.curve[m - 1] for r in runs["generations"][name])
+                      for name in OBJECTIVES for m in marks]
+            used = {u: statistics.median(r.utilisation for r in runs[u]["sphere"]) for u in runs}
+            print(f"| {workers} | {cv} | {used['generations']:.1%} | {used['window']:.1%} | "
+                  f"{max(ratios):.3g} / {statistics.median(ratios):.2f} |", flush=True)
 
 
 class Setting:

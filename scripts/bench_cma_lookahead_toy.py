@@ -5,11 +5,14 @@
 Real searches of ``search_spaces/toy_ties.yaml`` (TIES over the two specialists, population 8,
 both skills' accuracy on 64 search items) on the in-process pool, one per CMA seed and lookahead:
 0 (the generational loop), the default for a run with 4 or more workers (``default_lookahead``:
-half the population, 4) and a whole population (8, the default before the cap). The in-process
-pool runs one candidate at a time, and CMA candidates depend on the seed and the results only,
-never on how many workers evaluate them or when they finish, so each run proposes exactly the
-candidates a run with that lookahead proposes on a cluster; what a cluster adds is only the
-utilisation that ``scripts/bench_cma_async.py`` simulates.
+half the population, 4) and a whole population (8, the default before the cap), and
+``search.cma_update: window`` (pycma told the last 8 results every 4 arrivals). The in-process
+pool runs one candidate at a time. With a lookahead CMA candidates depend on the seed and the
+results only, never on how many workers evaluate them or when they finish, so each run proposes
+exactly the candidates a run with that lookahead proposes on a cluster; what a cluster adds is
+only the utilisation that ``scripts/bench_cma_async.py`` simulates. The window's candidates
+depend on the order results arrive in as well: here that is the order they were asked in (one
+worker); ``scripts/bench_cma_oversampling.py`` simulates it with many workers.
 
 It prints, per lookahead, the median over seeds of the best sum of the two accuracies on the search
 items after n trials, the ratio of its shortfall from 2 (both skills perfect) to the generational
@@ -36,12 +39,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before lm-eval imports tqdm: its b
 MARKS = (8, 16, 24, 32, 48, 64, 96)
 
 
-def space(name: str, seed: int, lookahead: int, budget: int) -> dict:
+WINDOW = "window"  # the variant run with search.cma_update: window (evomerge.drivers.cma_window)
+
+
+def space(name: str, seed: int, lookahead: int | str, budget: int) -> dict:
     data = yaml.safe_load((ROOT / "search_spaces" / "toy_ties.yaml").read_text())
     data["name"] = name
     data["models"]["base"] = str(ROOT / data["models"]["base"])
     data["models"]["donors"] = [str(ROOT / d) for d in data["models"]["donors"]]
-    data["search"].update(budget=budget, seed=seed, lookahead=lookahead)
+    if lookahead == WINDOW:
+        data["search"].update(budget=budget, seed=seed, cma_update=WINDOW)
+    else:
+        data["search"].update(budget=budget, seed=seed, lookahead=lookahead)
     data["workers"] = {"count": 1, "pool": "inprocess", "cpus_per_worker": 1}
     return data
 
@@ -77,10 +86,10 @@ def main() -> None:
     from evomerge.toy.compare import compare
 
     population = int(yaml.safe_load((ROOT / "search_spaces" / "toy_ties.yaml").read_text())["search"]["population"])
-    lookaheads = (0, default_lookahead(4, population), population)
+    lookaheads = (0, default_lookahead(4, population), population, WINDOW)
     runs_dir = args.runs_dir.resolve()
-    curves: dict[int, list[list[float]]] = {a: [] for a in lookaheads}
-    held_out: dict[int, list[float]] = {a: [] for a in lookaheads}
+    curves: dict[int | str, list[list[float]]] = {a: [] for a in lookaheads}
+    held_out: dict[int | str, list[float]] = {a: [] for a in lookaheads}
     for seed in range(args.seeds):
         for a in lookaheads:
             name = f"toy-la{a}-s{seed}-b{args.budget}"
@@ -98,8 +107,8 @@ def main() -> None:
           "accuracies on the search items after n trials; ratio: the lookahead's median shortfall from 2 over the "
           "generational loop's (at most 1: no worse per trial)")
     ahead = lookaheads[1:]
-    print("| trials | " + " | ".join(f"lookahead {a}" for a in lookaheads) + " | "
-          + " | ".join(f"ratio {a} / 0" for a in ahead) + " |")
+    print("| trials | " + " | ".join(_label(a) for a in lookaheads) + " | "
+          + " | ".join(f"ratio {_label(a)} / generational" for a in ahead) + " |")
     print("|---|" + "---|" * (len(lookaheads) + len(ahead)))
     for m in marks:
         med = {a: statistics.median(c[m - 1] for c in curves[a]) for a in lookaheads}
@@ -109,6 +118,10 @@ def main() -> None:
     print("| held-out mean accuracy of the best trial | "
           + " | ".join(f"{statistics.median(held_out[a]):.3f}" for a in lookaheads) + " | "
           + " | ".join("" for _ in ahead) + " |")
+
+
+def _label(a: int | str) -> str:
+    return "window" if a == WINDOW else f"lookahead {a}"
 
 
 if __name__ == "__main__":

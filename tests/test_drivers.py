@@ -259,6 +259,75 @@ def test_cma_lookahead_converges_and_resumes_by_replay_after_a_crash(tmp_path):
     assert xs([driver.ask() for _ in range(POP)]) == ref_x[told + len(again): told + len(again) + POP]
 
 
+# ---- CMA told a sliding window of arriving results -------------------------------------------
+
+
+def window(store, seed=1, **kw):
+    kw.setdefault("cma_update", "window")
+    return cma(store, seed=seed, **kw)
+
+
+def keep_busy(driver, out, asked, tells, workers, arrival):
+    """``workers`` candidates out at all times; tell ``tells`` of them back, each picked from those
+    out by ``arrival``; ``out`` and ``asked`` carry over between calls."""
+    for _ in range(tells):
+        while len(out) < workers:
+            p = driver.ask()
+            assert p is not None, "the windowed driver always has a candidate"
+            out.append(p)
+            asked.append(p)
+        p = out.pop(arrival(len(out), len(asked)))
+        driver.tell(p.number, loss(p.values))
+
+
+def scrambled(n_out, n_asked):
+    return (n_asked * 7) % n_out  # results come back out of order, deterministically
+
+
+def test_cma_window_keeps_every_worker_busy_tells_every_half_population_and_converges(tmp_path):
+    driver = window(new_store(tmp_path))
+    out, asked = [], []
+    keep_busy(driver, out, asked, POP - 1, POP, scrambled)
+    assert driver.generation == 0  # the first tell needs a full window of POP results
+    keep_busy(driver, out, asked, 1, POP, scrambled)
+    assert driver.generation == 1
+    keep_busy(driver, out, asked, POP // 2, POP, scrambled)
+    assert driver.generation == 2  # then every POP // 2 arrivals
+    keep_busy(driver, out, asked, 20 * POP, POP, scrambled)
+    assert min(loss(p.values)["loss"] for p in asked[-POP:]) < 1e-3
+
+
+def test_cma_window_resumes_by_replay_and_proposes_what_an_uninterrupted_run_does(tmp_path):
+    reference = window(new_store(tmp_path / "ref"))
+    ref_out, ref_asked = [], []
+    keep_busy(reference, ref_out, ref_asked, 5 * POP + 1, 4, scrambled)
+
+    store = new_store(tmp_path / "run")
+    driver = window(store)
+    out, asked = [], []
+    keep_busy(driver, out, asked, 5 * POP + 1, 4, scrambled)
+    lost = list(out)  # out on workers when the search process dies
+    store.close()
+    store = RunStore.open(store.path)
+    assert [t.number for t in store.requeue_interrupted()] == [p.number for p in lost]
+    driver = window(store, cma_update="generations")  # a run keeps the update it was started with
+    assert driver.state_dict()["cma_update"] == "window"
+    again = [driver.ask() for _ in lost]  # the interrupted candidates first, with their vectors
+    assert xs(again) == xs(lost)
+    assert [store.trial(p.number).attrs["reissue_of"] for p in again] == [p.number for p in lost]
+    # told back in the order the uninterrupted run tells its own, the stream goes on as it does
+    keep_busy(driver, again, asked, 4 * POP, 4, scrambled)
+    keep_busy(reference, ref_out, ref_asked, 4 * POP, 4, scrambled)
+    assert xs(asked[len(lost) + 5 * POP + 1:]) == xs(ref_asked[5 * POP + 1 + len(lost):])
+    assert driver.state_dict()["mean"] == reference.state_dict()["mean"]
+
+    store.close()
+    store = RunStore.open(store.path)
+    store.requeue_interrupted()
+    with pytest.raises(EvomergeError, match="did not reproduce"):
+        window(store, seed=2)
+
+
 @pytest.mark.parametrize("workers", [2, 8, 16])
 def test_cma_default_lookahead_leaves_at_most_half_of_each_generation_stale(tmp_path, workers):
     """The search's default lookahead hands out candidates beyond the generation being completed,

@@ -184,6 +184,19 @@ def test_lookahead_only_for_cma_and_not_in_the_identity_unless_given(tmp_path: P
     assert given.config_hash() != plain.config_hash()
 
 
+def test_cma_update_only_for_cma_one_of_two_and_without_a_lookahead(tmp_path: Path) -> None:
+    data = with_("search", {"driver": "tpe", "budget": 10, "cma_update": "window"})
+    assert "search.cma_update: driver 'tpe' has no CMA-ES update" in error_of(tmp_path, data)
+    data = with_("search", {"driver": "cma", "budget": 10, "cma_update": "windows"})
+    assert "search.cma_update: cma_update must be one of generations, window" in error_of(tmp_path, data)
+    data = with_("search", {"driver": "cma", "budget": 10, "cma_update": "window", "lookahead": 4})
+    assert "search.lookahead: cma_update: window samples every candidate when it is asked for" in error_of(tmp_path, data)
+    plain = parse_space_config(minimal_config())
+    assert "cma_update" not in plain.canonical_json()  # runs made before keep their hash
+    window = parse_space_config(minimal_config(search={"driver": "cma", "budget": 5, "cma_update": "window"}))
+    assert window.config_hash() != plain.config_hash()
+
+
 def test_cma_step_size_is_written_out() -> None:
     assert parse_space_config(minimal_config()).search.sigma0 == 0.25
     tpe = parse_space_config(minimal_config(search={"driver": "tpe", "budget": 5}))

@@ -57,6 +57,7 @@ def make_driver(
     dim: int | None = None,
     from_unit: Callable[[Sequence[float]], Mapping[str, Value]] | None = None,
     lookahead: int = 0,
+    cma_update: str = "generations",
 ) -> Driver:
     """Build driver ``name`` on ``store``; it resumes from whatever the store's log holds.
 
@@ -65,14 +66,29 @@ def make_driver(
     ``from_unit`` (unit vector -> named values), ``popsize``, and ``x0`` (or ``dim``, to start at
     the centre of the cube), and takes ``lookahead``: how many candidates beyond the generation
     being completed it hands out, so workers never wait for a generation's slowest member (0: the
-    generational scheme; see ``cma_driver``). ``popsize`` is NSGA-II's population too. Call
+    generational scheme; see ``cma_driver``), and ``cma_update``: ``"generations"`` (that driver) or
+    ``"window"`` (``cma_window``: pycma told a sliding window of arriving results, no worker ever
+    waits); a run keeps the one its log was started with. ``popsize`` is NSGA-II's population too. Call
     ``store.requeue_interrupted()`` first on a reopened run.
     """
     if name == "cma":
         if from_unit is None or popsize is None or (x0 is None and dim is None):
             raise ValueError("the cma driver needs from_unit, popsize and x0 (or dim)")
         from evomerge.drivers.cma_driver import CmaDriver  # pycma loads only when used
+        from evomerge.drivers.cma_window import CmaWindowDriver, logged_update
 
+        if logged_update(store, cma_update) == "window":
+            return CmaWindowDriver(
+                store,
+                x0=list(x0) if x0 is not None else [0.5] * int(dim),  # type: ignore[arg-type]
+                sigma0=sigma0,
+                popsize=popsize,
+                seed=seed,
+                from_unit=from_unit,
+                distributions=distributions,
+                objectives=objectives,
+                constraints=constraints,
+            )
         return CmaDriver(
             store,
             x0=list(x0) if x0 is not None else [0.5] * int(dim),  # type: ignore[arg-type]

@@ -44,6 +44,33 @@ Why it looks the way it does:
   population: no worse per trial, at the price of idle workers when ``W`` approaches the
   population (``search.lookahead`` buys the utilisation back, at the cost per trial the
   benchmark prints).
+- **Why not over-sampling (measured, not adopted).** The other way to fill idle workers is to
+  let them evaluate extra candidates sampled from the *current* distribution while a
+  generation's stragglers run, and tell pycma whatever has come back (pycma accepts more than
+  ``popsize`` solutions: it keeps ``mu`` positive weights and pads the negative ones with zeros);
+  extras still running then go into a later tell. It never leaves a worker idle (98-99.6% busy
+  in every setting), and the grouping, which depends on timing, could be recorded in the trial
+  log and replayed. ``scripts/bench_cma_oversampling.py`` measured five variants on pycma
+  (population 16; per trial: worst / median ratio of the distance to the optimum over the
+  generational loop's): wherever a lookahead keeps workers 95% busy, it is ahead per trial of
+  every variant: 8 workers, cv 0.3: lookahead 8, 1.29 / 0.94 (98.4% busy), against at best
+  15.9 / 1.24; cv 0.6: lookahead 12, 2.08 / 1.13 (95.5%), against 11.6 / 1.14; 16 workers,
+  cv 0.3: lookahead 24, 6.36 / 1.16 (98.7%), against 72 / 1.58. Only at 16 workers, cv 0.6, where no scheme measured meets both goals,
+  is over-sampling ahead (46 / 1.66 against lookahead 48's 453 / 2.34). The cause is the same as
+  the lookahead's: with ``W`` results in flight at every tell, about ``W - 1`` of them were
+  sampled before the last update whatever the scheme, and telling extras in larger groups
+  means fewer updates per trial. Telling every ``popsize / 2`` results (pycma run with half the
+  population) did best of those (1.47 / 0.94 at 8 workers, cv 0.6, 99.5% busy), but it changes
+  what ``search.population`` means.
+- **The alternative that is no worse per trial: ``search.cma_update: window``**
+  (:mod:`evomerge.drivers.cma_window`): every candidate a fresh sample of the current
+  distribution, pycma told the last ``popsize`` results every ``popsize / 2`` arrivals, the
+  timing-dependent grouping recorded in the log and replayed on resume. Same benchmark: 99.6% /
+  99.5% busy and 1.04 / 0.27 and 0.974 / 0.37 per trial at 8 workers (cv 0.3 / 0.6); at 16
+  workers 99.0% / 98.1% busy, 0.63 / 0.48 in the median but 42 / 48 at worst (the sphere at 960
+  trials, where the generational loop is at 2e-4). It is not this driver's default yet: with it a
+  run's candidates depend on arrival order, so the kill tests' member-by-member comparison with
+  an uninterrupted run holds only for one worker.
 - **One number per candidate.** CMA-ES ranks candidates by one value; see :func:`evomerge.objectives.scalarize`.
 - **Failed candidates** (no objectives, or a NaN the store refused) get a defined fitness when
   their generation completes: the worst finite fitness of any successful trial so far (this

@@ -6,7 +6,7 @@ recipe means), written independently and faster:
 - ``magnitude`` (ties): keep exactly ``k = max(1, int(density * numel))`` entries of largest
   ``|delta|`` over the whole tensor. mergekit takes the first ``k`` of
   ``torch.argsort(|delta|, descending=True)``; we find the threshold by selection (a sample
-  brackets it, ``torch.kthvalue`` finishes it), and when exactly ``k`` entries reach it the kept
+  brackets it, a selection finishes it), and when exactly ``k`` entries reach it the kept
   set is determined and no sort is needed. When entries *tie* at the threshold and only some of
   them fit, which ones mergekit keeps is the order its unstable argsort leaves them in: on CPU
   that is x86-simd-sort's (AVX2/AVX-512) quicksort, whose tie order depends on the whole tensor
@@ -46,7 +46,7 @@ from evomerge.errors import ConfigError
 
 #: Norms below this are treated as zero, so a rescale never divides by (almost) nothing.
 RESCALE_EPS = 1e-7
-#: Below this many entries, kthvalue alone is cheap enough; above it, sample first.
+#: Below this many entries, a selection over all of them is cheap enough; above it, sample first.
 SAMPLE_SELECT_MIN = 1 << 17
 #: Size of the strided sample that brackets the k-th value.
 SAMPLE_SIZE = 1 << 14
@@ -81,14 +81,14 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     Equal to ``torch.kthvalue(values, n - k + 1).values``, but for large tensors much cheaper:
     kthvalue copies and partitions the whole tensor, while here a sorted strided sample brackets
     the answer in an interval [lo, hi], a count above hi and the entries within confirm that the
-    k-th largest lies in it, and kthvalue runs only on those few entries. When the bracket
-    misses (adversarial layouts, heavy ties) it falls back to kthvalue on everything, so the
-    answer is always exact.
+    k-th largest lies in it, and the selection (:func:`_kth_smallest`) runs only on those few
+    entries. When the bracket misses (adversarial layouts, heavy ties) it falls back to the
+    selection on everything, so the answer is always exact.
     NaNs are not supported (task vectors of finite models have none).
     """
     n = values.numel()
     if n < SAMPLE_SELECT_MIN:
-        return torch.kthvalue(values, n - k + 1).values
+        return _kth_smallest(values, n - k + 1)
     sample = values[:: max(1, n // SAMPLE_SIZE)].sort().values
     s = sample.numel()
     position = s - k * s / n  # where the k-th largest falls in the ascending sample
@@ -102,8 +102,22 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         del in_band
         rank = k - above_hi  # of the k-th largest, counted from the top of the band
         if rank <= band.numel():  # else fewer than k entries are >= lo: lo is too high
-            return torch.kthvalue(band, band.numel() - rank + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+            return _kth_smallest(band, band.numel() - rank + 1)
+    return _kth_smallest(values, n - k + 1)
+
+
+def _kth_smallest(values: torch.Tensor, j: int) -> torch.Tensor:
+    """``torch.kthvalue(values, j).values`` for the 1-D ``values``: the same number, since the
+    j-th order statistic does not depend on how it is found. On CPU numpy's introselect finds it
+    some 20-30x faster than torch's kthvalue (measured on 32K float32 entries, one thread: 0.05
+    against 1.45 ms), which was most of a TIES merge of a small model (every tensor of the toy
+    world is below SAMPLE_SELECT_MIN, so each donor's delta went through kthvalue whole)."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64, torch.float16):
+        import numpy as np  # here, not at the top: the merge engine's imports stay as they are
+
+        array = values.detach().numpy()  # numpy has no bfloat16: that dtype keeps kthvalue
+        return torch.from_numpy(np.partition(array, j - 1)[j - 1 : j]).reshape(())
+    return torch.kthvalue(values, j).values
 
 
 def _determined_top_k(values: torch.Tensor, k: int) -> torch.Tensor | None:

@@ -34,6 +34,9 @@ MEASURES = ("l2_from_base",)
 #: Drivers that take ``search.population`` / ``search.sigma0``.
 POPULATION_DRIVERS = ("cma", "nsga2")
 SIGMA_DRIVERS = ("cma",)
+#: How CMA-ES is told results: whole generations (evomerge.drivers.cma_driver) or a sliding window
+#: of arriving results (evomerge.drivers.cma_window).
+CMA_UPDATES = ("generations", "window")
 #: pycma samples a population of 2 only as a mirrored pair, and a lookahead turns mirroring off
 #: (its mirrors would be injected ahead of the lookahead's own candidates).
 MIN_LOOKAHEAD_POPULATION = 3
@@ -231,6 +234,12 @@ class Search(_Strict):
     wait for each generation's slowest member). Absent: twice ``workers.count``, at most half the
     population (none for one worker), when the run starts (more keeps more workers busy but loses
     score per trial); a resumed run keeps the value it started with."""
+    cma_update: str | None = None
+    """CMA-ES: ``generations`` (absent: pycma told one whole generation at a time, in member order,
+    with ``lookahead``) or ``window`` (pycma told the last ``population`` results every
+    ``population / 2`` arrivals, each candidate sampled from the current distribution: no worker
+    ever waits, and no worse per trial in ``scripts/bench_cma_oversampling.py``); a resumed run
+    keeps the one it started with."""
     hand_set: bool | None = None
     """Start with the hand-set merges a person would try (each input model alone, task arithmetic
     with weight 1 and lambda 1, each method's registry defaults with weight 1), labelled
@@ -265,6 +274,15 @@ class Search(_Strict):
             raise FieldError(("sigma0",), f"driver {self.driver!r} has no step size (only cma); remove it")
         if self.lookahead is not None and self.driver != "cma":
             raise FieldError(("lookahead",), f"driver {self.driver!r} has no generations to look ahead of (only cma); remove it")
+        if self.cma_update is not None:
+            if self.driver != "cma":
+                raise FieldError(("cma_update",), f"driver {self.driver!r} has no CMA-ES update (only cma); remove it")
+            if self.cma_update not in CMA_UPDATES:
+                raise FieldError(("cma_update",), f"cma_update must be one of {', '.join(CMA_UPDATES)}, "
+                                                  f"not {self.cma_update!r}")
+            if self.cma_update == "window" and self.lookahead:
+                raise FieldError(("lookahead",), "cma_update: window samples every candidate when it is asked for, "
+                                                 "so there is nothing to look ahead of; remove lookahead")
         if self.lookahead and self.population is not None and self.population < MIN_LOOKAHEAD_POPULATION:
             raise FieldError(
                 ("lookahead",),

@@ -83,12 +83,14 @@ def test_magnitude_rescale_preserves_l1() -> None:
     layout=st.sampled_from(["random", "ascending", "descending", "blocks"]),
     seed=st.integers(0, 2**31 - 1),
     margin=st.sampled_from([0.0, 0.3, 4.0]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64, torch.bfloat16]),
 )
-def test_sampled_selection_equals_kthvalue(n, k_fraction, levels, layout, seed, margin) -> None:
-    """The sample-bracketed selection is exact, for any layout and any number of ties."""
+def test_sampled_selection_equals_kthvalue(n, k_fraction, levels, layout, seed, margin, dtype) -> None:
+    """The sample-bracketed selection is exact, for any layout, any number of ties and every
+    float dtype (numpy selects for the dtypes it holds, torch's kthvalue for bfloat16)."""
     g = torch.Generator().manual_seed(seed)
     v = torch.rand(n, generator=g) if levels == 0 else torch.randint(0, levels, (n,), generator=g)
-    v = v.float()
+    v = v.to(dtype)
     if layout == "ascending":
         v = v.sort().values
     elif layout == "descending":
