@@ -5,13 +5,15 @@ itself. For a plan whose every output tensor is one of
 
 - ``passthrough`` without ``scale`` (a byte copy, or a cast between float32 and bfloat16), or
 - ``task_arithmetic`` with its defaults ``normalize: false`` and ``lambda: 1`` and at most
-  :data:`MAX_DONORS` donors,
+  :data:`MAX_DONORS` donors, or
+- ``linear`` (with ``normalize: true`` only for two models, whose weight sum is one addition),
 
 over float32 or bfloat16 tensors stored in safetensors files (no adapter), this module reproduces
 the torch path's result bit for bit: the same IEEE operations in the same order, each bfloat16
-operation computed in float32 and rounded to nearest-even as torch's CPU kernels do. Any other
-plan returns False from :func:`supports` and runs through torch. ``linear`` stays on torch: its
-``addcmul`` is a fused multiply-add on CPU, which numpy has no exact counterpart for.
+operation computed in float32 and rounded to nearest-even as torch's CPU kernels do. torch's CPU
+``addcmul`` (linear's accumulation) is a fused multiply-add, rounded once; numpy has none, so
+:func:`_fused_multiply_add` forms it exactly in float64 with a round-to-odd sum. Any other plan
+returns False from :func:`supports` and runs through torch.
 
 Inputs are read chunk by chunk with ``os.preadv`` into a few cache-sized buffers and each output
 chunk goes straight to the writer, so memory holds a few chunks, not tensors.
@@ -65,6 +67,13 @@ def _supports_task(plan: MergePlan, task: TensorTask, models: Mapping[str, Model
             and not task.shared.get("normalize", False)
             and float(task.shared.get("lambda", 1.0)) == 1.0
         )
+    if name == "linear":
+        weights = [values.get("weight") for values in task.per_input]
+        if any(w is None for w in weights):
+            return False
+        if not task.shared.get("normalize", True):
+            return True
+        return len(weights) <= 2 and float(sum(np.float32(w) for w in weights)) != 0.0
     return False
 
 
@@ -134,6 +143,12 @@ def _merged_chunks(
         assert task.base_index is not None
         donors = [i for i in range(len(inputs)) if i != task.base_index]
         weights = [_round_scalar(float(task.per_input[i]["weight"]), code) for i in donors]
+    elif plan.method.name == "linear":
+        weights = [np.float32(float(values["weight"])) for values in task.per_input]
+        total = None
+        if task.shared.get("normalize", True):
+            total = weights[0] if len(weights) == 1 else np.float32(weights[0] + weights[1])
+        wide = _Wide(min(n, CHUNK))
     for start in range(0, n, CHUNK):
         count = min(CHUNK, n - start)
         xs = []
@@ -145,6 +160,8 @@ def _merged_chunks(
         out = out32[:count]
         if plan.method.name == "passthrough":
             np.copyto(out, xs[0])
+        elif plan.method.name == "linear":
+            _linear(xs, weights, total, code, out, wide.view(count), scratch[:count])
         else:
             _task_arithmetic(xs[task.base_index], [xs[i] for i in donors], weights, code, out, scratch[:count])
         if not bool(np.isfinite(out).all()):
@@ -225,3 +242,62 @@ def _task_arithmetic(
     np.add(out, base, out=out)
     if rounded:
         _round_bf16(out, scratch)
+
+
+def _linear(
+    xs: list[np.ndarray], weights: list[np.float32], total: np.float32 | None, code: str, out: np.ndarray,
+    wide: _Wide, scratch: np.ndarray,
+) -> None:
+    """methods.linear_merge: ``acc = 0``, ``acc = fma(x_i, w_i, acc)`` per input in float32, divided
+    by the weight sum when normalizing, then rounded to the inputs' dtype."""
+    # the first step is fma(x, w, +0) = x * w rounded once, a zero product made +0 as in 0 + x * w
+    np.multiply(xs[0], weights[0], out=out)
+    np.add(out, np.float32(0), out=out)
+    for x, w in zip(xs[1:], weights[1:]):
+        _fused_multiply_add(x, w, out, wide)
+    if total is not None:
+        np.divide(out, total, out=out)
+    if code == "BF16":
+        _round_bf16(out, scratch)
+
+
+class _Wide:
+    """float64 and int64 scratch of one chunk for :func:`_fused_multiply_add`."""
+
+    def __init__(self, n: int) -> None:
+        self.buffers = [np.empty(n, dtype=np.float64) for _ in range(4)]
+        self.steps = np.empty(n, dtype=np.int64)
+
+    def view(self, count: int) -> _Wide:
+        part = _Wide(0)
+        part.buffers = [b[:count] for b in self.buffers]
+        part.steps = self.steps[:count]
+        return part
+
+
+def _fused_multiply_add(x: np.ndarray, w: np.float32, acc: np.ndarray, wide: _Wide) -> None:
+    """``acc = round_float32(x * w + acc)`` with one rounding, as a fused multiply-add gives.
+
+    The float32 product is exact in float64 (24 + 24 bits); the float64 sum is made round-to-odd
+    (its exact error from TwoSum moves an even result one ulp toward the exact value), and a
+    round-to-odd result with at least two more bits than float32 rounds to float32 exactly as
+    the exact sum does (Boldo and Melquiond). Infinities come out infinite; NaNs stay non-finite.
+    """
+    p, a, s, t = wide.buffers
+    np.multiply(x, np.float64(w), out=p, dtype=np.float64)
+    np.copyto(a, acc)
+    np.add(a, p, out=s)
+    np.subtract(s, a, out=t)  # t = b', the part of s that came from p
+    np.subtract(p, t, out=p)  # p - b'
+    np.subtract(s, t, out=t)  # a' = s - b'
+    np.subtract(a, t, out=a)  # a - a'
+    np.add(a, p, out=t)  # t = the exact error of s
+    np.sign(t, out=t)
+    np.multiply(t, np.sign(s, out=a), out=t)  # +1: the exact sum lies beyond s, -1: below, 0: s exact
+    steps = wide.steps
+    np.copyto(steps, t, casting="unsafe")
+    bits = s.view(np.int64)
+    np.bitwise_and(bits, 1, out=a.view(np.int64))
+    np.subtract(steps, np.multiply(steps, a.view(np.int64), out=a.view(np.int64)), out=steps)  # odd: no step
+    np.add(bits, steps, out=bits)
+    np.copyto(acc, s, casting="unsafe")

@@ -45,6 +45,12 @@ def _configs(m: dict[str, Path], dtype: str) -> dict[str, dict]:
                                        {"model": c, "parameters": {"weight": 1.3}}]},
         "task_arithmetic_one_donor": {"merge_method": "task_arithmetic", "base_model": base, "dtype": dtype,
                                       "models": [{"model": a, "parameters": {"weight": 0.3}}]},
+        "linear": {"merge_method": "linear", "dtype": dtype,
+                   "models": [{"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.9}}]},
+        "linear_three_unnormalized": {"merge_method": "linear", "dtype": dtype, "parameters": {"normalize": False},
+                                      "models": [{"model": a, "parameters": {"weight": [0.7, -0.2]}},
+                                                 {"model": b, "parameters": {"weight": 0.45}},
+                                                 {"model": c, "parameters": {"weight": 1 / 3}}]},
         "passthrough": {"merge_method": "passthrough", "dtype": dtype,
                         "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                    {"sources": [{"model": b, "layer_range": [1, 2]}]}]},
@@ -83,8 +89,7 @@ def test_only_merges_it_reproduces_take_the_numpy_path(wide_models):
         "normalize": {**configs["task_arithmetic"], "parameters": {"normalize": True}},
         "lambda": {**configs["task_arithmetic"], "parameters": {"lambda": 0.9}},
         "scale": {"merge_method": "passthrough", "models": [{"model": str(m["a"]), "parameters": {"scale": 0.5}}]},
-        "linear": {"merge_method": "linear", "models": [{"model": str(m["a"]), "parameters": {"weight": 0.5}},
-                                                        {"model": str(m["b"]), "parameters": {"weight": 0.5}}]},
+        "linear_three_normalized": {**configs["linear_three_unnormalized"], "parameters": {"normalize": True}},
         "float16": {**configs["task_arithmetic"], "dtype": "float16"},
     }
     for name, config in refused.items():
