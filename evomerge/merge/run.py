@@ -26,6 +26,7 @@ else:
 
 from ..errors import ConfigError, EvomergeError, ModelError
 from .config import MergeConfig, load_merge_config, parse_merge_config
+from .methods import reused_scratch
 from .model_folder import TOKENIZER_FILES, ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge
 from . import without_torch
@@ -315,7 +316,7 @@ def merge_config(
             if without_torch.supports(plan, models) and not os.environ.get("EVOMERGE_MERGE_WITH_TORCH"):
                 without_torch.write_all(plan, models, writer)  # torch is never imported: see the module
             else:
-                with _torch_threads(_pipeline_threads()):
+                with _torch_threads(_pipeline_threads()), reused_scratch():
                     buffers = BufferPool(max_per_size=max((len(t.sources) for t in plan.tasks), default=1))
                     _write_all(writer, _stream(plan, models, buffers), buffers)
             writer.close()
