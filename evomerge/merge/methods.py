@@ -11,9 +11,7 @@ expected in one dtype already; :mod:`evomerge.merge.registry` aligns them as mer
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 
 from typing import TYPE_CHECKING
 
@@ -23,6 +21,7 @@ else:
     from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.scratch import current_scratch
 
 #: slerp falls back to linear interpolation above this |cosine| (nearly parallel or antiparallel).
 SLERP_DOT_THRESHOLD = 0.9995
@@ -116,13 +115,13 @@ def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     interpolation coefficients then apply to the raw tensors, so norms are interpolated too.
     Falls back to linear interpolation when |cos| > 0.9995 (including antiparallel tensors, as in
     mergekit). Coefficients and products are computed in float32 (float64 inputs: float64) and
-    the result is returned in ``v0``'s dtype. Inside :func:`reused_scratch` the float32
+    the result is returned in ``v0``'s dtype. Inside :func:`~evomerge.merge.scratch.reused_scratch` the float32
     temporaries live in buffers kept from one call to the next (same ops, same bits).
     """
     require_floating("slerp", v0)
     dtype = _math_dtype(v0.dtype)
     n = v0.numel()
-    scratch = _SCRATCH.get() if v0.device.type == "cpu" and n > 0 else None
+    scratch = current_scratch() if v0.device.type == "cpu" and n > 0 else None
 
     def temp(i: int) -> torch.Tensor:
         return torch.empty(n, dtype=dtype, device=v0.device) if scratch is None else scratch.take(i, n, dtype)
@@ -152,35 +151,6 @@ def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     if result is not out:
         out.copy_(result)
     return out.reshape(v0.shape)
-
-
-class _Scratch:
-    """Float buffers kept between calls: fresh tensor-sized buffers are fresh mappings that the
-    kernel zero-fills page by page, which cost a streamed slerp as much system time as its math."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-
-    def take(self, slot: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._buffers.get((slot, dtype))
-        if buf is None or buf.numel() < n:
-            buf = self._buffers[(slot, dtype)] = torch.empty(n, dtype=dtype)
-        return buf[:n]
-
-
-_SCRATCH: ContextVar[_Scratch | None] = ContextVar("evomerge_merge_scratch", default=None)
-
-
-@contextmanager
-def reused_scratch() -> Iterator[None]:
-    """Let the kernels that support it keep their temporaries between calls in this block (held
-    until it ends: up to four float32 copies of the largest tensor). The streaming file merge uses
-    it; search workers, whose memory is planned tensor by tensor, do not."""
-    token = _SCRATCH.set(_Scratch())
-    try:
-        yield
-    finally:
-        _SCRATCH.reset(token)
 
 
 def model_stock_merge(

@@ -25,13 +25,13 @@ else:
     from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from ..errors import ConfigError, EvomergeError, ModelError
+from . import without_torch
 from .config import MergeConfig, load_merge_config, parse_merge_config
-from .methods import reused_scratch
 from .model_folder import TOKENIZER_FILES, ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge
-from . import without_torch
 from .registry import MergeInputs
 from .safetensors_io import BufferPool, PlannedTensor, ShardedWriter, TensorInfo
+from .scratch import reused_scratch
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 
