@@ -4,8 +4,10 @@
 a byte copy or :mod:`evomerge.merge.without_torch` computes never need torch at all. Importing
 torch costs about 1.4 s of CPU, most of a light merge of a 100M-parameter model, so the modules
 on that path bind ``torch`` to :data:`torch` here instead of importing it (type checkers see the
-real module). The first attribute read imports torch and copies its namespace into the proxy,
-so later reads cost an instance-dict lookup.
+real module). The first attribute read through the proxy imports torch and rebinds ``torch`` in
+every evomerge module that holds the proxy to the module itself: reads through the proxy cost
+about 100 times a module attribute read (a failed lookup, then ``__getattr__``), too much for
+the per-chunk loops of the merge kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ class _LazyTorch:
 
     def __getattr__(self, name: str) -> Any:
         module = importlib.import_module("torch")
-        self.__dict__.update(vars(module))
+        for module_name, user in list(sys.modules.items()):
+            if module_name.startswith("evomerge") and vars(user).get("torch") is self:
+                user.torch = module  # type: ignore[attr-defined]
         return getattr(module, name)
 
 
