@@ -155,7 +155,8 @@ def _merged_chunks(
         for info, r, v in zip(inputs, raw, values):
             bits = files.read(info, start, count, r)
             x = v[:count]
-            _load(bits, info.code, code, x, scratch[:count])
+            if not _load(bits, info.code, code, x, scratch[:count]):
+                raise _non_finite(task)
             xs.append(x)
         out = out32[:count]
         if plan.method.name == "passthrough":
@@ -165,26 +166,35 @@ def _merged_chunks(
         else:
             _task_arithmetic(xs[task.base_index], [xs[i] for i in donors], weights, code, out, scratch[:count])
         if not bool(np.isfinite(out).all()):
-            raise ModelError(f"merging {task.name} gave NaN or infinite values; check the weights and parameters")
+            raise _non_finite(task)
         if task.out_code == "F32":
             yield memoryview(out).cast("B")
         else:
             yield memoryview(_to_bf16_bits(out, scratch[:count], out16[:count])).cast("B")
 
 
-def _load(bits: np.ndarray, stored: str, compute: str, out: np.ndarray, scratch: np.ndarray) -> None:
+def _non_finite(task: TensorTask) -> ModelError:
+    """The torch path's error (evomerge.merge.run.compute_task) for a non-finite result."""
+    return ModelError(f"merging {task.name} gave NaN or infinite values; check the weights and parameters")
+
+
+def _load(bits: np.ndarray, stored: str, compute: str, out: np.ndarray, scratch: np.ndarray) -> bool:
     """Stored bits -> float32 values of the compute dtype (bfloat16 values held exactly in float32),
-    as torch's load cast does: bfloat16 -> float32 is exact, float32 -> bfloat16 rounds."""
+    as torch's load cast does: bfloat16 -> float32 is exact, float32 -> bfloat16 rounds.
+
+    False when a float32 input to be rounded holds NaN or infinity, which the rounding here does
+    not carry through: every supported merge of such an input is non-finite in torch too."""
     if stored == "BF16":
         u = out.view(np.uint32)
         np.copyto(u, bits, casting="unsafe")
         np.left_shift(u, 16, out=u)
-        return
+        return True
     np.copyto(out.view(np.uint32), bits)
     if compute == "BF16":
         if not bool(np.isfinite(out).all()):
-            raise ModelError("an input tensor holds NaN or infinite values; check the models")
+            return False
         _round_bf16(out, scratch)
+    return True
 
 
 def _round_bf16(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:

@@ -113,3 +113,32 @@ def test_planning_and_a_numpy_merge_import_no_torch(wide_models, tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stored, merge_dtype", [("float32", "bfloat16"), ("bfloat16", "bfloat16"), ("float32", "float32")])
+def test_a_non_finite_input_is_refused_as_the_torch_path_refuses_it(wide_models, stored, merge_dtype, tmp_path,
+                                                                     monkeypatch):
+    from safetensors.torch import save_file
+
+    from evomerge.errors import ModelError
+
+    from .tiny_models import cast_model_folder as copy_folder
+
+    broken = copy_folder(wide_models[stored]["a"], tmp_path / "broken", getattr(torch, stored))
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.embed_tokens.weight"][2048, 5] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    messages = []
+    for with_torch in ("", "1"):
+        monkeypatch.setenv("EVOMERGE_MERGE_WITH_TORCH", with_torch)
+        for name, config in _configs({**wide_models[stored], "a": broken}, merge_dtype).items():
+            if name == "passthrough":
+                continue  # passthrough of layers 0-1 of ``a`` copies the embeddings verbatim or casts them
+            out = tmp_path / f"out_{name}_{with_torch}"
+            with pytest.raises(ModelError) as err:
+                merge_from_config(parse_merge_config(config), out)
+            assert not out.exists()
+            messages.append((name, str(err.value)))
+    half = len(messages) // 2
+    assert messages[:half] == messages[half:]
+    assert all("model.embed_tokens.weight gave NaN" in m for _, m in messages)
