@@ -83,7 +83,8 @@ def _compute_code(task: TensorTask, info: TensorInfo) -> str:
 
 def write_all(plan: MergePlan, models: Mapping[str, ModelFolder], writer: ShardedWriter) -> None:
     """Compute every task of a :func:`supports` plan and write it, in plan order."""
-    with _Files() as files:
+    # overflow to infinity is a value here, as in torch (a non-finite result is refused below)
+    with _Files() as files, np.errstate(over="ignore", invalid="ignore"):
         for task in plan.tasks:
             infos = [models[m].stored(n) for m, n in task.sources]
             assert all(info is not None for info in infos)
@@ -272,42 +273,94 @@ def _linear(
 
 
 class _Wide:
-    """float64 and int64 scratch of one chunk for :func:`_fused_multiply_add`."""
+    """float64, int64 and boolean scratch of one chunk for :func:`_fused_multiply_add`."""
 
     def __init__(self, n: int) -> None:
         self.buffers = [np.empty(n, dtype=np.float64) for _ in range(4)]
-        self.steps = np.empty(n, dtype=np.int64)
+        self.bits = np.empty(n, dtype=np.int64)
+        self.flags = [np.empty(n, dtype=np.bool_) for _ in range(2)]
 
     def view(self, count: int) -> _Wide:
         part = _Wide(0)
         part.buffers = [b[:count] for b in self.buffers]
-        part.steps = self.steps[:count]
+        part.bits = self.bits[:count]
+        part.flags = [f[:count] for f in self.flags]
         return part
+
+
+#: The low 29 bits of a float64's mantissa, below float32's 23, and their value at a float32 midpoint.
+_BELOW_FLOAT32 = np.int64((1 << 29) - 1)
+_MIDPOINT = np.int64(1 << 28)
+#: float64 bits of 2**-126 (float32's smallest normal) and the mask of a float64's magnitude.
+_FLOAT32_TINY = np.int64((1023 - 126) << 52)
+_MAGNITUDE = np.int64((1 << 63) - 1)
 
 
 def _fused_multiply_add(x: np.ndarray, w: np.float32, acc: np.ndarray, wide: _Wide) -> None:
     """``acc = round_float32(x * w + acc)`` with one rounding, as a fused multiply-add gives.
 
-    The float32 product is exact in float64 (24 + 24 bits); the float64 sum is made round-to-odd
-    (its exact error from TwoSum moves an even result one ulp toward the exact value), and a
-    round-to-odd result with at least two more bits than float32 rounds to float32 exactly as
-    the exact sum does (Boldo and Melquiond). Infinities come out infinite; NaNs stay non-finite.
+    The float32 product is exact in float64 (24 + 24 bits), so only the sum rounds twice: to
+    float64, then to float32. That double rounding differs from one rounding only where the
+    float64 sum lands exactly on a float32 midpoint (float32 midpoints are float64 numbers, so
+    elsewhere the sum stays on the exact value's side of every one), and below float32's normal
+    range, where midpoints lie elsewhere: those rare entries are redone by :func:`_exact_sum`.
     """
-    p, a, s, t = wide.buffers
+    p, s = wide.buffers[:2]
     np.multiply(x, np.float64(w), out=p, dtype=np.float64)
+    np.add(p, acc, out=s)
+    bits, (suspect, tiny) = wide.bits, wide.flags
+    np.bitwise_and(s.view(np.int64), _BELOW_FLOAT32, out=bits)
+    np.equal(bits, _MIDPOINT, out=suspect)
+    np.bitwise_and(s.view(np.int64), _MAGNITUDE, out=bits)
+    np.less(bits, _FLOAT32_TINY, out=tiny)
+    np.logical_or(suspect, tiny, out=suspect)
+    count = int(np.count_nonzero(suspect))
+    if count > suspect.size // 16:
+        # many: sums of two nearby float32 numbers (weights like 0.5) are exact and often
+        # midpoints; redoing the whole chunk is cheaper than gathering them
+        _exact_sum_in_place(acc, p, wide)
+        return
+    redo = np.flatnonzero(suspect) if count else None
+    if redo is not None:
+        exact = _exact_sum(acc[redo].astype(np.float64), p[redo])
+    np.copyto(acc, s, casting="unsafe")
+    if redo is not None:
+        acc[redo] = exact
+
+
+def _exact_sum(a: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``round_float32(a + p)`` for float64 ``a`` and ``p``, rounded once: the float64 sum made
+    round-to-odd (its exact error from TwoSum moves an even result one ulp toward the exact
+    value), which rounds to float32 as the exact sum does (Boldo and Melquiond: round-to-odd with
+    two more bits than the target). Infinities stay infinite, NaNs non-finite."""
+    s = a + p
+    b = s - a
+    error = (a - (s - b)) + (p - b)
+    step = (np.sign(error) * np.sign(s)).astype(np.int64)  # +1: exact value beyond s, -1: below
+    bits = s.view(np.int64)
+    bits += step * (1 - (bits & 1))  # only an even (round-to-nearest) result moves
+    return s.astype(np.float32)
+
+
+def _exact_sum_in_place(acc: np.ndarray, p: np.ndarray, wide: _Wide) -> None:
+    """:func:`_exact_sum` of float32 ``acc`` and float64 ``p`` into ``acc``, in ``wide``'s buffers
+    (``p`` is overwritten): temporaries of a whole chunk would be allocated and returned to the
+    system by glibc on every call, a page fault per 4 KiB."""
+    a, s, t = wide.buffers[2], wide.buffers[1], wide.buffers[3]
     np.copyto(a, acc)
     np.add(a, p, out=s)
-    np.subtract(s, a, out=t)  # t = b', the part of s that came from p
-    np.subtract(p, t, out=p)  # p - b'
-    np.subtract(s, t, out=t)  # a' = s - b'
-    np.subtract(a, t, out=a)  # a - a'
-    np.add(a, p, out=t)  # t = the exact error of s
+    np.subtract(s, a, out=t)  # b: the part of s that came from p
+    np.subtract(p, t, out=p)  # p - b
+    np.subtract(s, t, out=t)  # s - b
+    np.subtract(a, t, out=a)  # a - (s - b)
+    np.add(a, p, out=t)  # the exact error of s
     np.sign(t, out=t)
-    np.multiply(t, np.sign(s, out=a), out=t)  # +1: the exact sum lies beyond s, -1: below, 0: s exact
-    steps = wide.steps
+    np.multiply(t, np.sign(s, out=a), out=t)  # +1: the exact value lies beyond s, -1: below, 0: s exact
+    steps = wide.bits
     np.copyto(steps, t, casting="unsafe")
-    bits = s.view(np.int64)
-    np.bitwise_and(bits, 1, out=a.view(np.int64))
-    np.subtract(steps, np.multiply(steps, a.view(np.int64), out=a.view(np.int64)), out=steps)  # odd: no step
-    np.add(bits, steps, out=bits)
+    odd = a.view(np.int64)
+    np.bitwise_and(s.view(np.int64), 1, out=odd)
+    np.multiply(steps, odd, out=odd)
+    np.subtract(steps, odd, out=steps)  # only an even (round-to-nearest) result moves
+    np.add(s.view(np.int64), steps, out=s.view(np.int64))
     np.copyto(acc, s, casting="unsafe")
