@@ -12,8 +12,9 @@ over float32 or bfloat16 tensors stored in safetensors files (no adapter), this 
 the torch path's result bit for bit: the same IEEE operations in the same order, each bfloat16
 operation computed in float32 and rounded to nearest-even as torch's CPU kernels do. torch's CPU
 ``addcmul`` (linear's accumulation) is a fused multiply-add, rounded once; numpy has none, so
-:func:`_fused_multiply_add` forms it exactly in float64 with a round-to-odd sum. Any other plan
-returns False from :func:`supports` and runs through torch.
+:func:`_fused_multiply_add` forms it in float64 (the product is exact there) and redoes with a
+round-to-odd sum the rare entries where rounding twice could differ. Any other plan returns
+False from :func:`supports` and runs through torch.
 
 Inputs are read chunk by chunk with ``os.preadv`` into a few cache-sized buffers and each output
 chunk goes straight to the writer, so memory holds a few chunks, not tensors.
