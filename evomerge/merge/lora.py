@@ -29,9 +29,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from ..errors import ModelError
 from .safetensors_io import TensorInfo, read_header, read_tensor

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.scratch import current_scratch
 
 #: slerp falls back to linear interpolation above this |cosine| (nearly parallel or antiparallel).
 SLERP_DOT_THRESHOLD = 0.9995
@@ -109,21 +115,28 @@ def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
     interpolation coefficients then apply to the raw tensors, so norms are interpolated too.
     Falls back to linear interpolation when |cos| > 0.9995 (including antiparallel tensors, as in
     mergekit). Coefficients and products are computed in float32 (float64 inputs: float64) and
-    the result is returned in ``v0``'s dtype.
+    the result is returned in ``v0``'s dtype. Inside :func:`~evomerge.merge.scratch.reused_scratch` the float32
+    temporaries live in buffers kept from one call to the next (same ops, same bits).
     """
     require_floating("slerp", v0)
     dtype = _math_dtype(v0.dtype)
-    a = v0.reshape(-1).to(dtype)
-    b = v1.reshape(-1).to(dtype)
+    n = v0.numel()
+    scratch = current_scratch() if v0.device.type == "cpu" and n > 0 else None
+
+    def temp(i: int) -> torch.Tensor:
+        return torch.empty(n, dtype=dtype, device=v0.device) if scratch is None else scratch.take(i, n, dtype)
+
+    a = v0.reshape(-1) if v0.dtype == dtype else temp(0).copy_(v0.reshape(-1))
+    b = v1.reshape(-1) if v1.dtype == dtype else temp(1).copy_(v1.reshape(-1))
     t_ = torch.tensor(t, dtype=torch.float32, device=a.device).to(dtype)
-    if a.numel() == 0:
+    if n == 0:
         return ((1 - t_) * a + t_ * b).reshape(v0.shape).to(v0.dtype)
     norm_a = torch.linalg.vector_norm(a)
     norm_b = torch.linalg.vector_norm(b)
     norm_a = torch.where(norm_a > SLERP_NORM_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > SLERP_NORM_EPS, norm_b, 1)
     # Normalise before multiplying, so the dot product cannot overflow.
-    dot = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1)
+    dot = torch.dot(torch.div(a, norm_a, out=temp(2)), torch.div(b, norm_b, out=temp(3))).clamp(-1, 1)
     if dot.abs() > SLERP_DOT_THRESHOLD:
         coef_a, coef_b = 1 - t_, t_
     else:
@@ -131,8 +144,13 @@ def slerp_merge(v0: torch.Tensor, v1: torch.Tensor, t: float) -> torch.Tensor:
         sin_theta = torch.sin(theta)
         coef_a = torch.sin((1 - t_) * theta) / sin_theta
         coef_b = torch.sin(t_ * theta) / sin_theta
-    result = torch.mul(a, coef_a).add_(b * coef_b)
-    return result.reshape(v0.shape).to(v0.dtype)
+    # the result gets memory of its own (a caller may hold it while the next call runs)
+    out = torch.empty(n, dtype=v0.dtype, device=v0.device)
+    result = torch.mul(a, coef_a, out=out if v0.dtype == dtype else temp(2))
+    result.add_(torch.mul(b, coef_b, out=temp(3)))
+    if result is not out:
+        out.copy_(result)
+    return out.reshape(v0.shape)
 
 
 def model_stock_merge(

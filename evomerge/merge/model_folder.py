@@ -17,14 +17,17 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from ..errors import ModelError
 from .lora import LoraAdapter
 from .references import HUB_ID_RE, split_reference
-from .safetensors_io import BufferPool, TensorInfo, read_header, read_tensor
+from .safetensors_io import BufferPool, TensorInfo, code_of, read_header, read_tensor
 
 # "<prefix>.<index>.<rest>" where prefix is the decoder's layer container, e.g. "model.layers".
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -192,6 +195,13 @@ class ModelFolder:
         if real in self._index:
             return self._index[real].dtype
         return self._pickled[real].dtype
+
+    def dtype_code(self, name: str) -> str:
+        """:meth:`dtype` as a safetensors code, read from the header without importing torch."""
+        real = self._require(name)
+        if real in self._index:
+            return self._index[real].code
+        return code_of(self._pickled[real].dtype)
 
     def tensor_info(self, name: str) -> TensorInfo | None:
         """Where ``name`` lives in its safetensors file, as stored, without any adapter (None for a

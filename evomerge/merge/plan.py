@@ -18,23 +18,28 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from ..errors import ConfigError, ModelError, close_matches
 from .config import InputSlice, MergeConfig, OutputSlice, Parameters
 from .model_folder import ModelFolder, split_layer_name
 from .params import resolve
 from .registry import MergeMethod, get_method
+from .safetensors_io import dtype_of, promote_codes
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 _PRE_MARKERS = ("embed", "wte", "wpe")
 _VOCAB_MARKERS = ("embed_tokens", "lm_head", "wte")
 
 
-def dtype_from_name(name: str | None) -> torch.dtype | None:
-    return None if name is None else _DTYPES[name]
+def code_from_name(name: str | None) -> str | None:
+    """The safetensors dtype code of a config's dtype name (``bfloat16`` -> ``BF16``)."""
+    return None if name is None else _CODES[name]
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,16 @@ class TensorTask:
     per_input: tuple[Mapping[str, Any], ...]
     shared: Mapping[str, Any]
     shape: tuple[int, ...]
-    load_dtype: torch.dtype | None  # cast inputs to this on load (config ``dtype``)
-    out_dtype: torch.dtype  # dtype written
+    load_code: str | None  # cast inputs to this dtype on load (config ``dtype``), as a safetensors code
+    out_code: str  # dtype written, as a safetensors code
+
+    @property
+    def load_dtype(self) -> torch.dtype | None:
+        return None if self.load_code is None else dtype_of(self.load_code)
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return dtype_of(self.out_code)
 
     def seed(self, random_seed: int) -> int:
         """A per-tensor seed, so random methods give the same result in any execution order."""
@@ -207,8 +220,8 @@ def plan_merge(config: MergeConfig, models: Mapping[str, ModelFolder]) -> MergeP
     reference_name = config.base_model or config.referenced_models()[0]
     reference = models[reference_name]
     pre, prefix, layer_rests, post = _layout(reference)
-    load_dtype = dtype_from_name(config.dtype)
-    out_dtype_cfg = dtype_from_name(config.out_dtype)
+    load_code = code_from_name(config.dtype)
+    out_code_cfg = code_from_name(config.out_dtype)
 
     tasks: list[TensorTask] = []
 
@@ -220,16 +233,16 @@ def plan_merge(config: MergeConfig, models: Mapping[str, ModelFolder]) -> MergeP
         per_input, shared = _resolve_params(
             method, slice_def, config, out_name=out_name, in_names=in_names, base_index=base_index, t=t
         )
-        if out_dtype_cfg is not None:
-            out_dtype = out_dtype_cfg
-        elif load_dtype is not None:
-            out_dtype = method.result_dtype(load_dtype)
+        if out_code_cfg is not None:
+            out_code = out_code_cfg
+        elif load_code is not None:
+            out_code = method.result_code(load_code)
         else:
-            out_dtype = models[sources[0][0]].dtype(sources[0][1])
+            out_code = models[sources[0][0]].dtype_code(sources[0][1])
             for m, n in sources[1:]:
-                out_dtype = torch.promote_types(out_dtype, models[m].dtype(n))
-            out_dtype = method.result_dtype(out_dtype)
-        tasks.append(TensorTask(out_name, sources, base_index, per_input, shared, shape, load_dtype, out_dtype))
+                out_code = promote_codes(out_code, models[m].dtype_code(n))
+            out_code = method.result_code(out_code)
+        tasks.append(TensorTask(out_name, sources, base_index, per_input, shared, shape, load_code, out_code))
 
     for name in pre:
         add(name, slices[0], [name] * len(slices[0].sources), 0.0, "slices[0]")

@@ -22,9 +22,12 @@ import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from evomerge.errors import ConfigError, close_matches
 from evomerge.merge.methods import (
@@ -35,6 +38,7 @@ from evomerge.merge.methods import (
     passthrough_merge,
     slerp_merge,
 )
+from evomerge.merge.safetensors_io import FLOAT_CODES, promote_codes
 from evomerge.merge.sparsify import Sparsifier
 from evomerge.merge.spherical import karcher_merge, multislerp_merge, nuslerp_merge
 from evomerge.merge.task_vector_variants import ram_merge, ramplus_tl_merge, sce_merge
@@ -142,7 +146,7 @@ class MergeInputs:
 
 
 #: A method's own arithmetic, given complete and aligned inputs.
-Kernel = Callable[[MergeInputs], torch.Tensor]
+Kernel = Callable[[MergeInputs], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,12 @@ class MergeMethod:
         if self.widens_to_float32 and input_dtype.is_floating_point:
             return torch.promote_types(input_dtype, torch.float32)
         return input_dtype
+
+    def result_code(self, input_code: str) -> str:
+        """:meth:`result_dtype` on safetensors dtype codes (without torch, for float codes)."""
+        if self.widens_to_float32 and input_code in FLOAT_CODES:
+            return promote_codes(input_code, "F32")
+        return input_code
 
     def param(self, name: str) -> Param:
         """The declared parameter ``name``; ConfigError (with close matches) when undeclared."""

@@ -17,16 +17,21 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from ..errors import ConfigError, EvomergeError, ModelError
+from . import without_torch
 from .config import MergeConfig, load_merge_config, parse_merge_config
 from .model_folder import TOKENIZER_FILES, ModelFolder
 from .plan import MergePlan, TensorTask, plan_merge
 from .registry import MergeInputs
 from .safetensors_io import BufferPool, PlannedTensor, ShardedWriter, TensorInfo
+from .scratch import reused_scratch
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 
@@ -142,7 +147,7 @@ def verbatim_source(plan: MergePlan, task: TensorTask, models: Mapping[str, Mode
         return None
     ref, name = task.sources[0]
     info = models[ref].stored(name)
-    if info is None or info.dtype != task.out_dtype or task.load_dtype not in (None, info.dtype):
+    if info is None or info.code != task.out_code or task.load_code not in (None, info.code):
         return None
     return info
 
@@ -305,12 +310,15 @@ def merge_config(
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        planned = [PlannedTensor(t.name, t.out_dtype, t.shape) for t in plan.tasks]
+        planned = [PlannedTensor(t.name, t.out_code, t.shape) for t in plan.tasks]
         writer = ShardedWriter(staging, planned, max_shard_bytes=max_shard)
         try:
-            with _torch_threads(_pipeline_threads()):
-                buffers = BufferPool(max_per_size=max((len(t.sources) for t in plan.tasks), default=1))
-                _write_all(writer, _stream(plan, models, buffers), buffers)
+            if without_torch.supports(plan, models) and not os.environ.get("EVOMERGE_MERGE_WITH_TORCH"):
+                without_torch.write_all(plan, models, writer)  # torch is never imported: see the module
+            else:
+                with _torch_threads(_pipeline_threads()), reused_scratch():
+                    buffers = BufferPool(max_per_size=max((len(t.sources) for t in plan.tasks), default=1))
+                    _write_all(writer, _stream(plan, models, buffers), buffers)
             writer.close()
         finally:
             writer.abort()

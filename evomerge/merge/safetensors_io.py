@@ -15,27 +15,53 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from ..errors import ModelError
 
-DTYPE_TO_CODE: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+#: safetensors dtype codes evomerge reads, with their element sizes. Headers are parsed and plans
+#: made with these codes alone, so that a merge torch does not compute never imports it.
+CODE_ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }
-CODE_TO_DTYPE = {code: dtype for dtype, code in DTYPE_TO_CODE.items()}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def dtype_of(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (imports torch)."""
+    return getattr(torch, _TORCH_NAMES[code])
+
+
+def code_of(dtype: torch.dtype | str) -> str:
+    """The safetensors code of a torch dtype (a code is returned as it is)."""
+    if isinstance(dtype, str):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    return next(code for code, torch_name in _TORCH_NAMES.items() if torch_name == name)
+
+
+def promote_codes(a: str, b: str) -> str:
+    """``torch.promote_types`` on codes, without torch for the floating-point ones."""
+    if a == b:
+        return a
+    if a in FLOAT_CODES and b in FLOAT_CODES:
+        return "F64" if "F64" in (a, b) else "F32"  # F16 with BF16 meets at F32, as in torch
+    return code_of(torch.promote_types(dtype_of(a), dtype_of(b)))
+
+
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -44,10 +70,14 @@ class TensorInfo:
     """Where a tensor lives in a file, and what it is."""
 
     path: Path
-    dtype: torch.dtype
+    code: str  # safetensors dtype code ("BF16", "F32", ...)
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_of(self.code)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -76,8 +106,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = CODE_TO_DTYPE.get(meta.get("dtype"))
-        if dtype is None:
+        code = meta.get("dtype")
+        if code not in CODE_ITEMSIZE:
             raise ModelError(f"{path}: tensor {name!r} has dtype {meta.get('dtype')!r}, which evomerge cannot merge")
         begin, end = meta["data_offsets"]
         if data_start + end > file_size:
@@ -85,7 +115,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the file); "
                 "re-download or re-save it"
             )
-        out[name] = TensorInfo(path, dtype, tuple(meta["shape"]), data_start + begin, end - begin)
+        out[name] = TensorInfo(path, code, tuple(meta["shape"]), data_start + begin, end - begin)
     return out
 
 
@@ -161,7 +191,7 @@ def read_tensor(info: TensorInfo, pool: BufferPool | None = None) -> torch.Tenso
             if not n:
                 raise ModelError(f"{info.path}: truncated while reading a tensor; re-download or re-save it")
             got += n
-    if info.dtype == torch.uint8:
+    if info.code == "U8":
         return buf.reshape(info.shape)
     return buf.view(info.dtype).reshape(info.shape)
 
@@ -171,15 +201,19 @@ class PlannedTensor:
     """An output tensor as the writer needs to know it before it is computed."""
 
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # a torch dtype or its safetensors code
     shape: tuple[int, ...]
+
+    @property
+    def code(self) -> str:
+        return code_of(self.dtype)
 
     @property
     def nbytes(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * CODE_ITEMSIZE[self.code]
 
 
 def assign_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -200,7 +234,7 @@ def _header_bytes(tensors: Sequence[PlannedTensor], metadata: dict[str, str]) ->
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": DTYPE_TO_CODE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
@@ -236,7 +270,7 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, planned = next(self._order)
-        if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+        if planned.name != name or tuple(tensor.shape) != planned.shape or code_of(tensor.dtype) != planned.code:
             raise RuntimeError(
                 f"writer expected {planned.name} {planned.shape} {planned.dtype}, got {name} "
                 f"{tuple(tensor.shape)} {tensor.dtype}"
@@ -248,6 +282,22 @@ class ShardedWriter:
         if data.numel():
             self._file.write(memoryview(data.view(torch.uint8).numpy()))
 
+    def write_chunks(self, name: str, code: str, shape: tuple[int, ...], chunks: Iterable[memoryview]) -> None:
+        """Write planned tensor ``name`` from its raw little-endian bytes, given chunk by chunk
+        (computed without torch: :mod:`evomerge.merge.without_torch`)."""
+        shard, planned = next(self._order)
+        if planned.name != name or tuple(shape) != planned.shape or code != planned.code:
+            raise RuntimeError(f"writer expected {planned.name} {planned.shape} {planned.code}, got {name} {shape} {code}")
+        if shard != self._shard:
+            self._open_shard(shard)
+        assert self._file is not None
+        written = 0
+        for chunk in chunks:
+            self._file.write(chunk)
+            written += chunk.nbytes
+        if written != planned.nbytes:
+            raise RuntimeError(f"writer expected {planned.nbytes} bytes of {name}, got {written}")
+
     def copy(self, name: str, source: TensorInfo) -> None:
         """Write planned tensor ``name`` as the stored bytes of ``source``, file to file.
 
@@ -256,10 +306,10 @@ class ShardedWriter:
         missing or refused (another file system, an old kernel) a plain read/write loop runs.
         """
         shard, planned = next(self._order)
-        if planned.name != name or source.shape != planned.shape or source.dtype != planned.dtype:
+        if planned.name != name or source.shape != planned.shape or source.code != planned.code:
             raise RuntimeError(
-                f"writer expected {planned.name} {planned.shape} {planned.dtype}, got a copy of {name} "
-                f"{source.shape} {source.dtype}"
+                f"writer expected {planned.name} {planned.shape} {planned.code}, got a copy of {name} "
+                f"{source.shape} {source.code}"
             )
         if shard != self._shard:
             self._open_shard(shard)

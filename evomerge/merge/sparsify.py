@@ -40,9 +40,15 @@ from __future__ import annotations
 
 import enum
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from evomerge.errors import ConfigError
+from evomerge.merge.scratch import current_scratch
 
 #: Norms below this are treated as zero, so a rescale never divides by (almost) nothing.
 RESCALE_EPS = 1e-7
@@ -225,9 +231,12 @@ def random_work_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 def _uniform(tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One float32 uniform in [0, 1) per entry (float32 even for bfloat16: no coarse quantiles)."""
-    return torch.rand(
-        tensor.shape, generator=generator, device=tensor.device, dtype=torch.float32
-    )
+    scratch = current_scratch() if tensor.device.type == "cpu" else None
+    if scratch is None:
+        return torch.rand(tensor.shape, generator=generator, device=tensor.device, dtype=torch.float32)
+    # the same draws into a kept buffer (see evomerge.merge.scratch): slot 9, apart from slerp's
+    out = scratch.take(9, tensor.numel(), torch.float32).view(tensor.shape)
+    return torch.rand(tensor.shape, generator=generator, dtype=torch.float32, out=out)
 
 
 def bernoulli_mask(

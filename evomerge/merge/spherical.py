@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge.methods import require_floating

@@ -28,7 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from evomerge.lazy_torch import torch  # imported on first use: see evomerge.lazy_torch
 
 from evomerge.merge.methods import require_floating
 from evomerge.merge.sparsify import RESCALE_EPS, Sparsifier, apply_mask, mask_for, work_dtype
