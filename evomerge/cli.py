@@ -262,16 +262,18 @@ def toy() -> None:
 
 @toy.command("build")
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("toy_world"))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--world", type=click.Choice(["pair", "compose"]), default="pair", show_default=True,
+              help="pair: arith and reverse specialists; compose: shift, rotate and swap, and a task composing two.")
+@click.option("--seed", type=int, default=None, help="Build seed [default: the world's own: pair 0, compose 1].")
 @click.option("--force", is_flag=True, help="Rebuild even if DIRECTORY already holds a toy world.")
-def toy_build(directory: Path, seed: int, force: bool) -> None:
-    """Build the toy base model, its specialists and their lm-eval tasks into DIRECTORY."""
+def toy_build(directory: Path, world: str, seed: int | None, force: bool) -> None:
+    """Build a toy world's base model and specialists into DIRECTORY (its lm-eval tasks are in eval_tasks/)."""
     from .quiet import quiet_libraries
 
     quiet_libraries()  # transformers draws "Writing model shards" for every model saved
     from .toy.build import build_toy_world
 
-    build_toy_world(directory, seed=seed, force=force, started=STARTED)
+    build_toy_world(directory, world=world, seed=seed, force=force, started=STARTED)
 
 
 @toy.command("compare")

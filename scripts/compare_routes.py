@@ -1,18 +1,24 @@
-"""Parameter-only vs route-only vs both, at one trial budget, on the toy world's held-out split.
+"""Parameter-only vs route-only vs both, at one trial budget, on a toy world's held-out split.
 
-    python scripts/compare_routes.py [--budget 48] [--runs-dir runs/route_comparison]
+    python scripts/compare_routes.py [--world pair|compose] [--budget 48] [--seed 0] [--runs-dir DIR]
 
 Runs four real searches (each a plain ``evomerge search`` on a copy of a shipped space file with
-the budget and run name changed), then scores each run's best trial on the held-out items of both
-skills with the same evaluator the workers use:
+the budget, the search seed and the run name changed), then scores each run's best trial on the
+held-out items of every objective's task with the same evaluator the workers use:
 
-- params:     search_spaces/toy_ties.yaml         (TIES weights and densities)
-- route:      search_spaces/toy_route.yaml        (a frankenmerge of the specialists' layers)
-- joint:      search_spaces/toy_route_joint.yaml  (TIES parameters and a route over them, together)
-- two-stage:  toy_ties.yaml for half the budget, then toy_route_stage2.yaml over its best
+- params:     parameters alone  (pair: toy_ties.yaml; compose: toy3_params.yaml)
+- route:      a frankenmerge of the specialists' layers  (toy_route.yaml; toy3_route.yaml)
+- joint:      parameters and a route over them, together  (toy_route_joint.yaml; toy3_route_joint.yaml)
+- two-stage:  the params space for half the budget, then a route over its best
+              (toy_route_stage2.yaml; toy3_route_stage2.yaml)
 
-Needs the toy world (``evomerge toy build toy_world``). Searches resume: run it again after an
-interruption and finished runs are not redone.
+The compose world (``--world compose``) is where routing should pay: its composed task (rotate,
+then shift) asks one specialist to act on the other's output; every space there uses the rotate
+and shift specialists and scores the composed task and both skills.
+
+Needs the world (``evomerge toy build toy_world``, or ``evomerge toy build toy_world_compose
+--world compose``). Searches resume: run it again after an interruption and finished runs are not
+redone.
 """
 
 from __future__ import annotations
@@ -30,10 +36,19 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")  # before lm-eval imports tqdm: its bars read this once
 
 
-def space_copy(source: str, name: str, budget: int, folder: Path, **route: object) -> Path:
+SPACES = {  # world -> setting -> shipped space file
+    "pair": {"params": "toy_ties.yaml", "route": "toy_route.yaml", "joint": "toy_route_joint.yaml",
+             "stage2": "toy_route_stage2.yaml"},
+    "compose": {"params": "toy3_params.yaml", "route": "toy3_route.yaml", "joint": "toy3_route_joint.yaml",
+                "stage2": "toy3_route_stage2.yaml"},
+}
+
+
+def space_copy(source: str, name: str, budget: int, seed: int, folder: Path, **route: object) -> Path:
     data = yaml.safe_load((ROOT / "search_spaces" / source).read_text())
     data["name"] = name
     data["search"]["budget"] = budget
+    data["search"]["seed"] = seed
     if route:
         data["route"].update(route)
     path = folder / f"{name}.yaml"
@@ -50,21 +65,28 @@ def search(space: Path, runs_dir: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world", choices=sorted(SPACES), default="pair")
     parser.add_argument("--budget", type=int, default=48)
-    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "route_comparison")
+    parser.add_argument("--seed", type=int, default=0, help="the search seed of every run")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="default: runs/route_comparison (pair), runs/route_comparison_compose (compose); "
+                             "a seed other than 0 adds _seed<N>")
     args = parser.parse_args()
-    runs = args.runs_dir.resolve()
+    default_dir = "route_comparison" + ("" if args.world == "pair" else f"_{args.world}")
+    default_dir += "" if args.seed == 0 else f"_seed{args.seed}"
+    runs = (args.runs_dir or ROOT / "runs" / default_dir).resolve()
     spaces = runs / "spaces"
     spaces.mkdir(parents=True, exist_ok=True)
-    b = args.budget
+    b, seed = args.budget, args.seed
     half = b // 2
+    files = SPACES[args.world]
 
     plans = {
-        "params": [space_copy("toy_ties.yaml", "params", b, spaces)],
-        "route": [space_copy("toy_route.yaml", "route", b, spaces)],
-        "joint": [space_copy("toy_route_joint.yaml", "joint", b, spaces)],
-        "two-stage": [space_copy("toy_ties.yaml", "stage1", half, spaces),
-                      space_copy("toy_route_stage2.yaml", "stage2", b - half, spaces, merged=str(runs / "stage1"))],
+        "params": [space_copy(files["params"], "params", b, seed, spaces)],
+        "route": [space_copy(files["route"], "route", b, seed, spaces)],
+        "joint": [space_copy(files["joint"], "joint", b, seed, spaces)],
+        "two-stage": [space_copy(files["params"], "stage1", half, seed, spaces),
+                      space_copy(files["stage2"], "stage2", b - half, seed, spaces, merged=str(runs / "stage1"))],
     }
     final_run = {"params": "params", "route": "route", "joint": "joint", "two-stage": "stage2"}
     seconds = {}
@@ -75,23 +97,36 @@ def main() -> None:
     from evomerge.store import RunStore
     from evomerge.toy.compare import compare
 
-    print(f"\nbudget {b} trials each (two-stage: {half} + {b - half}); held-out accuracy of each run's best trial")
-    print("| search | trials | search s | best on search items (mean) | arith held-out | reverse held-out | mean held-out |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{args.world} world, search seed {seed}, budget {b} trials each (two-stage: {half} + {b - half}); "
+          "held-out accuracy of each run's best trial, and of the best hand-set merge or single model")
+    hand_best: tuple[str, dict[str, float]] | None = None
+    header_tasks: list[str] = []
+    lines = []
     for setting, run in final_run.items():
         rows = compare(runs / run)
         best_name = next(n for n in rows if n.startswith("search best"))
         held = rows[best_name]
+        header_tasks = [k for k in held if k != "mean"]
+        for name, scores in rows.items():  # the same hand-set rows in every run: the best of them
+            if not name.startswith("search best") and (hand_best is None or scores["mean"] > hand_best[1]["mean"]):
+                hand_best = (name, scores)
         store = RunStore.open(runs / run)
         number = int(best_name.split("trial ")[1].rstrip(")"))
         searched = store.trial(number).objectives
         store.close()
         tasks = [v for k, v in searched.items() if k.startswith("task:")]
         search_mean = sum(tasks) / len(tasks)
-        arith = next(v for k, v in held.items() if "arith" in k)
-        reverse = next(v for k, v in held.items() if "reverse" in k)
-        print(f"| {setting} | {b} | {seconds[setting]:.0f} | {search_mean:.3f} | {arith:.3f} | {reverse:.3f} | "
-              f"{held['mean']:.3f} |")
+        lines.append(f"| {setting} | {b} | {seconds[setting]:.0f} | {search_mean:.3f} | "
+                     + " | ".join(f"{held[t]:.3f}" for t in header_tasks) + f" | {held['mean']:.3f} |")
+    names = [t.split(":", 1)[-1].split("/")[0].removeprefix("toy_").removesuffix("_heldout") + " held-out"
+             for t in header_tasks]
+    print("| search | trials | search s | best on search items (mean) | " + " | ".join(names) + " | mean held-out |")
+    print("|---|---|---|---|" + "---|" * len(names) + "---|")
+    print("\n".join(lines))
+    if hand_best is not None:
+        name, scores = hand_best
+        print(f"| best hand-set: {name} | - | - | - | " + " | ".join(f"{scores[t]:.3f}" for t in header_tasks)
+              + f" | {scores['mean']:.3f} |")
 
 
 if __name__ == "__main__":

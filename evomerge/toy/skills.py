@@ -1,14 +1,18 @@
-"""Deterministic data for the toy world: the base's generic text and one generator per skill.
+"""Deterministic data for the toy worlds: each base's generic text and one generator per skill.
 
 Every example is a ``(context, target)`` pair of plain strings; the model sees
 ``BOS + context + target + EOS`` and a skill counts as learned when ``target`` is the greedy
 continuation of ``context`` (lm-eval's loglikelihood ``acc``).
+
+The ``pair`` world (two specialists):
 
 - ``arith``: digit arithmetic, the nine's complement ``999... - n``: ``"neg:3719="`` -> ``"6280"``.
 - ``reverse``: string reversal, ``"rev:abcde="`` -> ``"edcba"``.
 - the base's pretraining (:func:`base_example`) copies inputs under random instruction keys and
   counts: it has the circuits both skills build on but neither skill, so each specialist has a
   clear advantage to add and a merge something to keep.
+
+The ``compose`` world's data is :mod:`evomerge.toy.compose_skills`'.
 
 Evaluation items are drawn first from a fixed seed (:func:`eval_items`) and every training stream
 skips them, so no build seed can leak an eval item into training.
@@ -22,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 Example = tuple[str, str]
 
-SKILLS: tuple[str, ...] = ("arith", "reverse")
+SKILLS: tuple[str, ...] = ("arith", "reverse")  # the pair world's; worlds.py lists every world
 # Eval items are the same for every build seed: they are shipped as JSONL in eval_tasks/.
 EVAL_SEED = 20240611
 EVAL_SPLITS: dict[str, int] = {"search": 200, "heldout": 200}
@@ -83,6 +87,19 @@ GENERATORS: dict[str, Callable[[random.Random], Example]] = {
 }
 
 
+def _generators(training: bool) -> dict[str, Callable[[random.Random], Example]]:
+    """Every world's generators by kind; ``training`` picks what specialists are fine-tuned on
+    where that differs from their eval items. Other worlds' data lives in their own modules, so
+    editing one world's data changes no other world's recipe fingerprint."""
+    from . import compose_skills
+
+    return {**GENERATORS, **(compose_skills.TRAINING_GENERATORS if training else compose_skills.GENERATORS)}
+
+
+# Skills whose eval items are shipped in eval_tasks/ (and never trained on), every world's.
+EVAL_SKILLS: tuple[str, ...] = ("arith", "reverse", "shift", "rotate", "swap", "rotate_shift")
+
+
 def eval_items(skill: str) -> dict[str, list[Example]]:
     """The fixed, disjoint eval splits of one skill (search first, then held-out), no duplicates."""
     rng = random.Random(f"{EVAL_SEED}:{skill}")
@@ -91,7 +108,7 @@ def eval_items(skill: str) -> dict[str, list[Example]]:
     for split, count in EVAL_SPLITS.items():
         items: list[Example] = []
         while len(items) < count:
-            context, target = GENERATORS[skill](rng)
+            context, target = _generators(training=False)[skill](rng)
             if context not in seen:
                 seen.add(context)
                 items.append((context, target))
@@ -100,15 +117,15 @@ def eval_items(skill: str) -> dict[str, list[Example]]:
 
 
 def eval_contexts() -> frozenset[str]:
-    """Every context in any eval split of any skill: training never emits one of these."""
-    return frozenset(c for skill in SKILLS for items in eval_items(skill).values() for c, _ in items)
+    """Every context in any eval split of any skill of any world: training never emits one."""
+    return frozenset(c for skill in EVAL_SKILLS for items in eval_items(skill).values() for c, _ in items)
 
 
 def training_stream(kind: str, seed: int) -> Iterator[Example]:
     """An endless, seeded stream of training examples of one kind (a skill or ``"base"``)."""
     rng = random.Random(f"{seed}:{kind}")
     banned = eval_contexts()
-    generate = GENERATORS[kind]
+    generate = _generators(training=True)[kind]
     while True:
         example = generate(rng)
         if example[0] not in banned:
