@@ -23,7 +23,7 @@ crash left running, build the driver (which resumes from the log), then ask, eva
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evomerge.drivers.base import Driver, Proposal, Value
 from evomerge.drivers.names import DRIVER_NAMES
@@ -77,30 +77,14 @@ def make_driver(
         from evomerge.drivers.cma_driver import CmaDriver  # pycma loads only when used
         from evomerge.drivers.cma_window import CmaWindowDriver, logged_update
 
-        if logged_update(store, cma_update) == "window":
-            return CmaWindowDriver(
-                store,
-                x0=list(x0) if x0 is not None else [0.5] * int(dim),  # type: ignore[arg-type]
-                sigma0=sigma0,
-                popsize=popsize,
-                seed=seed,
-                from_unit=from_unit,
-                distributions=distributions,
-                objectives=objectives,
-                constraints=constraints,
-            )
-        return CmaDriver(
-            store,
+        common: dict[str, Any] = dict(
             x0=list(x0) if x0 is not None else [0.5] * int(dim),  # type: ignore[arg-type]
-            sigma0=sigma0,
-            popsize=popsize,
-            seed=seed,
-            from_unit=from_unit,
-            distributions=distributions,
-            objectives=objectives,
-            constraints=constraints,
-            lookahead=lookahead,
+            sigma0=sigma0, popsize=popsize, seed=seed, from_unit=from_unit,
+            distributions=distributions, objectives=objectives, constraints=constraints,
         )
+        if logged_update(store, cma_update) == "window":
+            return CmaWindowDriver(store, **common)
+        return CmaDriver(store, **common, lookahead=lookahead)
     if name in DRIVER_NAMES:
         from evomerge.drivers.optuna_driver import OptunaDriver
 

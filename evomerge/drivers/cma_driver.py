@@ -118,7 +118,6 @@ from evomerge.rungs import STOPPED_ATTR
 from evomerge.store import RunStore, TrialRecord
 
 
-
 def _import_pycma() -> Any:
     """pycma, imported without matplotlib and scipy.stats: pycma imports ``matplotlib.pyplot``
     (when installed: evomerge's ``plot`` extra installs it) for plots evomerge never draws, and
@@ -163,6 +162,14 @@ FAIL_MARGIN = 1.0
 FAIL_FITNESS_BEFORE_ANY_SUCCESS = 1e6
 
 
+def check_start(x0: Sequence[float], popsize: int) -> None:
+    """What every CMA-ES driver needs to start: a mean in the unit cube, a population of two or more."""
+    if not all(0.0 <= v <= 1.0 for v in x0):
+        raise ValueError("x0 must lie in the unit cube")
+    if popsize < 2:
+        raise ValueError("CMA-ES needs a population of at least 2")
+
+
 class CmaDriver:
     """pycma's CMAEvolutionStrategy behind the evomerge driver contract (see module docstring)."""
 
@@ -182,10 +189,7 @@ class CmaDriver:
         constraints: Sequence[ConstraintSpec] = (),
         lookahead: int = 0,
     ) -> None:
-        if not all(0.0 <= v <= 1.0 for v in x0):
-            raise ValueError("x0 must lie in the unit cube")
-        if popsize < 2:
-            raise ValueError("CMA-ES needs a population of at least 2")
+        check_start(x0, popsize)
         if lookahead < 0:
             raise ValueError("lookahead must be 0 or more candidates")
         check_against_store(store, objectives, constraints)

@@ -61,6 +61,7 @@ from evomerge.drivers.cma_driver import (
     FAIL_FITNESS_BEFORE_ANY_SUCCESS,
     FAIL_MARGIN,
     _one_thread,
+    check_start,
     cma,
 )
 from evomerge.errors import EvomergeError
@@ -92,10 +93,7 @@ class CmaWindowDriver:
         objectives: Sequence[ObjectiveSpec],
         constraints: Sequence[ConstraintSpec] = (),
     ) -> None:
-        if not all(0.0 <= v <= 1.0 for v in x0):
-            raise ValueError("x0 must lie in the unit cube")
-        if popsize < 2:
-            raise ValueError("CMA-ES needs a population of at least 2")
+        check_start(x0, popsize)
         check_against_store(store, objectives, constraints)
         refuse_running_trials(store)
         self._store = store
