@@ -280,3 +280,38 @@ def test_run_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> No
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "space.yaml").stat().st_mode) == mode
+
+
+def test_a_trial_started_while_the_run_is_read_waits_for_the_next_read(tmp_path, monkeypatch):
+    """A reader of a live run (``evomerge show`` beside a search, a test watching one) reads the
+    trials first and their parameters and attributes after: a trial a writer starts in between is
+    left for the next read, not a KeyError for the reader."""
+    import threading
+    import time
+
+    from evomerge import failpoints
+
+    store = _create(tmp_path)
+    first = store.start_trial({"method": "ties", "g0/*/arith/weight": 0.25}, DISTS, {"generation": 0})
+    reader = RunStore.open(store.path)
+    counters = tmp_path / "failpoints"
+    counters.mkdir()
+    monkeypatch.setenv(failpoints.DIR_ENV, str(counters))
+    failpoints.configure("store.between_reads=sleep(1)@1")  # the reader stops between its queries
+    got: list = []
+    try:
+        thread = threading.Thread(target=lambda: got.append(reader.trials()))
+        thread.start()
+        while not failpoints.read_hits(counters):
+            time.sleep(0.05)
+        second = store.start_trial({"method": "ties", "g0/*/arith/weight": 0.5}, DISTS, {"generation": 0})
+        thread.join()
+    finally:
+        failpoints.configure("")
+    assert [r.number for r in got[0]] == [first]
+    assert got[0][0].params == {"method": "ties", "g0/*/arith/weight": 0.25}
+    reader.close()
+    again = RunStore.open(store.path)
+    assert [r.number for r in again.trials()] == [first, second]  # the next read has it
+    again.close()
+    store.close()

@@ -33,6 +33,8 @@ from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
+from evomerge import failpoints
+
 _TRIALS = models.TrialModel.__table__
 _PARAMS = models.TrialParamModel.__table__
 _USER_ATTRS = models.TrialUserAttributeModel.__table__
@@ -122,7 +124,11 @@ class OptunaTables:
                 ])
 
     def read(self) -> Iterator[StoredTrial]:
-        """Every trial of the study in number order, four queries in all."""
+        """Every trial of the study in number order, four queries in all.
+
+        Another process may write the run meanwhile (``evomerge show`` on a live search, a test
+        reading the run it watches): each query sees the database as it is then, so rows of trials
+        started after the first query are left out, and those trials wait for the next read."""
         sid = self._study_id
         with self._engine.connect() as con:
             rows = con.execute(
@@ -130,6 +136,7 @@ class OptunaTables:
                 .where(_TRIALS.c.study_id == sid).order_by(_TRIALS.c.number)
             ).all()
             trials = {r.trial_id: StoredTrial(r.trial_id, r.number, r.state) for r in rows}
+            failpoints.hit("store.between_reads")  # a writer may add a trial here
             in_study = sqlalchemy.select(_TRIALS.c.trial_id).where(_TRIALS.c.study_id == sid)
             distributions: dict[str, BaseDistribution] = {}
             for trial_id, name, value, dist_json in con.execute(
@@ -137,6 +144,8 @@ class OptunaTables:
                                   _PARAMS.c.distribution_json)
                 .where(_PARAMS.c.trial_id.in_(in_study)).order_by(_PARAMS.c.param_id)
             ):
+                if trial_id not in trials:
+                    continue
                 dist = distributions.get(dist_json)
                 if dist is None:
                     dist = distributions[dist_json] = json_to_distribution(dist_json)
@@ -145,12 +154,14 @@ class OptunaTables:
                 sqlalchemy.select(_USER_ATTRS.c.trial_id, _USER_ATTRS.c.key, _USER_ATTRS.c.value_json)
                 .where(_USER_ATTRS.c.trial_id.in_(in_study))
             ):
-                trials[trial_id].user_attrs[key] = json.loads(value_json)
+                if trial_id in trials:
+                    trials[trial_id].user_attrs[key] = json.loads(value_json)
             for trial_id, key, value_json in con.execute(
                 sqlalchemy.select(_SYSTEM_ATTRS.c.trial_id, _SYSTEM_ATTRS.c.key, _SYSTEM_ATTRS.c.value_json)
                 .where(_SYSTEM_ATTRS.c.trial_id.in_(in_study), _SYSTEM_ATTRS.c.key.like(CONSTRAINT_PREFIX + "%"))
             ):
-                trials[trial_id].constraints[key[len(CONSTRAINT_PREFIX):]] = json.loads(value_json)
+                if trial_id in trials:
+                    trials[trial_id].constraints[key[len(CONSTRAINT_PREFIX):]] = json.loads(value_json)
         return iter(trials.values())
 
     # ---- helpers ------------------------------------------------------------------------------
