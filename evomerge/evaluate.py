@@ -114,6 +114,14 @@ def objective_name(task: str, metric: str) -> str:
     return f"task:{task}/{metric}"
 
 
+def objective_task(name: str) -> str | None:
+    """The task of an :func:`objective_name` (``toy_arith`` of ``task:toy_arith/acc``); None for a
+    measure (``l2_from_base``)."""
+    if not name.startswith("task:"):
+        return None
+    return name.removeprefix("task:").split("/", 1)[0]
+
+
 @functools.lru_cache(maxsize=4)
 def _full_index(paths: tuple[str, ...]) -> Any:
     """lm-eval's task index with its own tasks and ``paths``: built once per process (it reads

@@ -266,8 +266,10 @@ class SearchLoop:
         """A candidate's objectives over ``rung``'s items alone, from the per-item results it holds."""
         items = self.rungs.items(rung)
 
+        from .evaluate import objective_task
+
         def docs(objective: str) -> list[int]:
-            return items[objective.split(":", 1)[1].split("/", 1)[0]]
+            return items[objective_task(objective)]
 
         return {**self.rungs.combine({k: {d: v[d] for d in docs(k)} for k, v in state.per_item.items()}),
                 **state.measured}

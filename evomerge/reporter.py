@@ -118,15 +118,15 @@ def per_minute(rate_per_s: float) -> str:
 def short_labels(names: list[str]) -> dict[str, str]:
     """Objective names as the live line shows them: the task alone (``toy_arith``) where the run
     scores one metric of it, ``task/metric`` where it scores several, ``l2`` for ``l2_from_base``."""
-    tasks = [n.removeprefix("task:").split("/")[0] for n in names if n.startswith("task:")]
+    from .evaluate import objective_task
+
+    tasks = [objective_task(n) for n in names]
     labels = {}
-    for name in names:
+    for name, task in zip(names, tasks):
         if name == "l2_from_base":
             labels[name] = "l2"
-        elif name.startswith("task:"):
-            bare = name.removeprefix("task:")
-            task = bare.split("/")[0]
-            labels[name] = task if tasks.count(task) == 1 else bare
+        elif task is not None:
+            labels[name] = task if tasks.count(task) == 1 else name.removeprefix("task:")
         else:
             labels[name] = name
     return labels

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import ConfigError
+from .evaluate import objective_task
 
 STOPPED_ATTR = "stopped_at_rung"  # a trial promotion stopped below the top rung
 RUNG_ATTR = "rung"  # the rung a trial reached (0 = the first); on every trial of a run with rungs
@@ -62,10 +63,6 @@ def fixed_order(task: str, items: Sequence[int]) -> list[int]:
     order = sorted(items)
     random.Random(f"evomerge-rungs:{task}").shuffle(order)
     return order
-
-
-def _task_of(objective: str) -> str:
-    return objective.split(":", 1)[1].split("/", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -131,7 +128,7 @@ class RungState:
 
     def scored(self, task: str) -> set[int]:
         for name, values in self.per_item.items():
-            if _task_of(name) == task:
+            if objective_task(name) == task:
                 return set(values)
         return set()
 
