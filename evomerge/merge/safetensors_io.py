@@ -15,7 +15,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,21 +282,22 @@ class ShardedWriter:
         if data.numel():
             self._file.write(memoryview(data.view(torch.uint8).numpy()))
 
-    def write_chunks(self, name: str, code: str, shape: tuple[int, ...], chunks: Iterable[memoryview]) -> None:
-        """Write planned tensor ``name`` from its raw little-endian bytes, given chunk by chunk
-        (computed without torch: :mod:`evomerge.merge.without_torch`)."""
+    def reserve(self, name: str, code: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """Claim planned tensor ``name``'s place in its shard, for its raw little-endian bytes to be
+        written there with ``os.pwrite`` (by several threads at once, each its own part: see
+        :mod:`evomerge.merge.without_torch`). Returns the shard's file descriptor and the place's
+        offset; the place must be filled before the next call to this writer, which may close
+        the shard. :meth:`close` checks that every shard came out at its planned size."""
         shard, planned = next(self._order)
         if planned.name != name or tuple(shape) != planned.shape or code != planned.code:
             raise RuntimeError(f"writer expected {planned.name} {planned.shape} {planned.code}, got {name} {shape} {code}")
         if shard != self._shard:
             self._open_shard(shard)
         assert self._file is not None
-        written = 0
-        for chunk in chunks:
-            self._file.write(chunk)
-            written += chunk.nbytes
-        if written != planned.nbytes:
-            raise RuntimeError(f"writer expected {planned.nbytes} bytes of {name}, got {written}")
+        self._file.flush()
+        offset = self._file.tell()
+        self._file.seek(offset + planned.nbytes)
+        return self._file.fileno(), offset
 
     def copy(self, name: str, source: TensorInfo) -> None:
         """Write planned tensor ``name`` as the stored bytes of ``source``, file to file.
@@ -343,6 +344,10 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for filename, shard in zip(self.filenames, self.shards):
+            expected = len(_header_bytes(shard, {"format": "pt"})) + sum(t.nbytes for t in shard)
+            if (self.folder / filename).stat().st_size != expected:
+                raise RuntimeError(f"writer: {filename} is not its planned {expected} bytes (a tensor left unwritten)")
         if len(self.shards) > 1:
             weight_map = {t.name: self.filenames[i] for i, shard in enumerate(self.shards) for t in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}

@@ -43,6 +43,10 @@ def _configs(m: dict[str, Path], dtype: str) -> dict[str, dict]:
                             "models": [{"model": a, "parameters": {"weight": 0.7}},
                                        {"model": b, "parameters": {"weight": [0.3, -0.45]}},
                                        {"model": c, "parameters": {"weight": 1.3}}]},
+        "task_arithmetic_two_donors_out_float32": {"merge_method": "task_arithmetic", "base_model": base, "dtype": dtype,
+                                                   "out_dtype": "float32",
+                                                   "models": [{"model": a, "parameters": {"weight": 0.7}},
+                                                              {"model": b, "parameters": {"weight": -0.35}}]},
         "task_arithmetic_one_donor": {"merge_method": "task_arithmetic", "base_model": base, "dtype": dtype,
                                       "models": [{"model": a, "parameters": {"weight": 0.3}}]},
         "linear": {"merge_method": "linear", "dtype": dtype,
@@ -65,13 +69,19 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
-def test_numpy_path_writes_the_torch_paths_bytes(wide_models, stored, tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_numpy_path_writes_the_torch_paths_bytes(wide_models, stored, threads, tmp_path, monkeypatch):
+    """On one thread, and on three that share the embeddings' two chunks (batches of one chunk,
+    the second 32 entries long, so that one thread finds no chunk left)."""
+    monkeypatch.setattr(without_torch, "worker_count", lambda: threads)
+    monkeypatch.setattr(without_torch._Kernel, "BATCH", 1)
     for merge_dtype in ("float32", "bfloat16"):
         for name, config in _configs(wide_models[stored], merge_dtype).items():
             parsed = parse_merge_config(config)
             models = open_models(parsed)
-            assert without_torch.supports(plan_merge(parsed, models), models), name
-            fast = merge_from_config(parsed, tmp_path / f"{name}_{merge_dtype}_numpy")
+            plan = plan_merge(parsed, models)
+            assert without_torch.supports(plan, models), name
+            fast = merge_from_config(parsed, tmp_path / f"{name}_{merge_dtype}_{threads}")
             monkeypatch.setenv("EVOMERGE_MERGE_WITH_TORCH", "1")
             slow = merge_from_config(parsed, tmp_path / f"{name}_{merge_dtype}_torch")
             monkeypatch.delenv("EVOMERGE_MERGE_WITH_TORCH")
