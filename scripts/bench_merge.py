@@ -6,8 +6,11 @@ bfloat16, and runs both tools on each method's config for each case (stored dtyp
 dtype). Per method and case it prints the wall-time ratio (mergekit / evomerge), the peak-RSS
 ratio (mergekit / evomerge), and evomerge's throughput (input bytes read per wall second,
 process start-up included) next to this machine's page-cache read bandwidth, measured in the
-same run on the same files. The machines are shared and noisy: ratios measured back to back mean
-more than absolute times.
+same run on the same files, and next to the I/O floor: the time to read the inputs and write the
+output at the page-cache read and write bandwidths (writing into the page cache costs several
+times what reading from it does, and every merge writes its output). The load average is printed
+with each figure. The machines are shared and noisy: ratios measured back to back mean more
+than absolute times.
 
     python scripts/bench_merge.py                  # 106M parameters per model, a few minutes
     python scripts/bench_merge.py --large          # 1.1B parameters per model, bfloat16
@@ -163,20 +166,47 @@ def page_cache_bandwidth(folders: list[Path], reps: int = 3) -> float:
     return total / best / 1e9
 
 
-def bytes_read(config: dict) -> int:
-    """Bytes of input tensors the merge reads, from evomerge's own plan of it."""
+def page_cache_write_bandwidth(folder: Path, nbytes: int, reps: int = 3) -> float:
+    """GB/s of writing ``nbytes`` into a new file in ``folder`` (the page cache, no sync) with
+    large writes from one reused buffer: the most a merge that writes its output once can get.
+    Best of ``reps``; the file is deleted."""
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    best = float("inf")
+    path = folder / "write_bandwidth.tmp"
+    try:
+        for _ in range(reps):
+            start = time.perf_counter()
+            with open(path, "wb", buffering=0) as fh:
+                left = nbytes
+                while left > 0:
+                    left -= fh.write(view[: min(left, len(buf))])
+            best = min(best, time.perf_counter() - start)
+            path.unlink()
+    finally:
+        path.unlink(missing_ok=True)
+    return nbytes / best / 1e9
+
+
+def bytes_moved(config: dict) -> tuple[int, int]:
+    """Bytes of input tensors the merge reads and of output tensors it writes, from evomerge's own
+    plan of it (mergekit reads and writes the same tensors)."""
     from evomerge.merge.config import parse_merge_config
     from evomerge.merge.run import open_models
     from evomerge.merge.plan import plan_merge
+    from evomerge.merge.safetensors_io import CODE_ITEMSIZE
 
     parsed = parse_merge_config(config)
     models = open_models(parsed)
     plan = plan_merge(parsed, models)
     seen = {(m, n) for task in plan.tasks for m, n in task.sources}
-    return sum(math.prod(models[m].shape(n)) * models[m].dtype(n).itemsize for m, n in seen)
+    read = sum(math.prod(models[m].shape(n)) * models[m].dtype(n).itemsize for m, n in seen)
+    written = sum(math.prod(task.shape) * CODE_ITEMSIZE[task.out_code] for task in plan.tasks)
+    return read, written
 
 
-def run_case(args, paths: dict[str, Path], layers: int, stored: str, dtype: str, mergekit: str, evomerge: str) -> list[tuple]:
+def run_case(args, paths: dict[str, Path], layers: int, stored: str, dtype: str, mergekit: str, evomerge: str,
+             bandwidth: tuple[float, float]) -> list[tuple]:
     all_cfgs = configs(paths, layers, dtype)
     rows = []
     for method in args.methods.split(","):
@@ -198,10 +228,13 @@ def run_case(args, paths: dict[str, Path], layers: int, stored: str, dtype: str,
         for prefix in ("out_mk_", "out_evo_"):
             shutil.rmtree(args.workdir / f"{prefix}{tag}", ignore_errors=True)
         (mk_s, mk_rss, mk_cpu), (evo_s, evo_rss, evo_cpu) = results["mergekit"], results["evomerge"]
-        read = bytes_read(all_cfgs[method])
-        rows.append((f"{stored}->{dtype}", method, mk_s, evo_s, mk_cpu / evo_cpu, mk_rss, evo_rss, read / evo_s / 1e9))
+        read, written = bytes_moved(all_cfgs[method])
+        floor_s = read / 1e9 / bandwidth[0] + written / 1e9 / bandwidth[1]
+        rows.append((f"{stored}->{dtype}", method, mk_s, evo_s, mk_cpu / evo_cpu, mk_rss, evo_rss, read / evo_s / 1e9,
+                     read / 1e9 / bandwidth[0], floor_s / evo_s))
         print(f"  {stored}->{dtype} {method}: mergekit {mk_s:.1f} s ({mk_cpu:.1f} s CPU, {mk_rss:.2f} GiB), "
-              f"evomerge {evo_s:.2f} s ({evo_cpu:.1f} s CPU, {evo_rss:.2f} GiB)", flush=True)
+              f"evomerge {evo_s:.2f} s ({evo_cpu:.1f} s CPU, {evo_rss:.2f} GiB); load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
     return rows
 
 
@@ -226,26 +259,33 @@ def main() -> None:
     rows, bandwidths = [], {}
     for stored in dict.fromkeys(s for s, _ in cases):
         paths = build_models(args.workdir / size, model_config, stored)
-        bandwidths[stored] = page_cache_bandwidth(list(paths.values()))
         gb = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors")) / 1e9
+        read_bw = page_cache_bandwidth(list(paths.values()))
+        write_bw = page_cache_write_bandwidth(args.workdir, int(gb * 1e9))
+        bandwidths[stored] = (read_bw, write_bw)
         print(f"models stored in {stored}: base + 2 donors, {params / 1e6:.0f}M parameters, {gb:.2f} GB each; "
-              f"page-cache read bandwidth {bandwidths[stored]:.2f} GB/s", flush=True)
+              f"page-cache read bandwidth {read_bw:.2f} GB/s, write {write_bw:.2f} GB/s; load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
         for case_stored, dtype in cases:
             if case_stored == stored:
-                rows += run_case(args, paths, model_config["num_hidden_layers"], stored, dtype, mergekit, evomerge)
-    bandwidth = sum(bandwidths.values()) / len(bandwidths)
+                rows += run_case(args, paths, model_config["num_hidden_layers"], stored, dtype, mergekit, evomerge,
+                                 bandwidths[stored])
     header = (f"{'stored->merge':<19}{'method':<16}{'mergekit s':>11}{'evomerge s':>11}{'time ratio':>11}{'CPU ratio':>10}"
-              f"{'mk RSS GiB':>11}{'evo RSS GiB':>12}{'RSS ratio':>10}{'evo GB/s':>9}{'of read bw':>11}")
+              f"{'mk RSS GiB':>11}{'evo RSS GiB':>12}{'RSS ratio':>10}{'evo GB/s':>9}{'of read bw':>11}{'of I/O floor':>13}")
     print()
     print(header)
     print("-" * len(header))
-    for case, m, mk_s, evo_s, cpu_ratio, mk_r, evo_r, gbps in rows:
+    for case, m, mk_s, evo_s, cpu_ratio, mk_r, evo_r, gbps, read_s, of_floor in rows:
         print(f"{case:<19}{m:<16}{mk_s:>11.1f}{evo_s:>11.2f}{mk_s / evo_s:>10.1f}x{cpu_ratio:>9.1f}x{mk_r:>11.2f}{evo_r:>12.2f}"
-              f"{mk_r / evo_r:>9.1f}x{gbps:>9.2f}{gbps / bandwidth:>10.0%}")
-    print(f"\npage-cache read bandwidth (same files, same run): {bandwidth:.2f} GB/s")
+              f"{mk_r / evo_r:>9.1f}x{gbps:>9.2f}{read_s / evo_s:>10.0%}{of_floor:>12.0%}")
+    for stored, (read_bw, write_bw) in bandwidths.items():
+        print(f"\npage-cache bandwidth for the {stored} models (same files, same run): read {read_bw:.2f} GB/s, "
+              f"write {write_bw:.2f} GB/s")
     print("time ratio (wall), CPU ratio (user + system) and RSS ratio: mergekit / evomerge "
           "(higher is better for evomerge).")
-    print("evo GB/s: input bytes read per wall second of `evomerge merge`, process start-up included.")
+    print("evo GB/s: input bytes read per wall second of `evomerge merge`, process start-up included; of read bw:\n"
+          "that over the page-cache read bandwidth of its stored dtype; of I/O floor: the time to read the\n"
+          "inputs and write the output at the page-cache bandwidths over evomerge's wall time.")
 
 
 if __name__ == "__main__":
