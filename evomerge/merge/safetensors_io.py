@@ -287,7 +287,8 @@ class ShardedWriter:
         written there with ``os.pwrite`` (by several threads at once, each its own part: see
         :mod:`evomerge.merge.without_torch`). Returns the shard's file descriptor and the place's
         offset; the place must be filled before the next call to this writer, which may close
-        the shard. :meth:`close` checks that every shard came out at its planned size."""
+        the shard. :meth:`close` checks that every shard came out at its planned size (which
+        catches a place left unfilled at a shard's end, as a failed thread would leave it)."""
         shard, planned = next(self._order)
         if planned.name != name or tuple(shape) != planned.shape or code != planned.code:
             raise RuntimeError(f"writer expected {planned.name} {planned.shape} {planned.code}, got {name} {shape} {code}")

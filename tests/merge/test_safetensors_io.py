@@ -88,3 +88,38 @@ def test_writer_copies_stored_tensors_byte_for_byte(tmp_path):
         assert torch.equal(f.get_tensor("z"), tensors["c"])
     with pytest.raises(RuntimeError):  # a copy that does not fit the plan is a caller's bug
         ShardedWriter(out, planned, max_shard_bytes=1 << 20).copy("x", header["a"])
+
+
+def test_reserved_places_are_filled_in_any_order_and_a_hole_is_caught(tmp_path):
+    """A reserved tensor is written in parts by pwrite (the numpy path's threads, in any order),
+    between tensors written and copied; a reserved place left unfilled fails close()."""
+    import os
+
+    tensors = {"a": torch.randn(64, 33), "b": torch.randn(5, 7).bfloat16()}
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+    header = read_header(tmp_path / "in.safetensors")
+    planned = [PlannedTensor("x", "F32", (64, 33)), PlannedTensor("y", torch.bfloat16, (5, 7)),
+               PlannedTensor("z", "F32", (3,))]
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardedWriter(out, planned, max_shard_bytes=1 << 20)
+    fd, offset = writer.reserve("x", "F32", (64, 33))
+    raw = tensors["a"].numpy().tobytes()
+    half = len(raw) // 2
+    os.pwrite(fd, raw[half:], offset + half)  # the second half first
+    os.pwrite(fd, raw[:half], offset)
+    writer.copy("y", header["b"])
+    writer.write("z", torch.ones(3))
+    writer.close()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("x"), tensors["a"])
+        assert torch.equal(f.get_tensor("y"), tensors["b"])
+        assert torch.equal(f.get_tensor("z"), torch.ones(3))
+
+    hole = tmp_path / "hole"
+    hole.mkdir()
+    writer = ShardedWriter(hole, planned[:1], max_shard_bytes=1 << 20)
+    fd, offset = writer.reserve("x", "F32", (64, 33))
+    os.pwrite(fd, raw[:half], offset)  # the end never written
+    with pytest.raises(RuntimeError, match="unwritten"):
+        writer.close()
