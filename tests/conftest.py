@@ -48,13 +48,19 @@ def _worker_group(item: pytest.Item) -> str:
     return rel + ("+toy" if _needs_toy_world(item) else "")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs the toy world is slow (building it takes minutes where no current
     ``toy_world/`` exists): ``pytest -m "not slow"`` never builds it.
 
     The tests that need no toy world run first (a stable sort: each group keeps its order), so
     that where the world must be built, the build runs beside them instead of before them; the
-    Ray tests, the longest run of one worker, come first among the rest."""
+    Ray tests, the longest run of one worker, come first among the rest.
+
+    First of the hooks (``tryfirst``): pytest-xdist's own hook turns each test's ``xdist_group``
+    mark into the suffix of its node id, which is what ``--dist loadgroup`` groups by; run after
+    it, the marks came too late, every test was a group of its own, and a file's module fixtures,
+    the shared Ray cluster and the PostgreSQL server were made once on each worker."""
     for item in items:
         if _needs_toy_world(item):
             item.add_marker(pytest.mark.slow)

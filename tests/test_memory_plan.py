@@ -4,7 +4,6 @@ budget, and the refusal (exit 2, nothing written) when the workers cannot fit.""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +105,8 @@ def test_a_float32_merge_of_bfloat16_models_counts_the_live_model_in_float32():
 def test_validate_prints_the_plan_and_a_budget_too_small_exits_2_naming_workers(toy_world, tmp_path):
     import yaml
 
+    from tests.cli_inprocess import run_cli
+
     data = yaml.safe_load((ROOT / "search_spaces" / "toy_ties.yaml").read_text())
     data["models"] = {"base": str(toy_world.base),
                       "donors": [str(toy_world.specialists[n]) for n in ("arith", "reverse")]}
@@ -114,8 +115,7 @@ def test_validate_prints_the_plan_and_a_budget_too_small_exits_2_naming_workers(
 
     def validate(**workers) -> subprocess.CompletedProcess:
         space.write_text(yaml.safe_dump({**data, "workers": {**data.get("workers", {}), **workers}}, sort_keys=False))
-        return subprocess.run([sys.executable, "-m", "evomerge.cli", "validate", str(space)], capture_output=True,
-                              text=True, cwd=tmp_path, timeout=600)
+        return run_cli("validate", str(space), cwd=tmp_path)  # the entry point, in this process
 
     too_small = validate(device_memory="1MB")
     assert too_small.returncode == 2, too_small.stderr

@@ -12,6 +12,7 @@ import yaml
 
 from evomerge.space import SearchSpace
 from evomerge.space_config import load_space_config
+from tests.cli_inprocess import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,7 @@ def _tree(folder: Path) -> dict[str, float]:
 
 
 def _validate(space: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """A process of its own: that a fresh interpreter prints nothing on stderr is tested."""
     return subprocess.run([sys.executable, "-m", "evomerge.cli", "validate", str(space)], capture_output=True,
                           text=True, cwd=cwd, timeout=600)
 
@@ -72,7 +74,7 @@ def test_a_bad_space_exits_2_naming_the_field_and_writes_nothing(toy_world, tmp_
         {"task": "toy_reverse", "metric": "acc", "direction": "maximize"},
     ])
     before = _tree(tmp_path)
-    done = _validate(space, tmp_path)
+    done = run_cli("validate", str(space), cwd=tmp_path)  # the entry point in this process: a refusal needs no fresh one
     assert done.returncode == 2
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()

@@ -13,13 +13,9 @@ test, :func:`run_batch`.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,25 +33,10 @@ def run_batch(cases: list[tuple[str, list[str], Path]], folder: Path, env: dict[
 
 
 def run_one(args: list[str], cwd: str) -> dict[str, object]:
-    from evomerge.cli import main
+    from tests.cli_inprocess import run_cli
 
-    out, err = io.StringIO(), io.StringIO()
-    code: object = 0
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main.main(args, prog_name="evomerge", standalone_mode=True)
-            except SystemExit as exit_:
-                code = exit_.code
-            except BaseException:  # noqa: BLE001  (what Python prints for an uncaught exception, then exit 1)
-                traceback.print_exc(file=sys.stderr)
-                code = 1
-    finally:
-        os.chdir(old)
-    return {"returncode": 0 if code is None else code if isinstance(code, int) else 1,
-            "stdout": out.getvalue(), "stderr": err.getvalue()}
+    done = run_cli(*args, cwd=cwd)
+    return {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
 
 
 def main() -> None:

@@ -4,7 +4,10 @@ One server per session (``postgres_server``); each test is a few tiny searches t
 CLI: a holder on another "host" (a copy of the run folder) is refused by the study's lease, a
 ``kill -9`` holder is taken over and its run resumed to the budget with every trial once, a lost
 host's stale lease is taken over while a fresh one is refused, two runs from two processes share
-one database without mixing, and ``show``/``export`` read it all back.
+one database without mixing, and ``show``/``export`` read it all back. A holder runs in a process
+of its own (it is killed, paused, or runs beside another); the commands that meet it run the same
+entry point in the test's process (``tests/cli_inprocess.py``), without a fresh interpreter's
+imports for each.
 
 What is tested is the trial log and the lease, not where candidates run: the searches use the
 in-process pool (no Ray cluster to start per search; Ray is tested in ``test_worker_faults``,
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import cli_env, evomerge
+from tests.cli_inprocess import run_cli
+
 from .helpers import env_with, reap_session, start, write_space
 from .helpers import space as toy_space
 from .postgres_server import bin_dir, running_server
@@ -99,7 +103,7 @@ def test_postgres_run_is_held_taken_over_after_kill_9_resumed_and_read_back(toy_
 
         # another host with a copy of the run folder: its folder lock is free, the study's lease is not
         shutil.copytree(runs / "faults", other / "faults")
-        refused = evomerge("resume", str(other / "faults"), cwd=tmp_path)
+        refused = run_cli("resume", str(other / "faults"), cwd=tmp_path)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert f"study 'faults' is being searched by pid {holder.pid} on host {socket.gethostname()}" in refused.stderr
         assert "Traceback" not in refused.stderr
@@ -112,7 +116,7 @@ def test_postgres_run_is_held_taken_over_after_kill_9_resumed_and_read_back(toy_
         reap_session(holder.pid)
 
     # the dead holder is seen as gone at once (its pid is not alive on this host): taken over, resumed
-    resumed = evomerge("resume", str(other / "faults"), cwd=tmp_path, timeout=600)
+    resumed = run_cli("resume", str(other / "faults"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials = _records(postgres_url, "faults")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -124,11 +128,11 @@ def test_postgres_run_is_held_taken_over_after_kill_9_resumed_and_read_back(toy_
 
     # show and export read the run back from PostgreSQL, from either folder
     for folder in (runs / "faults", other / "faults"):
-        shown = evomerge("show", str(folder), cwd=tmp_path)
+        shown = run_cli("show", str(folder), cwd=tmp_path)
         # rich folds the run's long path at 80 columns (stdout is not a terminal): unfold it
         assert shown.returncode == 0 and "faults" in shown.stdout.replace("\n", ""), shown.stderr[-3000:]
     out = tmp_path / "best.yaml"
-    exported = evomerge("export", str(other / "faults"), "--best", "-o", str(out), cwd=tmp_path)
+    exported = run_cli("export", str(other / "faults"), "--best", "-o", str(out), cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "merge_method: ties" in out.read_text()
 
@@ -137,10 +141,10 @@ def test_postgres_run_is_held_taken_over_after_kill_9_resumed_and_read_back(toy_
 
     _put_lease(postgres_url, "faults", "lost-host", time.time())
     # fresh for an hour here: a loaded machine may take longer than STALE_S to start the CLI
-    fresh = evomerge("resume", str(other / "faults"), cwd=tmp_path, env=cli_env(EVOMERGE_LEASE_STALE_S="3600"))
+    fresh = run_cli("resume", str(other / "faults"), cwd=tmp_path, env={"EVOMERGE_LEASE_STALE_S": "3600"})
     assert fresh.returncode == 2 and "by pid 4242 on host lost-host" in fresh.stderr, fresh.stderr[-2000:]
     _put_lease(postgres_url, "faults", "lost-host", time.time() - STALE_S - 5)
-    stale = evomerge("resume", str(other / "faults"), cwd=tmp_path)  # budget spent: takes it, nothing to do
+    stale = run_cli("resume", str(other / "faults"), cwd=tmp_path)  # budget spent: takes it, nothing to do
     assert stale.returncode == 0, stale.stderr[-3000:]
     assert _lease(postgres_url, "faults") is None
 
@@ -171,7 +175,7 @@ def test_two_runs_from_two_processes_share_one_database(toy_world, tmp_path, pos
         trials = _records(postgres_url, name)
         assert [t.state for t in trials] == [TrialState.COMPLETE] * BUDGET, name
         units[name] = {json.dumps(t.user_attrs["unit_x"]) for t in trials}
-        shown = evomerge("show", str(tmp_path / "runs" / name), cwd=tmp_path)
+        shown = run_cli("show", str(tmp_path / "runs" / name), cwd=tmp_path)
         assert shown.returncode == 0 and name in shown.stdout.replace("\n", ""), shown.stderr[-2000:]  # unfolded
     assert not units["pg_a"] & units["pg_b"]  # two seeds, two studies: nothing mixed
     assert not (Path(tmp_path / "runs" / "pg_a") / "trials.db").exists()  # the log is in PostgreSQL, not the folder

@@ -1,5 +1,7 @@
 """The run folder as users handle it: renamed, on a read-only or full disk; and a donor that is not
-a fine-tune of the base. Each through the real CLI."""
+a fine-tune of the base. Each through the real CLI: a search that is killed runs in a process of its
+own, the other commands through the same entry point in the test's process
+(``tests/cli_inprocess.py``), without a fresh interpreter's imports for each."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .conftest import evomerge, fingerprint, good_space, write_yaml
+from tests.cli_inprocess import run_cli
+
+from .conftest import fingerprint, good_space, write_yaml
 from .helpers import env_with, read_run, run_to_end, write_space
 from .helpers import space as toy_space
 
@@ -34,7 +38,7 @@ def test_a_renamed_run_folder_resumes_in_place(toy_world, tmp_path):
     assert len(first) == 1
 
     (runs / "faults").rename(runs / "renamed")
-    resumed = evomerge("resume", str(runs / "renamed"), cwd=tmp_path, timeout=600)
+    resumed = run_cli("resume", str(runs / "renamed"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in runs.iterdir()) == ["renamed"]  # never a fresh run under the old name
     records, pareto = read_run(runs / "renamed")
@@ -60,7 +64,7 @@ def test_a_donor_that_is_not_a_fine_tune_is_warned_of_with_its_ratio(toy_world, 
     space = write_yaml(tmp_path / "space.yaml", good_space(toy_world, **{"models.donors": [
         str(stranger), str(toy_world.specialists["reverse"])]}))
     # an unreachable cluster stops the search right after the checks: no Ray start is needed
-    done = evomerge("search", str(space), "--runs-dir", str(tmp_path / "runs"), "--ray-address", "127.0.0.1:9", cwd=tmp_path)
+    done = run_cli("search", str(space), "--runs-dir", str(tmp_path / "runs"), "--ray-address", "127.0.0.1:9", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert len(lines) == 1, done.stderr  # the stranger only; the real specialists differ by about 0.12
@@ -95,7 +99,7 @@ def test_a_read_only_run_folder_is_refused_in_one_line(toy_world, tmp_path):
         space = _run_on(disk, toy_world, tmp_path)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         before = fingerprint(disk / "runs")
-        done = evomerge("search", str(space), "--runs-dir", str(disk / "runs"), cwd=tmp_path)
+        done = run_cli("search", str(space), "--runs-dir", str(disk / "runs"), cwd=tmp_path)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
         assert done.stderr.lstrip().startswith("error: ")
         assert "the run folder" in done.stderr and "is read-only" in done.stderr and "Make it writable" in done.stderr
@@ -115,7 +119,7 @@ def test_a_full_disk_stops_the_search_in_one_line(toy_world, tmp_path):
             pass
         finally:
             os.close(fd)
-        done = evomerge("search", str(space), "--runs-dir", str(disk / "runs"), cwd=tmp_path)
+        done = run_cli("search", str(space), "--runs-dir", str(disk / "runs"), cwd=tmp_path)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
         assert done.stderr.lstrip().startswith("error: ")
         assert "disk is full" in done.stderr or "No space left on device" in done.stderr, done.stderr

@@ -5,13 +5,13 @@ them) still resumes where it ran, and says where to run it from anywhere else.""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.cli_inprocess import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def evomerge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the Hub is a boundary: nothing here may reach it
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, cwd=cwd, check=False,
-                          timeout=900, env=env)
+    """The command line's entry point run from ``cwd``, in this process (``tests/cli_inprocess.py``:
+    what is tested is which folder a command runs from, not a fresh interpreter)."""
+    return run_cli(*args, cwd=cwd, env={"HF_HUB_OFFLINE": "1"})  # the Hub is a boundary: nothing here may reach it
 
 
 def _project(toy_world, tmp_path: Path) -> Path:

@@ -1,5 +1,6 @@
 """A real search on the toy world, end to end: workers, lm-eval scores, the run store, resume,
-show and export, driven through the command line as a user runs it. The workers are the
+show and export, driven through the command line as a user runs it (its entry point, in the test's
+process: see ``tests/cli_inprocess.py``). The workers are the
 in-process pool's (the same evaluator a Ray actor runs; Ray itself is tested in
 ``tests/reliability``: a killed worker, a killed search, a lost node, signals)."""
 
@@ -7,12 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from tests.cli_inprocess import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +51,9 @@ def space(toy_world, *, budget: int, driver: str = "cma", **overrides) -> dict:
 
 
 def evomerge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    """The command line's entry point in this process (``tests/cli_inprocess.py``): a user's
+    commands, without a fresh interpreter's imports for each."""
+    return run_cli(*args, cwd=cwd)
 
 
 def assert_rescores_as(folder: Path, space_file: Path, trial) -> None:
