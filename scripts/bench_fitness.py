@@ -1,7 +1,7 @@
 """Cheap fitness, measured: full fidelity against multi-fidelity (item rungs) at equal forward passes.
 
     python scripts/bench_fitness.py [--world DIR --space FILE ...] [--seeds 5] [--drivers cma tpe]
-                                    [--min-items 8] [--eta 3] [--quick]
+                                    [--items 200] [--min-items 8] [--eta 3] [--runs-dir DIR] [--quick]
 
 For each world and space given (pairs, in order; default: ``toy_world`` with
 ``search_spaces/toy_ties.yaml``), each driver and each seed, it runs the space twice on the
@@ -24,9 +24,19 @@ search), as are the run's hand-set trials. Printed per world and driver, as medi
 - the held-out margin of the final best over the best hand-set merge and over the best single
   input model (each model alone; goal: above 0).
 
+``--items N`` scores N search items per task in both modes (default: the space's
+``evaluation.items``). Rungs pay off with many items: at 64 items, rungs 8/24/64, a whole
+evaluation costs 8 rung-0 scores; at 200 (every search item of a toy task), rungs 8/24/72/200, it
+costs 25, and the full-fidelity run it is set against is the less noisy one.
+
 Space files name the models relative to the repository (``toy_world/base``); a model path whose
-first part is ``toy_world`` is rewritten to the ``--world`` folder, so the same space serves another
-world built with ``evomerge toy build DIR``. ``--quick``: one seed, one driver, a quarter of the
+first part starts with ``toy_world`` (``toy_world_compose/...`` too) is rewritten to the ``--world``
+folder, so the same space serves another world built with ``evomerge toy build DIR``. A full run
+already complete in ``--runs-dir`` is read back rather than rerun: with one worker its trials
+finished in number order, so the log gives the timeline ``on_progress`` saw (the rungs runs are
+always run: promotion reorders them; a rungs run left in the folder is resumed, so clear them).
+Run names say world, space, driver and seed, not ``--items`` or the rungs: reuse a folder only
+with the same settings. ``--quick``: one seed, one driver, a quarter of the
 budget, for a smoke run. Output is the table only (no progress lines).
 """
 
