@@ -20,7 +20,9 @@ and which workers are idle.
 With ``evaluation.rungs`` (:mod:`evomerge.rungs`) a candidate is scored rung by rung: each rung
 result is written to its trial at once, the promotion rule decides, and a promoted candidate waits
 for the next free worker ahead of any new one (a trial under promotion counts against the budget
-as one trial out). Only a candidate's last rung is told to the driver.
+as one trial out). Only a candidate's last rung is told to the driver. Hand-set trials climb
+together: each rung's decision on them waits until all of them are back from it (a few trials, at
+the start), see ``_decide_hand_set``.
 """
 
 from __future__ import annotations
