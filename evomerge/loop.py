@@ -20,7 +20,9 @@ and which workers are idle.
 With ``evaluation.rungs`` (:mod:`evomerge.rungs`) a candidate is scored rung by rung: each rung
 result is written to its trial at once, the promotion rule decides, and a promoted candidate waits
 for the next free worker ahead of any new one (a trial under promotion counts against the budget
-as one trial out). Only a candidate's last rung is told to the driver.
+as one trial out). Only a candidate's last rung is told to the driver. Hand-set trials climb
+together: each rung's decision on them waits until all of them are back from it (a few trials, at
+the start), see ``_decide_hand_set``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Flight:
     failed_on: Worker | None = None  # the worker of the last failed attempt: a retry goes elsewhere
     rung: int | None = None  # with rungs: the rung this job completes (None: a whole evaluation)
     items: Mapping[str, Sequence[int]] | None = None  # with rungs: the items this job scores (the new ones)
+    hand_set: bool = False  # a hand-set trial: with rungs, it climbs with the other hand-set trials
 
 
 @dataclass
@@ -154,6 +157,8 @@ class SearchLoop:
         self._rung_state: dict[int, Any] = {}  # trial number -> RungState, while it climbs
         self._rung_timings: dict[int, dict[str, float]] = {}
         self._inheritable: dict[str, Any] = {}  # recipe JSON -> an interrupted trial's rung results
+        self._hand_set_climbing: set[int] = set()  # hand-set trials out or waiting, not told yet
+        self._hand_set_waiting: dict[int, tuple[Flight, dict[str, float], str]] = {}  # at a rung, for the others
         if rungs is not None:
             from .rungs import INHERITED_ATTR, ITEMS_ATTR, make_promotion
 
@@ -180,6 +185,8 @@ class SearchLoop:
                 raise SearchStopped(f"another process took over {self.store.path} while this one stalled; this one stops "
                                     "and writes nothing more (the other holds the run now)")
             self._dispatch_retries()
+            if self._hand_set_waiting and self._left_to_ask() <= 0:
+                self._decide_hand_set(force=True)  # no more hand-set trials will be asked to join
             self._dispatch_promotions()
             wanted = self._ask_and_submit()
             if not self.flights and not self.retries and not self.promotions and (wanted <= 0 or self.idle):
@@ -192,8 +199,7 @@ class SearchLoop:
 
     def _ask_and_submit(self) -> int:
         """Ask while a worker is free and the budget allows; returns how many more it allows."""
-        wanted = (self.budget - self.store.counts().finished - len(self.flights) - len(self.retries)
-                  - len(self.promotions))
+        wanted = self._left_to_ask()
         if self.max_forward_passes is not None and self.progress.forward_passes >= self.max_forward_passes:
             return 0
         while self.idle and wanted > 0:
@@ -202,13 +208,21 @@ class SearchLoop:
                 break  # CMA waits for its generation to come back
             recipe_json = self.space.decode(proposal.values).to_json()
             self.store.annotate(proposal.number, {"recipe": recipe_json})
-            flight = Flight(proposal.number, recipe_json, proposal.generation)
+            flight = Flight(proposal.number, recipe_json, proposal.generation, hand_set=proposal.hand_set)
             wanted -= 1
-            if self.rungs is not None and not self._first_rung(flight, proposal.full_fidelity):
+            if self.rungs is not None and not self._first_rung(flight):
                 continue  # decided from inherited results: told, or waiting for promotion
             self._submit(flight, self.idle.pop())
             failpoints.hit("search.after_dispatch")  # candidates are out on workers
         return wanted
+
+    def _left_to_ask(self) -> int:
+        """New trials the budget allows (those out, waiting or promoted count against it); 0 once
+        ``max_forward_passes`` is spent."""
+        if self.max_forward_passes is not None and self.progress.forward_passes >= self.max_forward_passes:
+            return 0
+        return (self.budget - self.store.counts().finished - len(self.flights) - len(self.retries)
+                - len(self.promotions) - len(self._hand_set_waiting))
 
     def _dispatch_promotions(self) -> None:
         """Promoted candidates go to idle workers before any new candidate is asked (ASHA)."""
@@ -235,10 +249,10 @@ class SearchLoop:
 
     # ---- rungs (multi-fidelity; see evomerge.rungs) -------------------------------------------
 
-    def _first_rung(self, flight: Flight, full_fidelity: bool) -> bool:
-        """Set a new trial's first job: rung 0, or the top rung at once (``full_fidelity``: hand-set
-        trials). A rerun of an interrupted trial takes over its per-item results first and asks the
-        promotion rule again for each rung they reach. False: nothing to submit now."""
+    def _first_rung(self, flight: Flight) -> bool:
+        """Set a new trial's first job: rung 0. A rerun of an interrupted trial takes over its
+        per-item results first and asks the promotion rule again for each rung they reach (a
+        hand-set rerun climbs on past them: it was promoted to get them). False: nothing to submit now."""
         from .rungs import INHERITED_ATTR, RUNG_OF_ATTR, RungState
 
         state = RungState()
@@ -249,17 +263,21 @@ class SearchLoop:
             self.store.annotate(flight.number, {INHERITED_ATTR: old.number, **state.attrs()})
         self._rung_state[flight.number] = state
         self.store.annotate(flight.number, {RUNG_OF_ATTR: self.rungs.top + 1})
-        target = self.rungs.top if full_fidelity else 0
-        if old is not None and not full_fidelity:
+        target = 0
+        if old is not None:
             reached = self._reached(state)
             for rung in range(reached + 1):
                 values = self._rung_values(state, rung)
                 state.values[rung] = values
                 self.store.annotate(flight.number, state.attrs())
-                if rung == self.rungs.top or not self.promotion.promote(flight.number, rung, values):
+                if flight.hand_set and rung < self.rungs.top:
+                    self.promotion.enter(flight.number, rung, values)
+                elif rung == self.rungs.top or not self.promotion.promote(flight.number, rung, values):
                     self._tell_rung_outcome(flight, rung, values)
                     return False
             target = reached + 1
+        if flight.hand_set:
+            self._hand_set_climbing.add(flight.number)
         return self._set_job(flight, target)
 
     def _rung_values(self, state: Any, rung: int) -> dict[str, float]:
@@ -302,6 +320,7 @@ class SearchLoop:
             timings[key] += value
         self.progress.forward_passes += int((result.cost or {}).get("forward_passes", 0))
         if result.error is not None or result.per_item is None:
+            self._hand_set_climbing.discard(flight.number)
             cost = add_costs(state.cost, result.cost or {})
             attrs = {"timings": timings, "worker": result.worker, "attempts": flight.attempts, **self._gen(flight)}
             if cost:
@@ -310,32 +329,62 @@ class SearchLoop:
             record = self.driver.tell(flight.number, None, failed_reason=result.error or "no per-item results",
                                       attrs=attrs)
             self._recorded(record, counted=True)
+            self._decide_hand_set()  # the others no longer wait for this one
             return
         assert flight.rung is not None
         state.add(result.per_item, result.cost)
         state.measured.update(result.objectives or {})
         values = {**self.rungs.combine(state.per_item), **state.measured}
         state.values[flight.rung] = values
-        if flight.rung == self.rungs.top:
-            self._enter_lower_rungs(flight.number, state)
         self.store.annotate(flight.number, state.attrs())
         failpoints.hit("search.after_rung")  # a rung result is recorded, its promotion not yet decided
+        if flight.hand_set and flight.rung < self.rungs.top:
+            self._hand_set_waiting[flight.number] = (flight, values, result.worker)
+            self._decide_hand_set()
+            return
+        self._hand_set_climbing.discard(flight.number)
         if flight.rung == self.rungs.top or not self.promotion.promote(flight.number, flight.rung, values):
             self._tell_rung_outcome(flight, flight.rung, values, worker=result.worker)
+            self._decide_hand_set()
             return
+        self._promote(flight)
+
+    def _promote(self, flight: Flight) -> None:
+        assert flight.rung is not None
         self._set_job(flight, flight.rung + 1)
         self.promotions.append(flight)
 
-    def _enter_lower_rungs(self, number: int, state: Any) -> None:
-        """A trial scored at the top rung at once (hand-set) competes at every rung below too, with
-        its means over each rung's items: the baseline sets the bar a searched candidate must pass
-        to go up (the promotion rule's verdict on it is not used)."""
-        for rung in range(self.rungs.top):
-            if rung in state.values:
-                continue
-            values = self._rung_values(state, rung)
-            state.values[rung] = values
-            self.promotion.promote(number, rung, values)
+    def _decide_hand_set(self, force: bool = False) -> None:
+        """Hand-set trials climb together: once every one still climbing waits at its rung (and the
+        driver has none left to ask), the best of them by the plain sum ``--best`` ranks by goes up,
+        and so does each one the rung's items cannot yet tell from it (:func:`~evomerge.rungs.
+        indistinguishable`); the rest stop there. So the best hand-set merge is scored on every item
+        (a search never ends below it, issue item 3) unless a rung's items showed it worse, while
+        the clearly worse ones (the base alone, a specialist beside a merge of both) cost a rung-0
+        score. Each one competes at its rungs, setting the bar a searched candidate must pass."""
+        if not self._hand_set_waiting or set(self._hand_set_waiting) != self._hand_set_climbing:
+            return
+        if getattr(self.driver, "hand_set_left", 0) and not force:
+            return  # more hand-set trials to come (``force``: none will be asked): they join this rung's decision
+        from .rungs import indistinguishable
+
+        waiting = sorted(self._hand_set_waiting.values(), key=lambda w: w[0].number)
+        self._hand_set_waiting.clear()
+        rung = waiting[0][0].rung
+        assert rung is not None
+        items = self.rungs.items(rung)
+        directions = self.store.directions
+        samples = {f.number: self._rung_state[f.number] for f, _, _ in waiting}
+        best = max(waiting, key=lambda w: (sum((1.0 if d == "maximize" else -1.0) * w[1][n]
+                                               for n, d in directions.items()), -w[0].number))[0].number
+        for flight, values, worker in waiting:
+            self.promotion.enter(flight.number, rung, values)
+            if flight.number == best or indistinguishable(samples[flight.number], samples[best], values,
+                                                          next(v for f, v, _ in waiting if f.number == best), items, directions):
+                self._promote(flight)
+            else:
+                self._hand_set_climbing.discard(flight.number)
+                self._tell_rung_outcome(flight, rung, values, worker=worker)
 
     def _tell_rung_outcome(self, flight: Flight, rung: int, values: Mapping[str, float], worker: str = "") -> None:
         """Tell the driver a candidate's last rung: complete, stopped below the top when ``rung`` is."""
@@ -478,6 +527,9 @@ class SearchLoop:
                 attrs["cost"] = state.cost
             self._forget(flight.number)
         self._recorded(self.driver.tell(flight.number, None, failed_reason=reason, attrs=attrs), counted=counted)
+        if counted and flight.number in self._hand_set_climbing:
+            self._hand_set_climbing.discard(flight.number)
+            self._decide_hand_set()  # the others no longer wait for this one
 
     def _recorded(self, record: Any, *, counted: bool = False) -> None:
         """Count a told trial, whatever its outcome, and show it (``counted``: its forward passes

@@ -17,16 +17,27 @@ first (rung 0), then ``m*e``, ``m*e**2`` ... up to every item (the top rung). Wh
   One objective: Optuna's ``SuccessiveHalvingPruner`` decides, on the run's study, with each rung's
   mean reported as the intermediate value at step ``min_items * eta**k``
   (:class:`OptunaSuccessiveHalving`). Several objectives (Optuna cannot prune multi-objective
-  studies): :class:`ParetoSuccessiveHalving` promotes a candidate that no other candidate at its
-  rung dominates (it can still reach the front), or one within the best ``1/eta`` of the rung by
-  domination count (Fonseca and Fleming's Pareto ranking), the same share ASHA keeps.
+  studies): :class:`ParetoSuccessiveHalving` ranks the candidates at a rung by how many others
+  dominate them (Fonseca and Fleming's Pareto ranking; 0: it can still reach the front), then by
+  the plain sum of their objectives (what ``export --best`` ranks by), and promotes the best
+  ``1/eta`` (at least the best one), the same share ASHA keeps. Why not every undominated one:
+  with four objectives on 8 items per task most candidates are undominated, and promoting them
+  all scored a third of a compose-world search on every item (``scripts/bench_fitness.py``: 1.2x
+  instead of eta 3's promise).
 - **What a stopped trial is.** It is a complete trial whose objectives are its rung's means, with
   attribute ``stopped_at_rung``. The Pareto front, ``export --best`` and the live "best" use
   full-fidelity trials only (:func:`full_fidelity`); Optuna samplers learn from a stopped trial's
   rung means (an estimate on fewer items; it was stopped for ranking low at its rung); CMA-ES ranks
   it below every full-fidelity member of its generation (``evomerge.drivers.cma_driver``).
-- **Hand-set trials** are scored at the top rung at once: they are the baseline a search must
-  beat, so they are measured as precisely as what they are compared with.
+- **Hand-set trials** start at rung 0 too and climb together (``evomerge.loop``): once all of
+  them are back from a rung, the best by the plain sum goes up whatever the rule says, and so
+  does each one that :func:`indistinguishable` cannot yet tell from it (paired per-item
+  differences within ``HAND_SET_Z`` standard errors); the others stop. So the best hand-set merge
+  is scored on every item unless a rung's items showed it worse, and the search never ends below
+  it (issue 12, item 3); the base alone or a specialist beside a merge of both costs a rung-0
+  score instead of a whole evaluation (on the pair world, where the hand-set task arithmetic is
+  already within 5% of any search's best, this is most of the saving). Their rung means compete
+  at every rung, so a searched candidate must do about as well as them to go up.
 - **Resume.** A trial a kill interrupted keeps its per-item results in the log. When the driver
   hands the same recipe out again, the new trial inherits them (``rung_items_from`` names the
   old one), the promotion rule is asked again rung by rung, and only items never scored for the
@@ -162,10 +173,38 @@ def add_costs(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+HAND_SET_Z = 2.0  # standard errors of the paired difference under which a hand-set merge stays in
+
+
+def indistinguishable(state: RungState, best: RungState, values: Mapping[str, float], best_values: Mapping[str, float],
+                      items: Mapping[str, Sequence[int]], directions: Mapping[str, str]) -> bool:
+    """Whether a rung's items cannot tell a candidate from ``best``: the plain sum of objectives
+    (what ``--best`` ranks by) differs by less than ``HAND_SET_Z`` standard errors of the paired
+    per-item differences (both were scored on the same items, so the items' own difficulty cancels).
+    A value measured whole (``l2_from_base``) has no sampling error: its difference counts as is."""
+    gap, variance = 0.0, 0.0
+    for name, direction in directions.items():
+        sign = 1.0 if direction == "maximize" else -1.0
+        mine, theirs = state.per_item.get(name), best.per_item.get(name)
+        if mine is None or theirs is None:
+            gap += sign * (float(best_values[name]) - float(values[name]))
+            continue
+        docs = items[objective_task(name)]
+        diffs = [sign * (theirs[d] - mine[d]) for d in docs]
+        mean = sum(diffs) / len(diffs)
+        gap += mean
+        if len(diffs) > 1:
+            variance += sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs)
+    return gap <= HAND_SET_Z * variance**0.5
+
+
 class Promotion(Protocol):
     """Decides, when a rung result arrives, whether the candidate goes up a rung."""
 
     def promote(self, number: int, rung: int, values: Mapping[str, float]) -> bool: ...
+
+    def enter(self, number: int, rung: int, values: Mapping[str, float]) -> None:
+        """Let a result compete at ``rung`` (it raises the bar) without a verdict on it."""
 
 
 class OptunaSuccessiveHalving:
@@ -181,13 +220,17 @@ class OptunaSuccessiveHalving:
         self._pruner = optuna.pruners.SuccessiveHalvingPruner(
             min_resource=ladder.min_items, reduction_factor=ladder.eta, min_early_stopping_rate=0, bootstrap_count=0)
 
+    def enter(self, number: int, rung: int, values: Mapping[str, float]) -> None:
+        self.promote(number, rung, values)  # reported to the study; the verdict is not used
+
     def promote(self, number: int, rung: int, values: Mapping[str, float]) -> bool:
         return not self._store.report_rung(number, self._ladder.step(rung), values[self._objective], self._pruner)
 
 
 class ParetoSuccessiveHalving:
-    """Several objectives: promote a candidate no other at its rung dominates, or one within the best
-    ``1/eta`` of its rung by domination count (see the module docstring)."""
+    """Several objectives: promote a candidate that ranks within the best ``1/eta`` of its rung (at
+    least the best one), ranked by domination count, then by the plain sum of its objectives (see
+    the module docstring)."""
 
     def __init__(self, directions: Mapping[str, str], eta: int, trials: Sequence[Any] = ()) -> None:
         self._signs = {n: (1.0 if d == "maximize" else -1.0) for n, d in directions.items()}
@@ -204,19 +247,22 @@ class ParetoSuccessiveHalving:
     def _vector(self, values: Mapping[str, float]) -> tuple[float, ...]:
         return tuple(s * float(values[n]) for n, s in self._signs.items())
 
+    def enter(self, number: int, rung: int, values: Mapping[str, float]) -> None:
+        """Let a result compete at ``rung`` without asking for a verdict on it."""
+        self._seen.setdefault(rung, {})[number] = self._vector(values)
+
     def promote(self, number: int, rung: int, values: Mapping[str, float]) -> bool:
-        competing = self._seen.setdefault(rung, {})
-        competing[number] = self._vector(values)
+        self.enter(number, rung, values)
+        competing = self._seen[rung]
         vectors = list(competing.values())
 
-        def dominated_by(v: tuple[float, ...]) -> int:
-            return sum(1 for o in vectors if all(a >= b for a, b in zip(o, v)) and o != v)
+        def rank(v: tuple[float, ...]) -> tuple[int, float]:
+            dominated_by = sum(1 for o in vectors if all(a >= b for a, b in zip(o, v)) and o != v)
+            return dominated_by, -sum(v)
 
-        mine = dominated_by(competing[number])
-        if mine == 0:
-            return True  # nothing at its rung dominates it: it can still reach the front
-        counts = sorted(dominated_by(v) for v in vectors)
-        return mine <= counts[max(0, len(vectors) // self._eta - 1)]
+        mine = rank(competing[number])
+        kept = max(1, len(vectors) // self._eta)  # ASHA's share, and the best one of a rung of fewer than eta
+        return sum(1 for v in vectors if rank(v) < mine) < kept
 
 
 def make_promotion(store: Any, ladder: RungLadder) -> Promotion:

@@ -1,7 +1,7 @@
 """Cheap fitness, measured: full fidelity against multi-fidelity (item rungs) at equal forward passes.
 
     python scripts/bench_fitness.py [--world DIR --space FILE ...] [--seeds 5] [--drivers cma tpe]
-                                    [--min-items 8] [--eta 3] [--quick]
+                                    [--items 200] [--min-items 8] [--eta 3] [--runs-dir DIR] [--quick]
 
 For each world and space given (pairs, in order; default: ``toy_world`` with
 ``search_spaces/toy_ties.yaml``), each driver and each seed, it runs the space twice on the
@@ -24,9 +24,19 @@ search), as are the run's hand-set trials. Printed per world and driver, as medi
 - the held-out margin of the final best over the best hand-set merge and over the best single
   input model (each model alone; goal: above 0).
 
+``--items N`` scores N search items per task in both modes (default: the space's
+``evaluation.items``). Rungs pay off with many items: at 64 items, rungs 8/24/64, a whole
+evaluation costs 8 rung-0 scores; at 200 (every search item of a toy task), rungs 8/24/72/200, it
+costs 25, and the full-fidelity run it is set against is the less noisy one.
+
 Space files name the models relative to the repository (``toy_world/base``); a model path whose
-first part is ``toy_world`` is rewritten to the ``--world`` folder, so the same space serves another
-world built with ``evomerge toy build DIR``. ``--quick``: one seed, one driver, a quarter of the
+first part starts with ``toy_world`` (``toy_world_compose/...`` too) is rewritten to the ``--world``
+folder, so the same space serves another world built with ``evomerge toy build DIR``. A full run
+already complete in ``--runs-dir`` is read back rather than rerun: with one worker its trials
+finished in number order, so the log gives the timeline ``on_progress`` saw (the rungs runs are
+always run: promotion reorders them; a rungs run left in the folder is resumed, so clear them).
+Run names say world, space, driver and seed, not ``--items`` or the rungs: reuse a folder only
+with the same settings. ``--quick``: one seed, one driver, a quarter of the
 budget, for a smoke run. Output is the table only (no progress lines).
 """
 
@@ -68,12 +78,12 @@ class Outcome:
 
 
 def world_space(space_file: Path, world: Path, name: str, driver: str, seed: int, budget_scale: float,
-                hand_set: bool = True) -> dict:
+                hand_set: bool = True, items: int | None = None) -> dict:
     data = yaml.safe_load(space_file.read_text())
 
     def moved(path: str) -> str:
         parts = Path(path).parts
-        return str(world.joinpath(*parts[1:])) if parts and parts[0] == "toy_world" else str((ROOT / path).resolve())
+        return str(world.joinpath(*parts[1:])) if parts and parts[0].startswith("toy_world") else str((ROOT / path).resolve())
 
     data["name"] = name
     data["models"]["base"] = moved(data["models"]["base"])
@@ -85,6 +95,8 @@ def world_space(space_file: Path, world: Path, name: str, driver: str, seed: int
         data["search"].pop("population", None)
         data["search"].pop("sigma0", None)
     data["workers"] = {"count": 1, "cpus_per_worker": 1, "pool": "inprocess"}
+    if items is not None:
+        data["evaluation"]["items"] = items
     return data
 
 
@@ -144,15 +156,35 @@ def run_one(data: dict, runs_dir: Path, held_out: HeldOut | None, max_fp: int | 
     store = RunStore.open(run)
     try:
         records = {r.number: r for r in store.trials()}
+        directions = dict(store.directions)
         outcome = Outcome(spent=store.spent().forward_passes)
     finally:
         store.close()
+    if not bests and max_fp is None:  # a full run already complete in --runs-dir: read back, not rerun
+        bests = timeline_from_log(records, directions)
     for fp, number in bests:
         outcome.timeline.append((fp, held_out(records[number].recipe_json)))
     hand = held_out.baselines(config)
     outcome.hand_set = max(hand.values())
     outcome.single = max(v for k, v in hand.items() if k.endswith(" alone"))
     return outcome, held_out
+
+
+def timeline_from_log(records: dict[int, Any], directions: dict[str, str]) -> list[tuple[int, int]]:
+    """(forward passes spent, best trial) whenever the best changed, for a run without rungs on one
+    worker: its trials finished in number order, so the log gives what ``on_progress`` saw."""
+    from evomerge.export import scalar_score
+
+    out: list[tuple[int, int]] = []
+    spent, best = 0, None
+    for number in sorted(records):
+        r = records[number]
+        spent += r.forward_passes
+        if r.state == "complete" and r.objectives and (
+                best is None or scalar_score(r, directions) > scalar_score(records[best], directions)):
+            best = number
+            out.append((spent, number))
+    return out
 
 
 def spread(values: list[float], fmt: str = "{:.3f}") -> str:
@@ -169,6 +201,8 @@ def main() -> None:
     parser.add_argument("--drivers", nargs="+", default=["cma", "tpe"])
     parser.add_argument("--min-items", type=int, default=8)
     parser.add_argument("--eta", type=int, default=3)
+    parser.add_argument("--items", type=int, default=None,
+                        help="search items per task in both modes (default: the space's evaluation.items)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="where the runs go (default: a fresh temp folder)")
     parser.add_argument("--quick", action="store_true", help="one seed, one driver, a quarter of the budget")
     parser.add_argument("--no-hand-set", action="store_true",
@@ -187,7 +221,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs_dir = (args.runs_dir or Path(tempfile.mkdtemp(prefix="evomerge-bench-fitness-"))).resolve()
     rungs = {"min_items": args.min_items, "eta": args.eta}
-    print(f"rungs {rungs}; {seeds} seed(s); hand-set trials {'off' if args.no_hand_set else 'first'}; "
+    print(f"rungs {rungs}; items per task {args.items or 'as in each space'}; {seeds} seed(s); hand-set trials {'off' if args.no_hand_set else 'first'}; "
           f"in-process pool, one worker; runs in {runs_dir}")
     print("| world / space | driver | mode | trials' forward passes | best held-out mean | forward passes to 95% of full's "
           "| full / rungs passes to 95% | margin over best hand-set | margin over best single model |")
@@ -203,9 +237,9 @@ def main() -> None:
                 tag = f"{world.name}-{space_file.stem}-{driver}-s{seed}"
                 hand = not args.no_hand_set
                 tag += "" if hand else "-nohand"
-                data = world_space(space_file, world, f"{tag}-full", driver, seed, scale, hand)
+                data = world_space(space_file, world, f"{tag}-full", driver, seed, scale, hand, args.items)
                 full, held_out = run_one(data, runs_dir, held_out, None)
-                data = world_space(space_file, world, f"{tag}-rungs", driver, seed, scale, hand)
+                data = world_space(space_file, world, f"{tag}-rungs", driver, seed, scale, hand, args.items)
                 data["evaluation"]["rungs"] = rungs
                 data["search"]["budget"] *= 20  # the forward passes end it, not the trials
                 multi, held_out = run_one(data, runs_dir, held_out, full.spent)

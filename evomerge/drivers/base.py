@@ -28,7 +28,7 @@ class Proposal:
     number: int
     values: Mapping[str, Value]
     generation: int | None = None  # CMA generation (for logs); None for the Optuna samplers
-    full_fidelity: bool = False  # scored on every item even with rungs (hand-set trials: the baseline)
+    hand_set: bool = False  # a hand-set trial (with rungs, they climb together: see evomerge.loop)
 
 
 class Driver(Protocol):

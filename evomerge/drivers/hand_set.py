@@ -79,6 +79,11 @@ class HandSetFirst:
         self.name = driver.name if driver is not None else "cma"
 
     @property
+    def hand_set_left(self) -> int:
+        """Hand-set trials not asked yet."""
+        return len(self._todo)
+
+    @property
     def driver(self) -> Driver | None:
         """The wrapped driver (None until a CMA driver is built after the hand-set trials)."""
         return self._inner
@@ -91,7 +96,7 @@ class HandSetFirst:
                 attrs["rerun_of"] = lost
             number = self._store.start_trial(dict(point.values), self._distributions, attrs, study=self._study)
             self._outstanding.add(number)
-            return Proposal(number, dict(point.values), full_fidelity=True)
+            return Proposal(number, dict(point.values), hand_set=True)
         if self._inner is None:
             if self._outstanding:
                 return None  # CMA starts where the best hand-set trial is: wait for the last one
@@ -119,13 +124,17 @@ class HandSetFirst:
         return {**inner, "hand_set_left": [p.label for p, _ in self._todo], "hand_set_out": sorted(self._outstanding)}
 
     def _best_values(self) -> Mapping[str, Any] | None:
-        """The values of the best complete hand-set trial (the first listed on a tie), or None."""
-        best: tuple[float, int] | None = None
+        """The values of the best complete hand-set trial (the first listed on a tie), or None.
+        With rungs, one scored on every item outranks those stopped lower (fewer items, and
+        stopped for ranking low)."""
+        from evomerge.rungs import full_fidelity
+
+        best: tuple[bool, float, int] | None = None
         values = None
         for t in self._store.trials():
             if HAND_SET_ATTR not in t.attrs or t.state != "complete" or not t.objectives:
                 continue
             score = scalarize(t.objectives, self._objectives, self._constraints)
-            if best is None or (score, -t.number) > best:
-                best, values = (score, -t.number), t.params
+            if best is None or (full_fidelity(t), score, -t.number) > best:
+                best, values = (full_fidelity(t), score, -t.number), t.params
         return values

@@ -66,9 +66,10 @@ class Rungs(_Strict):
     the rung below (so only metrics lm-eval aggregates by ``mean`` are accepted). A candidate goes
     up a rung only while it ranks in the best ``1/eta`` of the candidates that reached that rung
     (one objective: Optuna's ``SuccessiveHalvingPruner``) or is dominated by few enough of them
-    (several objectives: no other candidate at its rung dominates it, or it is within the best
-    ``1/eta`` by domination count). Hand-set trials are scored at the top rung: they are the
-    baseline. The Pareto front, ``export --best`` and CMA-ES's ranking use top-rung results only
+    (several objectives: it is within the best ``1/eta`` of its rung ranked by how many others
+    dominate it, then by the sum of its objectives). Hand-set trials start at the first rung
+    too and climb together: the best of them goes up, and so does each one its rung's items cannot
+    yet tell from the best. The Pareto front, ``export --best`` and CMA-ES's ranking use top-rung results only
     (a candidate stopped early ranks below every full-fidelity one of its generation)."""
 
     min_items: int = Field(ge=1)

@@ -76,7 +76,25 @@ def test_rungs_promote_stop_and_equal_a_whole_evaluation(toy_world, tmp_path, dr
     stopped = [r for r in searched if STOPPED_ATTR in r.attrs]
     whole = [r for r in searched if full_fidelity(r)]
     assert stopped and whole, "a rung search both stops and promotes candidates"
-    assert all(full_fidelity(r) for r in hand_set), "hand-set trials are the baseline: scored on every item"
+    if hand_set:
+        # hand-set trials climb together from rung 0: the best on each rung's items (by the sum
+        # --best ranks by) goes up whatever the rule says, so the search never ends below it;
+        # one is stopped only where its rung's items show it below that best one
+        from evomerge.rungs import VALUES_ATTR
+
+        def at(r, rung):
+            return sum(r.attrs[VALUES_ATTR][str(rung)].values())
+
+        assert all("0" in r.attrs[VALUES_ATTR] for r in hand_set)
+        on_rung0 = max(hand_set, key=lambda r: (at(r, 0), -r.number))
+        for r in hand_set:
+            if STOPPED_ATTR in r.attrs:
+                k = r.attrs[STOPPED_ATTR]
+                assert at(r, k) < max(at(o, k) for o in hand_set if str(k) in o.attrs[VALUES_ATTR])
+        climbed = [r for r in hand_set if full_fidelity(r)]
+        assert climbed and (on_rung0 in climbed or STOPPED_ATTR not in on_rung0.attrs)
+        best_whole = max(sum(r.objectives.values()) for r in records if full_fidelity(r))
+        assert best_whole >= max(sum(r.objectives.values()) for r in climbed)
 
     prepared, full = whole_evaluation(cfg, records)
     ladder: RungLadder = prepared.rungs
@@ -105,10 +123,11 @@ def test_rungs_promote_stop_and_equal_a_whole_evaluation(toy_world, tmp_path, dr
         store.close()
     from evomerge.report import rungs_sentence
 
-    assert rungs_sentence(records) == (f"rungs: {len(records) - len(stopped)} trials scored on every item (rung 3 of 3); "
+    stopped_all = [r for r in records if STOPPED_ATTR in r.attrs]  # hand-set trials stop too
+    assert rungs_sentence(records) == (f"rungs: {len(records) - len(stopped_all)} trials scored on every item (rung 3 of 3); "
                                        f"stopped lower: " + ", ".join(
                                            f"{n} at rung {k + 1}" for k in range(2)
-                                           if (n := sum(r.attrs[STOPPED_ATTR] == k for r in stopped))))
+                                           if (n := sum(r.attrs[STOPPED_ATTR] == k for r in stopped_all))))
     everything = sum(full[r.number].cost["forward_passes"] for r in records)
     assert spent == sum(r.forward_passes for r in records) < everything  # the saving, counted
 
@@ -140,6 +159,14 @@ def test_a_run_killed_between_a_rung_and_its_promotion_resumes_without_rescoring
         _, full = whole_evaluation(cfg, [heir])
         assert dict(heir.objectives) == {k: full[heir.number].objectives[k] for k in heir.objectives}
     assert len([r for r in records if r.finished]) == data["search"]["budget"]
+
+
+def test_hand_set_trials_cut_by_the_budget_still_finish(toy_world, tmp_path):
+    # fewer trials than hand-set merges: the ones asked cannot wait for the others to climb together
+    cfg = config(space_data(toy_world, driver="tpe", budget=2, objectives="mean"), tmp_path)
+    records, _ = read_run(run_search(cfg, runs_dir=tmp_path / "runs"))
+    assert len(records) == 2 and all(r.state == "complete" and "hand_set" in r.attrs for r in records)
+    assert any(full_fidelity(r) for r in records), "the best of them is scored on every item"
 
 
 def test_bad_rung_settings_are_refused_before_anything_runs(toy_world, tmp_path):
@@ -183,6 +210,15 @@ def test_pareto_rule_promotes_what_can_still_reach_the_front():
     rule = ParetoSuccessiveHalving({"a": "maximize", "b": "minimize"}, eta=3)
     assert rule.promote(0, 0, {"a": 0.5, "b": 1.0})  # alone on its rung
     assert rule.promote(1, 0, {"a": 0.9, "b": 0.5})  # dominates the first
-    assert rule.promote(2, 0, {"a": 0.1, "b": 0.1})  # nothing dominates it: it may reach the front
+    # nothing dominates it, but with 3 at the rung ASHA keeps 1: the other undominated one has the
+    # larger sum (0.9 - 0.5 against 0.1 - 0.1)
+    assert not rule.promote(2, 0, {"a": 0.1, "b": 0.1})
     assert not rule.promote(3, 0, {"a": 0.2, "b": 2.0})  # two of the three dominate it
     assert rule.promote(4, 1, {"a": 0.0, "b": 9.0})  # rungs compete separately
+    # several undominated at a rung: only ASHA's share goes up, the best by sum first
+    rule = ParetoSuccessiveHalving({"a": "maximize", "b": "maximize"}, eta=3)
+    front = [(0.3, 0.8), (0.0, 1.0), (1.0, 0.0), (0.8, 0.2)]  # none dominates another
+    assert [rule.promote(i, 0, {"a": a, "b": b}) for i, (a, b) in enumerate(front)] == [True, False, False, False]
+    rule.enter(10, 0, {"a": 0.6, "b": 0.6})  # competes without a verdict (a hand-set trial): sum 1.2
+    assert rule.promote(5, 0, {"a": 0.5, "b": 0.65})  # 6 at the rung, 2 kept: second behind trial 10
+    assert not rule.promote(6, 0, {"a": 0.55, "b": 0.55})  # trial 10 dominates it
