@@ -55,13 +55,13 @@ def test_a_good_space_passes_scores_the_base_and_writes_nothing(toy_world, tmp_p
     assert f"search space: {len(coordinates)} coordinates ({coordinates[0]}," in out
     assert f"models.base: {toy_world.base} (4 layers, " in out
     assert f"models.donors[1]: {toy_world.specialists['reverse']} (4 layers, " in out
-    assert "driver: cma, budget 48 trials, population 8" in out
+    assert f"driver: cma, budget {config.search.budget} trials, population 8" in out
     assert "hand-set trials first (4, within the budget): base alone, arith alone, reverse alone, task arithmetic" in out
     assert "'ties, registry defaults, weight 1' skipped: normalize is pinned to False" in out
     assert "workers: 2 on a local Ray cluster, 1 CPU and 0 GPU each" in out
     tasks_total = {t: sum(1 for _ in open(ROOT / "eval_tasks" / f"{t}.jsonl")) for t in ("toy_arith", "toy_reverse")}
     for task, total in tasks_total.items():
-        assert f"{task}: a trial scores 64 of its {total} items" in out
+        assert f"{task}: a trial scores {min(config.evaluation.items, total)} of its {total} items" in out
     scores = dict(line.strip().split(" = ") for line in out.splitlines() if "(base, 1 item)" in line)
     assert sorted(scores) == ["task:toy_arith/acc", "task:toy_reverse/acc"]
     assert all(float(v.split()[0]) in (0.0, 1.0) for v in scores.values())  # one item: right or wrong
@@ -106,7 +106,7 @@ def test_a_run_name_taken_by_another_config_is_refused_and_the_same_config_resum
     assert _tree(runs) == before
 
     bigger = yaml.safe_load(space.read_text())
-    bigger["search"]["budget"] = 96  # not part of a run's identity: the same run, continued
+    bigger["search"]["budget"] *= 2  # not part of a run's identity: the same run, continued
     space.write_text(yaml.safe_dump(bigger))
     same = tmp_path / "same"
     RunStore.create(same, config.name, config.to_yaml(), config.config_hash(),
