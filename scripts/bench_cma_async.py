@@ -34,6 +34,20 @@ the same way, per setting (its candidates depend on arrival order): utilisation 
 worst / median against the generational loop on the same seeds. ``scripts/bench_cma_oversampling.py``
 runs the same scheme on pycma alone, next to the over-sampling variants, in a fraction of the time.
 
+    python scripts/bench_cma_async.py --toy [--trials 96] [--seeds 5] [--items 64]
+
+runs the same simulation (W in (8, 16), cv in (0.3, 0.6), results told in finishing order) on the
+toy world: ``search_spaces/toy_ties.yaml`` with population 16 (its ``sigma0``, hand-set trials
+first, the driver built as ``evomerge search`` builds it), each candidate decoded to a recipe and
+scored on ``--items`` search items per task by the worker's evaluator in this process, for the
+generational loop, evomerge's default lookahead and the window. Per setting and scheme: the
+utilisation (also up to the last candidate handed out: a 96-trial budget is 6-12 trials per
+worker, so the drain at its end weighs), the median over seeds of the best sum of the two search
+accuracies after n trials with the ratio of its shortfall from 2 to the generational loop's, and
+the median held-out mean accuracy of each run's final best trial (``scripts/bench_fitness.py``'s
+``HeldOut``). Scores are kept per recipe, so the generational and lookahead runs, whose
+candidates do not depend on timing, are evaluated once per seed. Needs the toy world.
+
     python scripts/bench_cma_async.py --runs runs/toy_gen runs/toy_ahead
 
 reads real runs instead and prints, for each, the workers' utilisation (the trials' time on
@@ -45,8 +59,11 @@ toy-world comparison itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
+import io
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -69,6 +86,8 @@ class Run(NamedTuple):
     curve: list[float]  # the best score after each finished trial
     finished: list[float]  # the simulated time each trial finished at
     step_cosine: float  # see step_cosine()
+    best: dict | None = None  # the values of the best trial (the toy world scores its recipe held out)
+    handing_out: float = float("nan")  # utilisation until the last candidate was handed out (no drain)
 
 
 def _coords(values: dict[str, float]) -> np.ndarray:
@@ -104,29 +123,28 @@ def default_lookahead(workers: int, popsize: int = POP) -> int:
 def simulate(
     folder: Path, *, lookahead: int, workers: int, cv: float, trials: int, seed: int,
     objective: Callable[[dict[str, float]], float] = rosenbrock, timing_seed: int | None = None,
-    cma_update: str = "generations",
+    cma_update: str = "generations", toy: ToyWorld | None = None,
 ) -> Run:
-    """Run the driver against simulated workers."""
-    from optuna.distributions import FloatDistribution
+    """Run the driver against simulated workers; with ``toy``, the toy world's driver (hand-set
+    trials first) and each candidate scored for real instead of ``objective``."""
+    name = f"la{lookahead}-w{workers}-cv{cv}-s{seed}-{cma_update}-{len(list(folder.iterdir()))}"
+    if toy is None:
+        store, driver = _synthetic(folder, name, lookahead=lookahead, seed=seed, cma_update=cma_update)
 
-    from evomerge.drivers import make_driver
-    from evomerge.objectives import ObjectiveSpec
-    from evomerge.store import RunStore
-
-    name = f"la{lookahead}-w{workers}-cv{cv}-s{seed}-{len(list(folder.iterdir()))}"
-    store = RunStore.create(folder, name, "bench: 1\n", "h",
-                            directions={"score": "maximize"}, pareto_interval_s=3600)
-    dists = {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(DIM)}
-    driver = make_driver("cma", store, distributions=dists, objectives=[ObjectiveSpec("score", "maximize")],
-                         seed=seed, popsize=POP, sigma0=0.25, dim=DIM, lookahead=lookahead, cma_update=cma_update,
-                         from_unit=lambda x: {f"x{i}": float(v) for i, v in enumerate(x)})
+        def score(values: dict[str, float]) -> tuple[dict[str, float], float]:
+            f = -objective(values)
+            return {"score": f}, f
+    else:
+        store, driver = toy.open(folder, name, lookahead=lookahead, seed=seed, cma_update=cma_update)
+        score = toy.score
     rng = np.random.default_rng(1000 + (seed if timing_seed is None else timing_seed))
     sigma = np.sqrt(np.log(1 + cv**2))
     running: list[tuple[float, int, dict[str, float]]] = []  # (finish time, trial number, values)
     now = busy = 0.0
     asked = 0
-    best, curve, finished = -float("inf"), [], []
-    means = [np.array(driver.state_dict()["mean"])]
+    spans: list[tuple[float, float]] = []  # (start, finish) of every evaluation
+    best, best_values, curve, finished = -float("inf"), None, [], []
+    means = [np.array(driver.state_dict()["mean"])] if toy is None else []
     while len(curve) < trials:
         while len(running) < workers and asked < trials:
             proposal = driver.ask()
@@ -134,25 +152,110 @@ def simulate(
                 break  # the worker stays idle until something finishes
             duration = float(rng.lognormal(-sigma**2 / 2, sigma))
             busy += duration
+            spans.append((now, now + duration))
             heapq.heappush(running, (now + duration, proposal.number, dict(proposal.values)))
             asked += 1
         now, number, values = heapq.heappop(running)
-        score = -objective(values)
-        generation = driver.generation
-        driver.tell(number, {"score": score})
-        if driver.generation != generation:
+        objectives, value = score(values)
+        generation = getattr(driver, "generation", None)  # the hand-set wrapper has none
+        driver.tell(number, objectives, failed_reason=None if objectives else "the evaluator failed")
+        if generation is not None and driver.generation != generation:
             means.append(np.array(driver.state_dict()["mean"]))
-        best = max(best, score)
+        if value > best:
+            best, best_values = value, values
         curve.append(best)
         finished.append(now)
     store.close()
     shutil.rmtree(store.path, ignore_errors=True)
-    return Run(busy / (workers * now), curve, finished, step_cosine(means))
+    last_ask = max(start for start, _ in spans)  # after it the budget is out and workers drain
+    handing_out = sum(min(end, last_ask) - start for start, end in spans) / (workers * last_ask) if last_ask else 1.0
+    return Run(busy / (workers * now), curve, finished, step_cosine(means), best_values, handing_out)
+
+
+def _synthetic(folder: Path, name: str, *, lookahead: int, seed: int, cma_update: str) -> tuple:
+    """A run store and the CMA driver over the synthetic objectives' 12-D unit cube."""
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.drivers import make_driver
+    from evomerge.objectives import ObjectiveSpec
+    from evomerge.store import RunStore
+
+    store = RunStore.create(folder, name, "bench: 1\n", "h",
+                            directions={"score": "maximize"}, pareto_interval_s=3600)
+    dists = {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(DIM)}
+    driver = make_driver("cma", store, distributions=dists, objectives=[ObjectiveSpec("score", "maximize")],
+                         seed=seed, popsize=POP, sigma0=0.25, dim=DIM, lookahead=lookahead, cma_update=cma_update,
+                         from_unit=lambda x: {f"x{i}": float(v) for i, v in enumerate(x)})
+    return store, driver
+
+
+class ToyWorld:
+    """``search_spaces/toy_ties.yaml`` with population 16 and ``items`` search items per task, its
+    driver built as ``evomerge search`` builds it (hand-set trials first, then CMA from the best),
+    each candidate decoded and scored by the worker's evaluator in this process. Scores are kept
+    by recipe: the generational and lookahead runs propose the same candidates at every timing,
+    so only their first setting pays for evaluation."""
+
+    def __init__(self, trials: int, items: int, *, hand_set: bool = True) -> None:
+        import sys
+
+        import yaml
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_cma_lookahead_toy import ROOT, space
+        from bench_fitness import HeldOut
+
+        from evomerge.prepare import prepare, worker_spec
+        from evomerge.space_config import parse_space_config
+        from evomerge.worker import CandidateEvaluator
+
+        os.chdir(ROOT)  # the space file's eval_tasks/ is relative to the repository
+        shipped = yaml.safe_load((ROOT / "search_spaces" / "toy_ties.yaml").read_text())
+        self.data = space("bench-cma-async-toy", 0, 0, trials)
+        self.data["search"].update(population=POP, sigma0=shipped["search"]["sigma0"])
+        self.data["search"].pop("lookahead", None)
+        self.data["search"]["hand_set"] = hand_set
+        self.data["evaluation"]["items"] = items
+        self.parse = parse_space_config
+        self.prepared = prepare(parse_space_config(self.data, default_name=self.data["name"]))
+        self.evaluator = CandidateEvaluator(worker_spec(self.prepared))
+        self.held_out = HeldOut(self.prepared.config)
+        self.scores: dict[str, tuple[dict[str, float] | None, float]] = {}
+        self.evaluations = 0
+
+    def open(self, folder: Path, name: str, *, lookahead: int, seed: int, cma_update: str) -> tuple:
+        import dataclasses
+
+        from evomerge.search import build_driver, open_store
+
+        data = {**self.data, "name": name, "search": {**self.data["search"], "seed": seed, "cma_update": cma_update}}
+        if cma_update != "window":
+            data["search"]["lookahead"] = lookahead
+        config = self.parse(data, default_name=name)
+        store = open_store(config, folder)
+        return store, build_driver(dataclasses.replace(self.prepared, config=config), store)
+
+    def recipe(self, values: dict[str, float]) -> str:
+        return self.prepared.space.decode(values).to_json()
+
+    def score(self, values: dict[str, float]) -> tuple[dict[str, float] | None, float]:
+        """The trial's objectives and the sum of its search-item accuracies."""
+        recipe = self.recipe(values)
+        if recipe not in self.scores:
+            with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars
+                result = self.evaluator.evaluate(recipe)
+            objectives = result.objectives
+            total = sum(v for k, v in objectives.items() if k.startswith("task:")) if objectives else -float("inf")
+            self.scores[recipe] = (objectives, total)
+            self.evaluations += 1
+        return self.scores[recipe]
 
 
 def step_cosine(means: list[np.ndarray]) -> float:
     """Mean cosine between consecutive steps of pycma's mean: near 0 for a search that turns
     freely, near -1 for a mean that steps back and forth."""
+    if len(means) < 3:
+        return float("nan")
     steps = np.diff(np.array(means), axis=0)
     steps = steps[np.linalg.norm(steps, axis=1) > 0]
     cosines = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in pairwise(steps)]
@@ -203,6 +306,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, nargs="+", help="compare these finished run folders instead")
     parser.add_argument("--window", action="store_true",
                         help="measure search.cma_update: window against the generational loop instead")
+    parser.add_argument("--toy", action="store_true",
+                        help="the generational loop, the default lookahead and the window on the toy world "
+                             "(search_spaces/toy_ties.yaml, population 16), each candidate scored for real")
+    parser.add_argument("--items", type=int, default=64, help="with --toy: search items per task")
+    parser.add_argument("--no-hand-set", action="store_true",
+                        help="with --toy: CMA from the first trial (search.hand_set: false), no hand-set barrier")
     args = parser.parse_args()
     if args.runs:
         compare_runs(args.runs)
@@ -215,6 +324,9 @@ def main() -> None:
     try:
         if args.window:
             window_table(folder, args.trials, args.seeds)
+            return
+        if args.toy:
+            toy_table(folder, args.trials, args.seeds, args.items, hand_set=not args.no_hand_set)
             return
         used = utilisation(folder, args.trials, args.seeds)
         needed = sorted({0} | {a for row in used.values() for a in row.picks()})
@@ -247,6 +359,49 @@ def window_table(folder: Path, trials: int, seeds: int) -> None:
             used = {u: statistics.median(r.utilisation for r in runs[u]["sphere"]) for u in runs}
             print(f"| {workers} | {cv} | {used['generations']:.1%} | {used['window']:.1%} | "
                   f"{max(ratios):.3g} / {statistics.median(ratios):.2f} |", flush=True)
+
+
+TOY_MARKS = (16, 32, 48, 64, 96)
+
+
+def toy_table(folder: Path, trials: int, seeds: int, items: int, *, hand_set: bool = True) -> None:
+    """The three schemes on the toy world, per (workers, cv): CMA seed s with timing seed s; the
+    best sum of the two search-item accuracies after n finished trials (finishing order), its
+    shortfall from 2 over the generational loop's, and the held-out mean of the final best."""
+    import time
+
+    start = time.perf_counter()
+    toy = ToyWorld(trials, items, hand_set=hand_set)
+    marks = [m for m in TOY_MARKS if m <= trials]
+    settings = [(w, cv) for w in (8, 16) for cv in (0.3, 0.6)]
+    variants = {"generational": (0, "generations"), f"lookahead {default_lookahead(8)}": (default_lookahead(8), "generations"),
+                "window": (0, "window")}
+    assert default_lookahead(8) == default_lookahead(16), "one lookahead column for both worker counts"
+    print(f"toy world: search_spaces/toy_ties.yaml, population {POP}, sigma0 {toy.data['search']['sigma0']}, "
+          f"{'hand-set trials first' if hand_set else 'no hand-set trials'}, {items} search items per task, {trials} trials, {seeds} seeds (CMA seed s, timing seed s); "
+          f"best: median over seeds of the best sum of the two search-item accuracies after n finished trials "
+          f"(ratio: its shortfall from 2 over the generational loop's; at most 1: no worse per trial); held-out: "
+          f"median of the final best trial's held-out mean accuracy; utilisation: busy / (workers x makespan), and "
+          f"the same up to the last ask (what is left is the drain at the budget's end, {trials} trials being "
+          f"only {trials // 16}-{trials // 8} per worker)\n", flush=True)
+    print("| workers | cv | scheme | utilisation | until the last ask | "
+          + " | ".join(f"best after {m} (ratio)" for m in marks) + " | held-out mean |")
+    print("|---|---|---|---|---|" + "---|" * len(marks) + "---|")
+    for workers, cv in settings:
+        runs = {label: [simulate(folder, lookahead=a, workers=workers, cv=cv, trials=trials, seed=s, timing_seed=s,
+                                 cma_update=update, toy=toy) for s in range(seeds)]
+                for label, (a, update) in variants.items()}
+        gen = {m: statistics.median(r.curve[m - 1] for r in runs["generational"]) for m in marks}
+        for label, rs in runs.items():
+            cells = []
+            for m in marks:
+                med = statistics.median(r.curve[m - 1] for r in rs)
+                cells.append(f"{med:.3f} ({(2 - med) / (2 - gen[m]):.2f})" if gen[m] < 2 else f"{med:.3f}")
+            held = statistics.median(toy.held_out(toy.recipe(r.best)) for r in rs)
+            print(f"| {workers} | {cv} | {label} | {statistics.median(r.utilisation for r in rs):.1%} | "
+                  f"{statistics.median(r.handing_out for r in rs):.1%} | " + " | ".join(cells) + f" | {held:.3f} |", flush=True)
+    print(f"\n{toy.evaluations} candidates evaluated ({len(toy.held_out.cache)} held out), "
+          f"{time.perf_counter() - start:.0f} s in all")
 
 
 class Setting:
