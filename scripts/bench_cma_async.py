@@ -34,7 +34,7 @@ the same way, per setting (its candidates depend on arrival order): utilisation 
 worst / median against the generational loop on the same seeds. ``scripts/bench_cma_oversampling.py``
 runs the same scheme on pycma alone, next to the over-sampling variants, in a fraction of the time.
 
-    python scripts/bench_cma_async.py --toy [--trials 96] [--seeds 5] [--items 64]
+    python scripts/bench_cma_async.py --toy [--trials 96] [--seeds 5] [--items 64] [--no-hand-set]
 
 runs the same simulation (W in (8, 16), cv in (0.3, 0.6), results told in finishing order) on the
 toy world: ``search_spaces/toy_ties.yaml`` with population 16 (its ``sigma0``, hand-set trials
@@ -45,7 +45,8 @@ utilisation (also up to the last candidate handed out: a 96-trial budget is 6-12
 worker, so the drain at its end weighs), the median over seeds of the best sum of the two search
 accuracies after n trials with the ratio of its shortfall from 2 to the generational loop's, and
 the median held-out mean accuracy of each run's final best trial (``scripts/bench_fitness.py``'s
-``HeldOut``). Scores are kept per recipe, so the generational and lookahead runs, whose
+``HeldOut``). ``--no-hand-set`` starts CMA at the space's centre, without the hand-set trials
+it waits for. Scores are kept per recipe, so the generational and lookahead runs, whose
 candidates do not depend on timing, are evaluated once per seed. Needs the toy world.
 
     python scripts/bench_cma_async.py --runs runs/toy_gen runs/toy_ahead
@@ -301,7 +302,7 @@ def compare_runs(runs: list[Path]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=960)
+    parser.add_argument("--trials", type=int, help="trials per run (default 960; with --toy 96)")
     parser.add_argument("--seeds", type=int, default=5, help="CMA seeds (and timing seeds) per median")
     parser.add_argument("--runs", type=Path, nargs="+", help="compare these finished run folders instead")
     parser.add_argument("--window", action="store_true",
@@ -313,6 +314,7 @@ def main() -> None:
     parser.add_argument("--no-hand-set", action="store_true",
                         help="with --toy: CMA from the first trial (search.hand_set: false), no hand-set barrier")
     args = parser.parse_args()
+    args.trials = args.trials or (96 if args.toy else 960)
     if args.runs:
         compare_runs(args.runs)
         return
