@@ -287,27 +287,33 @@ def test_a_trial_started_while_the_run_is_read_waits_for_the_next_read(tmp_path,
     trials first and their parameters and attributes after: a trial a writer starts in between is
     left for the next read, not a KeyError for the reader."""
     import threading
-    import time
 
     from evomerge import failpoints
 
     store = _create(tmp_path)
     first = store.start_trial({"method": "ties", "g0/*/arith/weight": 0.25}, DISTS, {"generation": 0})
     reader = RunStore.open(store.path)
-    counters = tmp_path / "failpoints"
-    counters.mkdir()
-    monkeypatch.setenv(failpoints.DIR_ENV, str(counters))
-    failpoints.configure("store.between_reads=sleep(1)@1")  # the reader stops between its queries
+    arrived, released = threading.Event(), threading.Event()
+    real_hit = failpoints.hit
+
+    def hit(name: str, context: str = "") -> str | None:
+        # the reader is held between its queries until the writer has started a trial (an event,
+        # not a sleep, so that a slow writer on a loaded machine cannot miss the window)
+        if name == "store.between_reads" and threading.current_thread() is thread and not arrived.is_set():
+            arrived.set()
+            released.wait(120)
+        return real_hit(name, context)
+
+    monkeypatch.setattr(failpoints, "hit", hit)
     got: list = []
+    thread = threading.Thread(target=lambda: got.append(reader.trials()))
+    thread.start()
     try:
-        thread = threading.Thread(target=lambda: got.append(reader.trials()))
-        thread.start()
-        while not failpoints.read_hits(counters):
-            time.sleep(0.05)
+        assert arrived.wait(120), "the reader never reached its second query"
         second = store.start_trial({"method": "ties", "g0/*/arith/weight": 0.5}, DISTS, {"generation": 0})
-        thread.join()
     finally:
-        failpoints.configure("")
+        released.set()
+        thread.join()
     assert [r.number for r in got[0]] == [first]
     assert got[0][0].params == {"method": "ties", "g0/*/arith/weight": 0.25}
     reader.close()

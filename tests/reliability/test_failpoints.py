@@ -125,19 +125,26 @@ def test_a_half_built_run_folder_of_a_dead_process_is_removed_by_the_next_start(
 def test_two_creators_of_one_run_leave_the_first_run_whole_and_refuse_the_second(tmp_path, monkeypatch):
     """A run folder created by another process between this one's check and its rename (two
     searches started at once on a new run) is a one-line refusal naming the folder and the fix:
-    the folder that won is left exactly as its creator wrote it, and no half-built folder remains."""
+    the folder that won is left exactly as its creator wrote it, and no half-built folder remains.
+
+    The late creator is held at the failpoint before its rename until the first creator has
+    finished (an event, not a sleep: on a loaded machine creating a study can take longer than
+    any fixed pause, and the two would swap roles)."""
     import threading
-    import time
 
     from evomerge.errors import EvomergeError
     from evomerge.store import RunStore
 
-    counters = tmp_path / "failpoints"
-    counters.mkdir()
-    monkeypatch.setenv(failpoints.DIR_ENV, str(counters))
-    failpoints.configure("store.before_create_rename=sleep(1.5)@1")  # the first to get there stalls
     runs = tmp_path / "runs"
     outcome: list[BaseException | None] = []
+    arrived, released = threading.Event(), threading.Event()
+    real_hit = failpoints.hit
+
+    def hit(name: str, context: str = "") -> str | None:
+        if name == "store.before_create_rename" and threading.current_thread() is slow:
+            arrived.set()
+            released.wait(120)
+        return real_hit(name, context)
 
     def late() -> None:
         try:
@@ -146,16 +153,16 @@ def test_two_creators_of_one_run_leave_the_first_run_whole_and_refuse_the_second
         except BaseException as e:  # noqa: BLE001 - handed to the test's thread
             outcome.append(e)
 
+    monkeypatch.setattr(failpoints, "hit", hit)
+    slow = threading.Thread(target=late)
+    slow.start()
     try:
-        slow = threading.Thread(target=late)
-        slow.start()
-        while not failpoints.read_hits(counters):  # the thread is about to rename its folder
-            time.sleep(0.05)
+        assert arrived.wait(120), "the late creator never reached its rename"
         first = RunStore.create(runs, "r", "name: early\n", "0" * 16, directions={"x": "maximize"})
         first.close()
-        slow.join()
     finally:
-        failpoints.configure("")
+        released.set()
+        slow.join()
     (err,) = outcome
     assert isinstance(err, EvomergeError), err
     assert str(runs / "r") in str(err) and "evomerge resume" in str(err)
