@@ -170,6 +170,26 @@ def check_start(x0: Sequence[float], popsize: int) -> None:
         raise ValueError("CMA-ES needs a population of at least 2")
 
 
+def new_strategy(x0: Sequence[float], sigma0: float, popsize: int, seed: int, *, mirrors: bool) -> Any:
+    """pycma's strategy as every evomerge CMA-ES driver runs it: in the unit cube, sampling from a
+    private generator seeded with ``seed`` (never ``np.random``: see the module docstring), silent
+    and writing no files. ``mirrors``: keep pycma's mirrored sampling (its default below population
+    6); a driver that samples ahead or one candidate at a time turns it off."""
+    rng = np.random.default_rng(seed)
+    options: dict[str, Any] = {
+        "bounds": [0.0, 1.0],
+        "popsize": popsize,
+        "randn": lambda *shape: rng.standard_normal(shape),
+        "seed": float("nan"),  # pycma's seed only seeds np.random; ours is ``rng``
+        "verbose": -9,
+        "verb_disp": 0,
+        "verb_log": 0,  # no outcmaes/ files
+    }
+    if not mirrors:
+        options["CMA_mirrors"] = 0
+    return cma.CMAEvolutionStrategy(list(map(float, x0)), float(sigma0), options)
+
+
 class CmaDriver:
     """pycma's CMAEvolutionStrategy behind the evomerge driver contract (see module docstring)."""
 
@@ -203,21 +223,9 @@ class CmaDriver:
         self.popsize = popsize
         self.seed = seed
         self.lookahead = _logged_lookahead(trials, lookahead)
-        rng = np.random.default_rng(seed)
-        options: dict[str, Any] = {
-            "bounds": [0.0, 1.0],
-            "popsize": popsize,
-            "randn": lambda *shape: rng.standard_normal(shape),
-            "seed": float("nan"),  # pycma's seed only seeds np.random; ours is ``rng``
-            "verbose": -9,
-            "verb_disp": 0,
-            "verb_log": 0,  # no outcmaes/ files
-        }
-        if self.lookahead:
-            # Mirrored sampling (pycma's default below population 6) injects mirror directions
-            # ahead of forced injections; the lookahead's own injections must come first.
-            options["CMA_mirrors"] = 0
-        self._es = cma.CMAEvolutionStrategy(list(map(float, x0)), float(sigma0), options)
+        # Mirrored sampling (pycma's default below population 6) injects mirror directions ahead
+        # of forced injections; the lookahead's own injections must come first.
+        self._es = new_strategy(x0, sigma0, popsize, seed, mirrors=not self.lookahead)
         self._worst_fitness: float | None = None
         self.last_fitness: list[float] = []  # fitness pycma got for the last completed generation
         self.generation = 0  # the oldest generation not yet told to pycma

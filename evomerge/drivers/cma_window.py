@@ -62,7 +62,7 @@ from evomerge.drivers.cma_driver import (
     FAIL_MARGIN,
     _one_thread,
     check_start,
-    cma,
+    new_strategy,
 )
 from evomerge.errors import EvomergeError
 from evomerge.hand_set import HAND_SET_ATTR
@@ -104,14 +104,7 @@ class CmaWindowDriver:
         self.popsize = popsize
         self.step = max(1, popsize // 2)
         self.seed = seed
-        rng = np.random.default_rng(seed)
-        options: dict[str, Any] = {
-            "bounds": [0.0, 1.0], "popsize": popsize,
-            "randn": lambda *shape: rng.standard_normal(shape),  # see cma_driver: never np.random
-            "seed": float("nan"), "verbose": -9, "verb_disp": 0, "verb_log": 0,
-            "CMA_mirrors": 0,  # one sample per ask: no mirrored pairs
-        }
-        self._es = cma.CMAEvolutionStrategy(list(map(float, x0)), float(sigma0), options)
+        self._es = new_strategy(x0, sigma0, popsize, seed, mirrors=False)  # one sample per ask: no mirrored pairs
         self.generation = 0  # pycma iterations completed (tells); candidates are sampled in this one
         self.last_fitness: list[float] = []
         self._window: deque[tuple[np.ndarray, Mapping[str, float] | None]] = deque(maxlen=popsize)
