@@ -199,9 +199,7 @@ class SearchLoop:
 
     def _ask_and_submit(self) -> int:
         """Ask while a worker is free and the budget allows; returns how many more it allows."""
-        wanted = self._left_to_ask()
-        if self.max_forward_passes is not None and self.progress.forward_passes >= self.max_forward_passes:
-            return 0
+        wanted = self._left_to_ask()  # 0 once max_forward_passes is spent
         while self.idle and wanted > 0:
             proposal = self.driver.ask()
             if proposal is None:
@@ -366,6 +364,7 @@ class SearchLoop:
             return
         if getattr(self.driver, "hand_set_left", 0) and not force:
             return  # more hand-set trials to come (``force``: none will be asked): they join this rung's decision
+        from .objectives import ObjectiveSpec, scalarize
         from .rungs import indistinguishable
 
         waiting = sorted(self._hand_set_waiting.values(), key=lambda w: w[0].number)
@@ -374,13 +373,12 @@ class SearchLoop:
         assert rung is not None
         items = self.rungs.items(rung)
         directions = self.store.directions
-        samples = {f.number: self._rung_state[f.number] for f, _, _ in waiting}
-        best = max(waiting, key=lambda w: (sum((1.0 if d == "maximize" else -1.0) * w[1][n]
-                                               for n, d in directions.items()), -w[0].number))[0].number
+        unweighted = [ObjectiveSpec(name, direction) for name, direction in directions.items()]  # as --best ranks
+        best, best_values, _ = max(waiting, key=lambda w: (scalarize(w[1], unweighted), -w[0].number))
         for flight, values, worker in waiting:
             self.promotion.enter(flight.number, rung, values)
-            if flight.number == best or indistinguishable(samples[flight.number], samples[best], values,
-                                                          next(v for f, v, _ in waiting if f.number == best), items, directions):
+            if flight is best or indistinguishable(self._rung_state[flight.number], self._rung_state[best.number],
+                                                   values, best_values, items, directions):
                 self._promote(flight)
             else:
                 self._hand_set_climbing.discard(flight.number)
