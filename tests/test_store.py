@@ -288,31 +288,20 @@ def test_a_trial_started_while_the_run_is_read_waits_for_the_next_read(tmp_path,
     left for the next read, not a KeyError for the reader."""
     import threading
 
-    from evomerge import failpoints
+    from tests.held_failpoint import HeldFailpoint
 
     store = _create(tmp_path)
     first = store.start_trial({"method": "ties", "g0/*/arith/weight": 0.25}, DISTS, {"generation": 0})
     reader = RunStore.open(store.path)
-    arrived, released = threading.Event(), threading.Event()
-    real_hit = failpoints.hit
-
-    def hit(name: str, context: str = "") -> str | None:
-        # the reader is held between its queries until the writer has started a trial (an event,
-        # not a sleep, so that a slow writer on a loaded machine cannot miss the window)
-        if name == "store.between_reads" and threading.current_thread() is thread and not arrived.is_set():
-            arrived.set()
-            released.wait(120)
-        return real_hit(name, context)
-
-    monkeypatch.setattr(failpoints, "hit", hit)
+    held = HeldFailpoint(monkeypatch, "store.between_reads")  # the reader waits between its queries
     got: list = []
     thread = threading.Thread(target=lambda: got.append(reader.trials()))
     thread.start()
     try:
-        assert arrived.wait(120), "the reader never reached its second query"
+        held.wait_for_arrival()
         second = store.start_trial({"method": "ties", "g0/*/arith/weight": 0.5}, DISTS, {"generation": 0})
     finally:
-        released.set()
+        held.release()
         thread.join()
     assert [r.number for r in got[0]] == [first]
     assert got[0][0].params == {"method": "ties", "g0/*/arith/weight": 0.25}

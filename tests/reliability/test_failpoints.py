@@ -134,17 +134,11 @@ def test_two_creators_of_one_run_leave_the_first_run_whole_and_refuse_the_second
 
     from evomerge.errors import EvomergeError
     from evomerge.store import RunStore
+    from tests.held_failpoint import HeldFailpoint
 
     runs = tmp_path / "runs"
     outcome: list[BaseException | None] = []
-    arrived, released = threading.Event(), threading.Event()
-    real_hit = failpoints.hit
-
-    def hit(name: str, context: str = "") -> str | None:
-        if name == "store.before_create_rename" and threading.current_thread() is slow:
-            arrived.set()
-            released.wait(120)
-        return real_hit(name, context)
+    held = HeldFailpoint(monkeypatch, "store.before_create_rename")
 
     def late() -> None:
         try:
@@ -153,15 +147,14 @@ def test_two_creators_of_one_run_leave_the_first_run_whole_and_refuse_the_second
         except BaseException as e:  # noqa: BLE001 - handed to the test's thread
             outcome.append(e)
 
-    monkeypatch.setattr(failpoints, "hit", hit)
     slow = threading.Thread(target=late)
     slow.start()
     try:
-        assert arrived.wait(120), "the late creator never reached its rename"
+        held.wait_for_arrival()
         first = RunStore.create(runs, "r", "name: early\n", "0" * 16, directions={"x": "maximize"})
         first.close()
     finally:
-        released.set()
+        held.release()
         slow.join()
     (err,) = outcome
     assert isinstance(err, EvomergeError), err
