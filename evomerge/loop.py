@@ -160,9 +160,10 @@ class SearchLoop:
         self._hand_set_climbing: set[int] = set()  # hand-set trials out or waiting, not told yet
         self._hand_set_waiting: dict[int, tuple[Flight, dict[str, float], str]] = {}  # at a rung, for the others
         if rungs is not None:
-            from .rungs import INHERITED_ATTR, ITEMS_ATTR, make_promotion
+            from .rungs import INHERITED_ATTR, ITEMS_ATTR, FrontReach, make_promotion
 
             self.promotion = make_promotion(store, rungs)
+            self.reach = FrontReach(store, rungs)
             records = store.trials()
             taken = {t.attrs.get(INHERITED_ATTR) for t in records}
             for t in records:
@@ -270,8 +271,8 @@ class SearchLoop:
                 self.store.annotate(flight.number, state.attrs())
                 if flight.hand_set and rung < self.rungs.top:
                     self.promotion.enter(flight.number, rung, values)
-                elif rung == self.rungs.top or not self.promotion.promote(flight.number, rung, values):
-                    self._tell_rung_outcome(flight, rung, values)
+                elif (stop := self._stop(flight, rung, values, state)) is not None:
+                    self._tell_rung_outcome(flight, rung, values, extra=stop)
                     return False
             target = reached + 1
         if flight.hand_set:
@@ -341,11 +342,25 @@ class SearchLoop:
             self._decide_hand_set()
             return
         self._hand_set_climbing.discard(flight.number)
-        if flight.rung == self.rungs.top or not self.promotion.promote(flight.number, flight.rung, values):
-            self._tell_rung_outcome(flight, flight.rung, values, worker=result.worker)
+        if (stop := self._stop(flight, flight.rung, values, state)) is not None:
+            self._tell_rung_outcome(flight, flight.rung, values, worker=result.worker, extra=stop)
             self._decide_hand_set()
             return
         self._promote(flight)
+
+    def _stop(self, flight: Flight, rung: int, values: Mapping[str, float], state: Any) -> dict[str, Any] | None:
+        """Whether a searched candidate stops at ``rung`` (None: it goes up), with the attributes
+        that say why: the top rung is the end; below it, the promotion rule (ASHA's share) must
+        keep it, and no trial of the front may show, beyond the noise of the rung's items, that it
+        cannot reach the front (:func:`~evomerge.rungs.clearly_beaten`). Without the second test
+        most of a search's forward passes went to whole evaluations of candidates that only beat
+        older candidates at their rung (a search's new candidates keep beating its old ones)."""
+        from .rungs import BEATEN_ATTR
+
+        if rung == self.rungs.top or not self.promotion.promote(flight.number, rung, values):
+            return {}
+        beaten_by = self.reach.beaten_by(state, values, rung)
+        return None if beaten_by is None else {BEATEN_ATTR: beaten_by}
 
     def _promote(self, flight: Flight) -> None:
         assert flight.rung is not None
@@ -384,13 +399,14 @@ class SearchLoop:
                 self._hand_set_climbing.discard(flight.number)
                 self._tell_rung_outcome(flight, rung, values, worker=worker)
 
-    def _tell_rung_outcome(self, flight: Flight, rung: int, values: Mapping[str, float], worker: str = "") -> None:
+    def _tell_rung_outcome(self, flight: Flight, rung: int, values: Mapping[str, float], worker: str = "",
+                           extra: Mapping[str, Any] | None = None) -> None:
         """Tell the driver a candidate's last rung: complete, stopped below the top when ``rung`` is."""
         from .rungs import STOPPED_ATTR
 
         state = self._rung_state[flight.number]
         attrs: dict[str, Any] = {"timings": self._rung_timings.get(flight.number, {}), "attempts": flight.attempts,
-                                 **self._gen(flight), **state.attrs()}
+                                 **self._gen(flight), **state.attrs(), **(extra or {})}
         if worker:
             attrs["worker"] = worker
         if rung < self.rungs.top:

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .export import scalar_score
 from .hand_set import HAND_SET_ATTR
-from .rungs import RUNG_ATTR, RUNG_OF_ATTR, STOPPED_ATTR, full_fidelity
+from .rungs import BEATEN_ATTR, RUNG_ATTR, RUNG_OF_ATTR, STOPPED_ATTR, full_fidelity
 
 
 def _fmt(value: float | None) -> str:
@@ -75,7 +75,8 @@ def trials_table(title: str, records: Sequence[Any], directions: Mapping[str, st
 
 def rungs_sentence(records: Sequence[Any]) -> str:
     """How far a multi-fidelity run's complete trials climbed: "rungs: 9 trials scored on every
-    item (rung 3 of 3); stopped: 20 at rung 1, 6 at rung 2" ('' for a run without rungs)."""
+    item (rung 3 of 3); stopped lower: 20 at rung 1, 6 at rung 2 (4 clearly below a front trial)"
+    ('' for a run without rungs)."""
     complete = [r for r in records if r.state == "complete" and RUNG_OF_ATTR in r.attrs]
     if not complete:
         return ""
@@ -86,14 +87,19 @@ def rungs_sentence(records: Sequence[Any]) -> str:
             stopped[r.attrs[STOPPED_ATTR] + 1] = stopped.get(r.attrs[STOPPED_ATTR] + 1, 0) + 1
     whole = len(complete) - sum(stopped.values())
     listed = ", ".join(f"{n} at rung {k}" for k, n in sorted(stopped.items())) or "none"
-    return f"rungs: {whole} trials scored on every item (rung {of} of {of}); stopped lower: {listed}"
+    beaten = sum(1 for r in complete if BEATEN_ATTR in r.attrs)
+    below = f" ({beaten} clearly below a front trial)" if beaten else ""
+    return f"rungs: {whole} trials scored on every item (rung {of} of {of}); stopped lower: {listed}{below}"
 
 
 def _rung(record: Any) -> str:
-    """"2 of 3" for a trial scored on every item, "0 of 3 (stopped)" for one stopped lower."""
+    """"2 of 3" for a trial scored on every item, "1 of 3 (stopped)" for one stopped lower, "2 of 3
+    (stopped: below #12)" for one stopped because front trial 12 clearly beat it on its rung's items."""
     of = record.attrs.get(RUNG_OF_ATTR)
     if of is None:
         return "-"
+    if BEATEN_ATTR in record.attrs:
+        return f"{record.attrs[STOPPED_ATTR] + 1} of {of} (stopped: below #{record.attrs[BEATEN_ATTR]})"
     if STOPPED_ATTR in record.attrs:
         return f"{record.attrs[STOPPED_ATTR] + 1} of {of} (stopped)"
     return f"{record.attrs.get(RUNG_ATTR, 0) + 1} of {of}"

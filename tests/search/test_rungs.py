@@ -127,9 +127,26 @@ def test_rungs_promote_stop_and_equal_a_whole_evaluation(toy_world, tmp_path, dr
     assert rungs_sentence(records) == (f"rungs: {len(records) - len(stopped_all)} trials scored on every item (rung 3 of 3); "
                                        f"stopped lower: " + ", ".join(
                                            f"{n} at rung {k + 1}" for k in range(2)
-                                           if (n := sum(r.attrs[STOPPED_ATTR] == k for r in stopped_all))))
+                                           if (n := sum(r.attrs[STOPPED_ATTR] == k for r in stopped_all)))
+                                       + (f" ({n} clearly below a front trial)"
+                                          if (n := sum("rung_beaten_by" in r.attrs for r in records)) else ""))
     everything = sum(full[r.number].cost["forward_passes"] for r in records)
     assert spent == sum(r.forward_passes for r in records) < everything  # the saving, counted
+
+    # a candidate the Pareto rule kept but a front trial beats beyond its rung's noise stops, and
+    # names that trial: the rule holds when computed again from the log
+    from evomerge.rungs import BEATEN_ATTR, RungState, clearly_beaten
+
+    by_number = {r.number: r for r in records}
+    directions = {f"task:{o.task}/{o.metric}": o.direction for o in cfg.objectives}
+    beaten = [r for r in records if BEATEN_ATTR in r.attrs]
+    for r in beaten:
+        other = by_number[r.attrs[BEATEN_ATTR]]
+        assert full_fidelity(other) and other.number < r.number and "hand_set" not in r.attrs
+        assert clearly_beaten(RungState.from_attrs(r.attrs), RungState.from_attrs(other.attrs), r.objectives,
+                              other.objectives, ladder.items(r.attrs[STOPPED_ATTR]), directions)
+    if driver == "cma":  # the front, formed by the first candidates to climb, stops later ones
+        assert beaten
 
 
 def test_a_run_killed_between_a_rung_and_its_promotion_resumes_without_rescoring(toy_world, tmp_path, set_failpoints):
@@ -222,3 +239,39 @@ def test_pareto_rule_promotes_what_can_still_reach_the_front():
     rule.enter(10, 0, {"a": 0.6, "b": 0.6})  # competes without a verdict (a hand-set trial): sum 1.2
     assert rule.promote(5, 0, {"a": 0.5, "b": 0.65})  # 6 at the rung, 2 kept: second behind trial 10
     assert not rule.promote(6, 0, {"a": 0.55, "b": 0.55})  # trial 10 dominates it
+
+
+def test_a_candidate_stops_only_when_a_front_trial_beats_it_beyond_the_items_noise():
+    """``clearly_beaten`` against the rule computed independently with numpy, on random paired
+    per-item results (two accuracies on their own items, one distance measured whole)."""
+    import numpy as np
+
+    from evomerge.rungs import RungState, clearly_beaten
+
+    directions = {"task:toy_a/acc": "maximize", "task:toy_b/acc": "maximize", "l2_from_base": "minimize"}
+    items = {"toy_a": list(range(3, 43)), "toy_b": list(range(100, 124))}
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for _ in range(400):
+        mine, theirs = RungState(), RungState()
+        leads, variances = [], []
+        for task, docs in items.items():
+            p_mine, p_theirs = rng.uniform(0.2, 0.8, 2)
+            a = (rng.random(len(docs)) < p_mine).astype(float)
+            b = (rng.random(len(docs)) < p_theirs).astype(float)
+            mine.per_item[f"task:{task}/acc"] = dict(zip(docs, a.tolist()))
+            theirs.per_item[f"task:{task}/acc"] = dict(zip(docs, b.tolist()))
+            diff = b - a
+            leads.append(diff.mean())
+            variances.append(diff.var(ddof=1) / len(docs))
+        l2_mine, l2_theirs = rng.uniform(1.0, 2.0, 2)
+        values = {"l2_from_base": l2_mine}
+        other_values = {"l2_from_base": l2_theirs}
+        leads.append(l2_mine - l2_theirs)  # minimised: the other leads when its distance is smaller
+        z = 2.0
+        behind_somewhere = any(lead < -z * np.sqrt(v) for lead, v in zip(leads[:2], variances)) or leads[2] < 0
+        expected = (not behind_somewhere) and sum(leads) > z * np.sqrt(sum(variances))
+        got = clearly_beaten(mine, theirs, values, other_values, items, directions)
+        assert got == expected
+        outcomes.append(got)
+    assert 10 < sum(outcomes) < 390, "both verdicts occur"
