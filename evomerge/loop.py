@@ -223,27 +223,10 @@ class SearchLoop:
     def _left_to_ask(self) -> int:
         """New trials the budget allows (those out, waiting or promoted count against it); 0 once
         ``max_forward_passes`` is spent."""
-        if (self.max_forward_passes is not None
-                and self.progress.forward_passes + self._parked_passes() >= self.max_forward_passes):
+        if self.max_forward_passes is not None and self.progress.forward_passes >= self.max_forward_passes:
             return 0
         return (self.budget - self.store.counts().finished - len(self.flights) - len(self.retries)
                 - len(self.promotions) - len(self._hand_set_waiting) - len(self._parked))
-
-    def _parked_passes(self) -> int:
-        """The forward passes the parked hand-set trials would cost if each climbed to the top at
-        the run's end (at the passes per item each paid so far), held back from
-        ``max_forward_passes`` so that a run with parked trials spends no more than one without."""
-        if not self._parked:
-            return 0
-        top = sum(len(docs) for docs in self.rungs.items(self.rungs.top).values())
-        total = 0.0
-        for number in self._parked:
-            state = self._rung_state[number]
-            paid = sum(state.cost.get("items", {}).values())  # a rerun's inherited items cost it nothing
-            if paid:
-                scored = sum(len(state.scored(task)) for task in self.rungs.order)
-                total += state.cost.get("forward_passes", 0) / paid * (top - scored)
-        return int(total)
 
     def _dispatch_promotions(self) -> None:
         """Promoted candidates go to idle workers before any new candidate is asked (ASHA)."""
