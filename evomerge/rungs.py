@@ -40,22 +40,14 @@ first (rung 0), then ``m*e``, ``m*e**2`` ... up to every item (the top rung). Wh
   rung means (an estimate on fewer items; it was stopped for ranking low at its rung); CMA-ES ranks
   it below every full-fidelity member of its generation (``evomerge.drivers.cma_driver``).
 - **Hand-set trials** start at rung 0 too and climb together (``evomerge.loop``): once all of
-  them are back from a rung, the best by the plain sum goes up whatever the rule says; each one
-  that :func:`indistinguishable` cannot yet tell from it (paired per-item differences within
-  ``HAND_SET_Z`` standard errors) is *parked* at that rung (attribute ``hand_set_parked``), left
-  open until nothing new will be asked; the others stop. At the run's end a parked trial stops
-  if a front trial clearly beats it (:func:`clearly_beaten`, naming it), else climbs on,
-  answering at each rung to the front alone. So the best hand-set merge is scored on every item
-  unless a rung's items showed it worse, the search never ends below a hand-set merge its items
-  could not tell from the best (issue 12, item 3), and a merge as good as the best costs more
-  than its rung only if the search has not clearly beaten it by then (on the compose world the
-  three specialists alone were 2,400 of the hand-set trials' 3,200 forward passes, spent before
-  the search began). The base alone or a specialist beside a merge of both costs a rung-0 score
-  instead of a whole evaluation (on the pair world, where the hand-set task arithmetic is already
-  within 5% of any search's best, this is most of the saving). Their rung means compete at every
-  rung, so a searched candidate must do about as well as them to go up. A run killed while a
-  trial is parked parks its rerun again without scoring it (CMA-ES starts at the best hand-set
-  trial, which climbed on, and rebuilds the same start).
+  them are back from a rung, the best by the plain sum goes up whatever the rule says, and so
+  does each one that :func:`indistinguishable` cannot yet tell from it (paired per-item
+  differences within ``HAND_SET_Z`` standard errors); the others stop. So the best hand-set merge
+  is scored on every item unless a rung's items showed it worse, and the search never ends below
+  it (issue 12, item 3); the base alone or a specialist beside a merge of both costs a rung-0
+  score instead of a whole evaluation (on the pair world, where the hand-set task arithmetic is
+  already within 5% of any search's best, this is most of the saving). Their rung means compete
+  at every rung, so a searched candidate must do about as well as them to go up.
 - **Resume.** A trial a kill interrupted keeps its per-item results in the log. When the driver
   hands the same recipe out again, the new trial inherits them (``rung_items_from`` names the
   old one), the promotion rule is asked again rung by rung, and only items never scored for the
@@ -79,11 +71,6 @@ RUNG_OF_ATTR = "rungs"  # how many rungs the run has
 ITEMS_ATTR = "rung_items"  # per-item results so far: {"task:<task>/<metric>": {doc_id: value}}
 VALUES_ATTR = "rung_values"  # each reached rung's objectives: {"0": {...}, "1": {...}}
 INHERITED_ATTR = "rung_items_from"  # the interrupted trial whose per-item results a rerun took over
-
-
-def parked(record: Any) -> bool:
-    """Whether a trial is a hand-set trial left open at a rung until the run's end (module docstring)."""
-    return record.attrs.get(PARKED_ATTR) is not None and not record.attrs.get(UNPARKED_ATTR)
 
 
 def full_fidelity(record: Any) -> bool:
@@ -199,8 +186,6 @@ def add_costs(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 HAND_SET_Z = 2.0  # standard errors of the paired difference under which a hand-set merge stays in
 BEATEN_Z = 2.0  # standard errors by which a trial scored on every item must lead to stop a candidate
 BEATEN_ATTR = "rung_beaten_by"  # the front trial that showed a stopped candidate could not reach the front
-PARKED_ATTR = "hand_set_parked"  # the rung a hand-set trial waited at for the run's end
-UNPARKED_ATTR = "hand_set_unparked"  # set when the run's end decided a parked trial's fate
 
 
 def _paired_gaps(state: RungState, other: RungState, values: Mapping[str, float], other_values: Mapping[str, float],

@@ -76,7 +76,6 @@ class HandSetFirst:
             (p, lost.get(p.label)) for p in points if fresh and p.label not in done
         )
         self._outstanding: set[int] = set()
-        self._parked: set[int] = set()  # hand-set trials left open at a rung until the run's end (rungs)
         self.name = driver.name if driver is not None else "cma"
 
     @property
@@ -88,12 +87,6 @@ class HandSetFirst:
     def driver(self) -> Driver | None:
         """The wrapped driver (None until a CMA driver is built after the hand-set trials)."""
         return self._inner
-
-    def park(self, number: int) -> None:
-        """Trial ``number`` waits at a rung until the run's end (:mod:`evomerge.rungs`) and is told
-        then: CMA-ES need not wait for it, its start is the best hand-set trial, which climbed on."""
-        self._outstanding.discard(number)
-        self._parked.add(number)
 
     def ask(self) -> Proposal | None:
         if self._todo:
@@ -119,9 +112,8 @@ class HandSetFirst:
         failed_reason: str | None = None,
         attrs: Mapping[str, Any] | None = None,
     ) -> TrialRecord:
-        if number in self._outstanding or number in self._parked:
+        if number in self._outstanding:
             self._outstanding.discard(number)
-            self._parked.discard(number)
             return record_result(self._store, number, objectives, failed_reason, attrs)
         if self._inner is None:
             raise ValueError(f"trial {number} was not asked from this driver, or was told already")
@@ -129,8 +121,7 @@ class HandSetFirst:
 
     def state_dict(self) -> dict[str, Any]:
         inner = self._inner.state_dict() if self._inner is not None else {"driver": self.name}
-        return {**inner, "hand_set_left": [p.label for p, _ in self._todo], "hand_set_out": sorted(self._outstanding),
-                "hand_set_parked": sorted(self._parked)}
+        return {**inner, "hand_set_left": [p.label for p, _ in self._todo], "hand_set_out": sorted(self._outstanding)}
 
     def _best_values(self) -> Mapping[str, Any] | None:
         """The values of the best complete hand-set trial (the first listed on a tie), or None.

@@ -275,35 +275,3 @@ def test_a_candidate_stops_only_when_a_front_trial_beats_it_beyond_the_items_noi
         assert got == expected
         outcomes.append(got)
     assert 10 < sum(outcomes) < 390, "both verdicts occur"
-
-
-def test_hand_set_trials_as_good_as_the_best_wait_for_the_end_and_survive_a_kill(toy_world, tmp_path, set_failpoints):
-    """On arith accuracy alone, task arithmetic cannot be told from the arith specialist on 4
-    items: it is parked at rung 0 while the specialist climbs and CMA-ES starts there; at the end
-    it climbs on (nothing beats it clearly). Killed while it is parked, the resumed run parks its
-    rerun again without scoring an item twice, and CMA-ES asks the same candidates as a run that
-    was never killed."""
-    from evomerge.rungs import PARKED_ATTR, UNPARKED_ATTR
-
-    def searched(records):
-        return [r.recipe_json for r in records if "hand_set" not in r.attrs and r.state == "complete"]
-
-    data = space_data(toy_world, driver="cma", budget=14, objectives="mean")
-    whole = read_run(run_search(config(data, tmp_path / "a"), runs_dir=tmp_path / "a" / "runs"))[0]
-    ta = next(r for r in whole if r.attrs.get("hand_set") == "hand-set: task arithmetic, weight 1")
-    assert ta.attrs[PARKED_ATTR] == 0 and ta.attrs[UNPARKED_ATTR] and full_fidelity(ta)
-    assert ta.number < min(r.number for r in whole if "hand_set" not in r.attrs)
-    assert max(r.number for r in whole if r.attrs.get("rung") == 0) > ta.number  # it climbed after them
-
-    cfg = config(data, tmp_path / "b")
-    set_failpoints("search.after_rung=raise@7")  # after TA is parked, before the end
-    with pytest.raises(Exception, match="failpoint"):
-        run_search(cfg, runs_dir=tmp_path / "b" / "runs")
-    set_failpoints("")
-    records = read_run(run_search(cfg, runs_dir=tmp_path / "b" / "runs"))[0]
-    lost = next(r for r in records if r.interrupted and r.attrs.get("hand_set") == ta.attrs["hand_set"])
-    assert lost.attrs[PARKED_ATTR] == 0
-    heir = next(r for r in records if r.attrs.get(INHERITED_ATTR) == lost.number)
-    assert heir.attrs[PARKED_ATTR] == 0 and full_fidelity(heir) and heir.objectives == ta.objectives
-    assert sum(heir.cost["items"].values()) == ITEMS - 4  # one task; rung 0's items not scored again
-    assert searched(records) == searched(whole)
