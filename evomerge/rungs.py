@@ -252,7 +252,7 @@ class FrontReach:
             if other is None:
                 other = self._states[record.number] = RungState.from_attrs(record.attrs)
             if all(set(docs) <= other.scored(t) for t, docs in items.items()) and clearly_beaten(
-                    state, other, values, record.objectives, items, self._store.directions, z=BEATEN_Z):
+                    state, other, values, record.objectives, items, self._store.directions):
                 return record.number
         return None
 

@@ -46,15 +46,14 @@ def main() -> None:
     ap.add_argument("--no-pipeline", action="store_true",
                     help="skip (b), the mergekit-yaml + lm_eval commands (minutes per repeat)")
     args = ap.parse_args()
-    if args.items is None:
-        import yaml
-
-        args.items = int(yaml.safe_load((ROOT / "search_spaces" / "toy_ties.yaml").read_text())["evaluation"]["items"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     import torch
     import yaml
+
+    if args.items is None:
+        args.items = int(yaml.safe_load((ROOT / "search_spaces" / "toy_ties.yaml").read_text())["evaluation"]["items"])
 
     from evomerge.evaluate import LmEvalScorer
     from evomerge.merge.config import parse_merge_config
