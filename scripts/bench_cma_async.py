@@ -82,6 +82,12 @@ LOOKAHEADS = (8, 12, 16, 24, 32, 48)  # measured for utilisation; the 95% column
 MARKS = (120, 240, 480, 960, 1920)
 
 
+def marks_for(trials: int, marks: tuple[int, ...] = MARKS) -> list[int]:
+    """The trial counts a table reports: the marks within the budget, and the budget itself (a
+    budget below the first mark still gets a column)."""
+    return sorted({m for m in marks if m <= trials} | {trials})
+
+
 class Run(NamedTuple):
     utilisation: float
     curve: list[float]  # the best score after each finished trial
@@ -343,7 +349,7 @@ def window_table(folder: Path, trials: int, seeds: int) -> None:
     """``search.cma_update: window`` on the real driver and store, per (workers, cv): its
     candidates depend on arrival order, so each setting has its own per-trial curves (CMA seed s
     with timing seed s), against the generational loop's (lookahead 0) on the same seeds."""
-    marks = [m for m in MARKS if m <= trials]
+    marks = marks_for(trials)
     print(f"search.cma_update: window against the generational loop; population {POP}, {trials} trials, {DIM}-D, "
           f"{seeds} seeds; per trial: worst / median over {', '.join(OBJECTIVES)} and n in {marks} of the median "
           "distance to the optimum after n trials over the generational loop's (<= 1: no worse)\n")
@@ -464,7 +470,7 @@ def per_trial_ratios(curves: Curves, lookahead: int, trials: int) -> dict[tuple[
     """(objective, trials) -> the lookahead's median distance to the optimum over the generational one's."""
     ratios = {}
     for name in OBJECTIVES:
-        for m in (m for m in MARKS if m <= trials):
+        for m in marks_for(trials):
             ahead = statistics.median(-r.curve[m - 1] for r in curves[(lookahead, name)])
             gen = statistics.median(-r.curve[m - 1] for r in curves[(0, name)])
             ratios[(name, m)] = ahead / gen if gen > 0 else float("nan")
@@ -481,7 +487,7 @@ def equal_time_ratios(curves: Curves, lookahead: int, trials: int) -> dict[tuple
     ratios = {}
     for name in OBJECTIVES:
         gens, aheads = curves[(0, name)], curves[(lookahead, name)]
-        for m in (m for m in MARKS if m < trials):  # at ``trials`` the lookahead's run has stopped too
+        for m in (m for m in marks_for(trials) if m < trials):  # at ``trials`` the lookahead's run has stopped too
             gen = statistics.median(-g.curve[m - 1] for g in gens)
             ahead = statistics.median(best_by(a, g.finished[m - 1]) for a, g in zip(aheads, gens))
             ratios[(name, m)] = ahead / gen if gen > 0 else float("nan")
@@ -496,7 +502,7 @@ def _worst_and_median(ratios: dict[tuple[str, int], float]) -> str:
 def print_summary(settings: dict[tuple[int, float], Setting], curves: Curves, trials: int, seeds: int) -> None:
     print(f"population {POP}, {trials} trials, {DIM}-D; utilisation: median over {seeds} timing seeds; "
           f"per trial: median over {seeds} CMA seeds of the distance to the optimum after n trials "
-          f"(n in {[m for m in MARKS if m <= trials]}), over the generational loop's, for "
+          f"(n in {marks_for(trials)}), over the generational loop's, for "
           f"{', '.join(OBJECTIVES)}: worst / median of those ratios (at most 1: no worse per trial)\n")
     print("| workers | cv | generational: utilisation | default lookahead | utilisation | per trial, worst / median "
           "| smallest lookahead busy 95% | utilisation | per trial, worst / median |")
@@ -512,7 +518,7 @@ def print_summary(settings: dict[tuple[int, float], Setting], curves: Curves, tr
 
 def print_details(curves: Curves, trials: int, seeds: int) -> None:
     lookaheads = sorted({a for a, _ in curves} - {0})
-    marks = [m for m in MARKS if m <= trials]
+    marks = marks_for(trials)
     workers, cv = QUALITY_TIMING
     at_equal_time = f"at equal simulated time ({workers} workers, cv {cv}; n: the generational run's trials)"
     for title, ratio in (("per trial", per_trial_ratios), (at_equal_time, equal_time_ratios)):
