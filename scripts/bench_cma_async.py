@@ -57,6 +57,20 @@ CMA at the space's centre, without the hand-set trials it waits for. Scores are 
 within a seed, so the generational runs, whose candidates do not depend on timing, are evaluated
 once per seed; ``--jobs`` runs seeds in parallel processes. Needs the toy world.
 
+    python scripts/bench_cma_async.py --barrier [--hand-set 4]
+
+prints what the hand-set barrier costs and what the one sound way to fill it would buy, from the
+timing alone (the same log-normal times, 20,000 draws per setting): CMA starts at the best
+hand-set trial, so with ``H`` hand-set trials (4 on the toy world) ``W - H`` workers wait for the
+slowest of them. Any candidate handed out before all ``H`` results are back is drawn around a
+start that is only a guess; the best guess, the best hand-set result so far (which a resumed run
+could replay, as the window's log records its arrivals), is wrong until the final best has
+arrived, and with equal timing that one is equally likely to arrive at any place. Per setting: the
+idle worker-time at the barrier (in mean evaluations, and as a share of a 96- and a 1000-trial
+run), and, had every idle worker started a candidate around the best result so far until the
+barrier would have lifted, how many of those were drawn around a start that lost (orphans: trials
+spent that CMA cannot learn from) and how many around the final start.
+
     python scripts/bench_cma_async.py --runs runs/toy_gen runs/toy_ahead
 
 reads real runs instead and prints, for each, the workers' utilisation (the trials' time on
@@ -341,12 +355,18 @@ def main() -> None:
                         help=f"with --toy: CMA population (default {POP}, the issue's; the shipped space has 8)")
     parser.add_argument("--lookahead", action="store_true", help="with --toy: also the default lookahead")
     parser.add_argument("--jobs", type=int, default=1, help="with --toy: seeds run in this many processes")
+    parser.add_argument("--barrier", action="store_true",
+                        help="what the hand-set barrier costs and what a best-so-far start would buy (timing only)")
+    parser.add_argument("--hand-set", type=int, default=4, help="with --barrier: hand-set trials (the toy world's 4)")
     parser.add_argument("--no-hand-set", action="store_true",
                         help="with --toy: CMA from the first trial (search.hand_set: false), no hand-set barrier")
     args = parser.parse_args()
     args.trials = args.trials or (96 if args.toy else 960)
     if args.runs:
         compare_runs(args.runs)
+        return
+    if args.barrier:
+        barrier_table(args.hand_set)
         return
     if args.toy:
         toy_table(args.trials, args.seeds, args.items, population=args.population, hand_set=not args.no_hand_set,
@@ -424,6 +444,33 @@ def toy_schemes(population: int, lookahead: bool) -> dict[str, tuple[int, str]]:
         schemes[f"lookahead {default_lookahead(8, population)}"] = (default_lookahead(8, population), "generations")
     schemes["window"] = (0, "window")
     return schemes
+
+
+def barrier_table(hand_set: int, draws: int = 20000) -> None:
+    """The hand-set barrier's idle time and a best-so-far start's orphans (module docstring)."""
+    print(f"{hand_set} hand-set trials, every one started at time 0, log-normal times of mean 1; means over {draws} "
+          "draws; orphans / useful: candidates a best-so-far start would hand out before the barrier lifts, drawn "
+          "around a start that lost / around the final one\n")
+    print("| workers | cv | idle worker-time at the barrier | share of a 96-trial run | share of a 1000-trial run "
+          "| first result, of the barrier's length | best-so-far start: orphans | useful |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workers, cv in TOY_SETTINGS:
+        sigma = np.sqrt(np.log(1 + cv**2))
+        rng = np.random.default_rng(0)
+        idle = orphans = useful = first = 0.0
+        for _ in range(draws):
+            times = rng.lognormal(-sigma**2 / 2, sigma, hand_set)
+            t_best, t_all = times[0], times.max()  # which one is the best does not matter: equal timing
+            idle += (workers - hand_set) * t_all + float(np.sum(t_all - times))
+            first += times.min() / t_all
+            for t in [times.min()] * (workers - hand_set) + list(times):  # when each worker is free
+                while t < t_all:
+                    orphans += t < t_best
+                    useful += t >= t_best
+                    t += float(rng.lognormal(-sigma**2 / 2, sigma))
+        idle, orphans, useful, first = idle / draws, orphans / draws, useful / draws, first / draws
+        print(f"| {workers} | {cv} | {idle:.1f} | {idle / (idle + 96):.1%} | {idle / (idle + 1000):.1%} | "
+              f"{first:.0%} | {orphans:.1f} | {useful:.1f} |")
 
 
 def toy_seed(job: ToyJob) -> tuple[list[ToyResult], int]:
