@@ -355,6 +355,8 @@ def main() -> None:
                         help=f"with --toy: CMA population (default {POP}, the issue's; the shipped space has 8)")
     parser.add_argument("--lookahead", action="store_true", help="with --toy: also the default lookahead")
     parser.add_argument("--jobs", type=int, default=1, help="with --toy: seeds run in this many processes")
+    parser.add_argument("--save", type=Path,
+                        help="with --toy: keep each seed's results in this file and skip the seeds it holds")
     parser.add_argument("--barrier", action="store_true",
                         help="what the hand-set barrier costs and what a best-so-far start would buy (timing only)")
     parser.add_argument("--hand-set", type=int, default=4, help="with --barrier: hand-set trials (the toy world's 4)")
@@ -370,7 +372,7 @@ def main() -> None:
         return
     if args.toy:
         toy_table(args.trials, args.seeds, args.items, population=args.population, hand_set=not args.no_hand_set,
-                  lookahead=args.lookahead, jobs=args.jobs)
+                  lookahead=args.lookahead, jobs=args.jobs, save=args.save)
         return
     logging.getLogger("evomerge").setLevel(logging.ERROR)
     import optuna
@@ -425,6 +427,7 @@ class ToyJob(NamedTuple):
     population: int
     hand_set: bool
     lookahead: bool  # also the default lookahead's runs
+    one_thread: bool  # torch on one thread (several jobs side by side)
 
 
 class ToyResult(NamedTuple):
@@ -480,6 +483,10 @@ def toy_seed(job: ToyJob) -> tuple[list[ToyResult], int]:
 
     logging.getLogger("evomerge").setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if job.one_thread:
+        import torch
+
+        torch.set_num_threads(1)  # processes side by side: torch's default of every core oversubscribes them
     folder = Path(tempfile.mkdtemp(prefix="evomerge-cma-async-"))
     try:
         toy = ToyWorld(job.trials, job.items, population=job.population, hand_set=job.hand_set)
@@ -493,6 +500,32 @@ def toy_seed(job: ToyJob) -> tuple[list[ToyResult], int]:
         return results, toy.evaluations
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save_seed(path: Path, key: dict, rows: list[ToyResult]) -> None:
+    """Append one seed's results to ``path`` (JSON lines), so a long run can stop and go on."""
+    import json
+
+    with path.open("a") as out:
+        for r in rows:
+            out.write(json.dumps({**key, **r._replace(run=r.run._asdict())._asdict()}) + "\n")
+
+
+def _load_seeds(path: Path, key: dict) -> dict[int, list[ToyResult]]:
+    """The seeds ``path`` already holds for these settings (complete seeds only)."""
+    import json
+
+    if not path.is_file():
+        return {}
+    by_seed: dict[int, list[ToyResult]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if any(row.pop(k) != v for k, v in key.items()):
+            continue
+        row["run"] = Run(**row["run"])
+        by_seed.setdefault(row["seed"], []).append(ToyResult(**row))
+    expected = len(TOY_SETTINGS) * len(toy_schemes(key["population"], key["lookahead"]))
+    return {s: rows for s, rows in by_seed.items() if len(rows) == expected}
 
 
 def _spread(values: list[float], digits: int = 3) -> str:
@@ -514,29 +547,40 @@ def _paired(diffs: list[float]) -> str:
 
 
 def toy_table(trials: int, seeds: int, items: int | None, *, population: int = POP, hand_set: bool = True,
-              lookahead: bool = False, jobs: int = 1) -> None:
+              lookahead: bool = False, jobs: int = 1, save: Path | None = None) -> None:
     """The schemes on the toy world, per (workers, cv): CMA seed s with timing seed s; per
     scheme the utilisation and, over seeds, the median [min, max] of the best sum of the two
     search-item accuracies after n finished trials and of the held-out mean of the final best;
     then window minus generational seed by seed (paired: the same seed, hence the same hand-set
     start and the same CMA stream until results differ)."""
+    import sys
     import time
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
     start = time.perf_counter()
     marks = [m for m in TOY_MARKS if m < trials] + [trials]
-    job_list = [ToyJob(s, trials, items, population, hand_set, lookahead) for s in range(seeds)]
-    results: list[ToyResult] = []
+    key = {"trials": trials, "items": items, "population": population, "hand_set": hand_set, "lookahead": lookahead}
+    done = _load_seeds(save, key) if save else {}
+    job_list = [ToyJob(s, trials, items, population, hand_set, lookahead, jobs > 1) for s in range(seeds) if s not in done]
+    results: list[ToyResult] = [r for s in range(seeds) for r in done.get(s, [])]
     evaluations = 0
+
+    def keep(rows: list[ToyResult], n: int) -> None:
+        nonlocal evaluations
+        results.extend(rows)
+        evaluations += n
+        if save:
+            _save_seed(save, key, rows)
+        print(f"seed {rows[0].seed} done, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            outcomes = list(pool.map(toy_seed, job_list))
+            for future in as_completed([pool.submit(toy_seed, job) for job in job_list]):
+                keep(*future.result())
     else:
-        outcomes = [toy_seed(job) for job in job_list]
-    for rows, n in outcomes:
-        results += rows
-        evaluations += n
+        for job in job_list:
+            keep(*toy_seed(job))
     import yaml
 
     shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "search_spaces" / "toy_ties.yaml").read_text())
