@@ -543,7 +543,12 @@ def _paired(diffs: list[float]) -> str:
     above, level = sum(d > 1e-9 for d in diffs), sum(abs(d) <= 1e-9 for d in diffs)
     extreme = sum(abs(sum(sign * d for sign, d in zip(signs, diffs))) >= abs(sum(diffs)) - 1e-9
                   for signs in product((1, -1), repeat=n))
-    return f"{mean:+.3f} ({above}/{level}/{n - above - level}, p {extreme / 2**n:.2f})"
+    return f"{_signed(mean)} ({above}/{level}/{n - above - level}, p {extreme / 2**n:.2f})"
+
+
+def _signed(value: float) -> str:
+    """``+0.005``, with a float's rounding noise around zero shown as ``+0.000``, not ``-0.000``."""
+    return f"{round(value, 3) + 0.0:+.3f}"
 
 
 def toy_table(trials: int, seeds: int, items: int | None, *, population: int = POP, hand_set: bool = True,
@@ -621,7 +626,7 @@ def toy_table(trials: int, seeds: int, items: int | None, *, population: int = P
     print("| seed | " + " | ".join(f"{w} workers, cv {cv}" for w, cv in TOY_SETTINGS) + " |")
     print("|---|" + "---|" * len(TOY_SETTINGS))
     for s in range(seeds):
-        print(f"| {s} | " + " | ".join(f"{diff[k][0][s]:+.3f} / {diff[k][1][s]:+.3f}" for k in TOY_SETTINGS) + " |")
+        print(f"| {s} | " + " | ".join(f"{_signed(diff[k][0][s])} / {_signed(diff[k][1][s])}" for k in TOY_SETTINGS) + " |")
     print(f"\n{evaluations} candidates evaluated, {time.perf_counter() - start:.0f} s in all ({jobs} processes)")
 
 
