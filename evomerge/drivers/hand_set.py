@@ -16,6 +16,14 @@ label), then asks the driver it wraps. How each kind of driver learns from them:
   start when every one failed). Workers wait for the last hand-set trial, a few trials at most.
   x0 depends only on logged results, so a resumed run rebuilds the same CMA stream and the kill
   test's member-by-member comparison holds.
+  Why the other workers are not given candidates while they wait: any candidate drawn then is
+  drawn around a guess of the start. The best guess, the best hand-set result so far, could be
+  logged and replayed, but it is wrong until the final best has arrived, which with equal timing
+  is as likely last as first; the candidates drawn around a start that lost are trials CMA
+  cannot learn from. ``scripts/bench_cma_async.py --barrier`` (4 hand-set trials, log-normal
+  times): at 8 and 16 workers, cv 0.3 and 0.6, more of those candidates would be drawn around a
+  losing start (4.8-14.4 per run) than around the final one (3.1-11.8), while the wait itself
+  is 6-19% of a 96-trial run's worker-time and 0.7-2.2% of a 1000-trial run's.
 
 Budget: hand-set trials are trials; they count against ``search.budget`` (with a budget smaller
 than their number, only the first ones run).
