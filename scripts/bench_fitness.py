@@ -20,7 +20,8 @@ search), as are the run's hand-set trials. Printed per world and driver, as medi
 - the held-out mean of the final best trial ("best held-out");
 - the forward passes spent when the best first reached 95% of the full run's final held-out mean
   (the same seed's full run; "-" when never), and the full run's count over the rungs run's
-  (the saving; goal: 3x or more);
+  (the saving; goal: 3x or more; a seed whose rungs run never reached it counts as 0x, so the
+  median is not taken over the lucky seeds only; ``--per-seed`` prints each seed's counts);
 - the held-out margin of the final best over the best hand-set merge and over the best single
   input model (each model alone; goal: above 0).
 
@@ -205,6 +206,7 @@ def main() -> None:
                         help="search items per task in both modes (default: the space's evaluation.items)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="where the runs go (default: a fresh temp folder)")
     parser.add_argument("--quick", action="store_true", help="one seed, one driver, a quarter of the budget")
+    parser.add_argument("--per-seed", action="store_true", help="also print each seed's forward passes to 95%% after its rows")
     parser.add_argument("--no-hand-set", action="store_true",
                         help="searches without hand-set trials first (margins are still over the hand-set merges)")
     args = parser.parse_args()
@@ -232,6 +234,7 @@ def main() -> None:
         for driver in drivers:
             rows: dict[str, list[Outcome]] = {"full": [], "rungs": []}
             ratios: list[float] = []
+            per_seed: list[str] = []
             reached: dict[str, list[int]] = {"full": [], "rungs": []}
             for seed in range(seeds):
                 tag = f"{world.name}-{space_file.stem}-{driver}-s{seed}"
@@ -250,8 +253,9 @@ def main() -> None:
                 for mode, fp in (("full", a), ("rungs", b)):
                     if fp is not None:
                         reached[mode].append(fp)
-                if a is not None and b:
-                    ratios.append(a / b)
+                if a is not None:  # a seed whose rungs run never reached counts as 0x: below every other
+                    ratios.append(a / b if b else 0.0)
+                    per_seed.append(f"s{seed} {a}/{b or 'never'}")
             for mode, outcomes in rows.items():
                 got = f"{len(reached[mode])}/{len(outcomes)} reached: " + spread([float(v) for v in reached[mode]], "{:.0f}")
                 print(f"| {world.name} / {space_file.name} | {driver} | {mode} | "
@@ -259,6 +263,8 @@ def main() -> None:
                       f"{spread(ratios, '{:.1f}x') if mode == 'rungs' else ''} | "
                       f"{spread([o.final - o.hand_set for o in outcomes], '{:+.3f}')} | "
                       f"{spread([o.final - o.single for o in outcomes], '{:+.3f}')} |", flush=True)
+            if args.per_seed:
+                print(f"per seed, {world.name} / {driver}, full / rungs forward passes to 95%: {', '.join(per_seed)}", flush=True)
 
 
 if __name__ == "__main__":
