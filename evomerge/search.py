@@ -39,7 +39,9 @@ __all__ = [
     "Progress",
     "SearchStopped",
     "build_driver",
+    "cma_idle_notice",
     "default_lookahead",
+    "idle_workers_notice",
     "open_store",
     "prepare",
     "resume",
@@ -188,6 +190,9 @@ def build_driver(prepared: Prepared, store: Any, report: Reporter | None = None)
             cma_update=cfg.search.cma_update or "generations",
         )
 
+    idle = cma_idle_notice(cfg, space.unit_dimension)
+    if report is not None and idle:
+        report.notice(idle)
     if not cfg.search.hand_set_on:
         return build()
     from .drivers.hand_set import HandSetFirst
@@ -232,6 +237,38 @@ def default_lookahead(workers: int, popsize: int) -> int:
     if workers <= 1 or popsize < MIN_LOOKAHEAD_POPULATION:
         return 0
     return min(2 * workers, popsize // 2)
+
+
+def cma_idle_notice(cfg: SpaceConfig, unit_dimension: int) -> str | None:
+    """:func:`idle_workers_notice` for a space file (None unless its driver is CMA-ES); said by
+    ``evomerge validate`` and at the start of ``evomerge search``."""
+    if cfg.search.driver != "cma":
+        return None
+    popsize = cfg.search.population or _default_popsize(unit_dimension, "cma") or 0
+    return idle_workers_notice(cfg.workers.count, popsize, _lookahead(cfg, popsize), cfg.search.cma_update,
+                               explicit=cfg.search.lookahead is not None)
+
+
+def idle_workers_notice(workers: int, popsize: int, lookahead: int, cma_update: str | None, *,
+                        explicit: bool = False) -> str | None:
+    """What to tell a user whose CMA-ES workers will wait at every generation's end, or None.
+
+    The generational loop keeps ``W`` workers busy only while it can hand out candidates beyond
+    the generation being completed; with a lookahead below the worker count the slowest members
+    of each generation leave the others idle (``scripts/bench_cma_async.py``: lookahead 8 keeps
+    8 workers 88-98% busy, 16 workers 50-69%). The default lookahead stops at half the population
+    to keep the score per trial (:func:`default_lookahead`), so from ``W > population / 2`` on the
+    space file has to choose: ``search.cma_update: window`` keeps every worker busy (level per
+    trial with the generational loop on the toy world at population 16, 8 and 16 workers; README,
+    "The loop at scale"), or a larger population. Said once at start, not refused: a user who
+    counts trials rather than hours loses nothing by waiting. A lookahead the space file sets
+    itself is its author's choice, and one worker never waits for a generation."""
+    if cma_update == "window" or explicit or workers <= 1 or lookahead >= workers:
+        return None
+    return (f"search: {workers} workers on a CMA-ES population of {popsize}: the generational loop can hand out "
+            f"{lookahead} candidate(s) beyond a generation, fewer than the workers, so workers will wait at each "
+            f"generation's end. `search.cma_update: window` keeps every worker busy (README, \"The loop at "
+            f"scale\"); or raise search.population to {2 * workers} or more.")
 
 
 def _default_popsize(dimension: int, driver: str) -> int | None:

@@ -198,6 +198,11 @@ def describe(checked: Checked) -> list[str]:
     where = f"on the Ray cluster at {w.ray_address}" if w.ray_address else "on a local Ray cluster"
     lines.append(f"workers: {w.count} {where}, {w.cpus_per_worker:g} CPU and {w.gpus_per_worker:g} GPU each"
                  + (f", {w.timeout_s:g} s per candidate at most" if w.timeout_s else ""))
+    from .search import cma_idle_notice
+
+    idle = cma_idle_notice(config, space.unit_dimension)
+    if idle:
+        lines.append(f"  {idle}")
     lines += checked.prepared.memory.describe()
     lines.append(f"run: {checked.run_state}")
     return lines

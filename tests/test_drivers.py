@@ -366,6 +366,34 @@ def test_cma_population_of_two_runs_with_several_workers(tmp_path):
     assert len(store.trials()) == 6
 
 
+def test_cma_says_at_start_when_its_workers_will_wait_and_what_keeps_them_busy():
+    """Beyond ``population / 2`` workers the default lookahead cannot supply them all, so the
+    generational loop idles them at every generation's end: validate and search say so once, with
+    the fixes; not where the lookahead keeps up, nor where the space file chose already."""
+    from evomerge.search import cma_idle_notice, default_lookahead, idle_workers_notice
+    from evomerge.space_config import parse_space_config
+    from tests.test_space_config import minimal_config
+
+    for workers, pop in [(1, 16), (2, 8), (4, 8), (8, 16), (16, 32)]:  # the lookahead keeps up
+        assert idle_workers_notice(workers, pop, default_lookahead(workers, pop), None) is None
+    line = idle_workers_notice(16, 16, default_lookahead(16, 16), None)
+    assert line is not None and "16 workers on a CMA-ES population of 16" in line and "8 candidate(s)" in line
+    assert "search.cma_update: window" in line and "search.population to 32" in line
+    assert idle_workers_notice(4, 2, default_lookahead(4, 2), None) is not None  # a mirrored pair: no lookahead at all
+    assert idle_workers_notice(16, 16, 0, "window") is None  # nobody waits
+    assert idle_workers_notice(16, 16, 4, None, explicit=True) is None  # the space file's own lookahead
+
+    def config(search, count):
+        return parse_space_config(minimal_config(search={"budget": 10, **search},
+                                                 workers={"count": count, "cpus_per_worker": 1}))
+
+    assert "2 workers on a CMA-ES population of 2" in cma_idle_notice(config({"driver": "cma", "population": 2}, 2), 8)
+    assert cma_idle_notice(config({"driver": "cma", "population": 2, "cma_update": "window"}, 2), 8) is None
+    assert cma_idle_notice(config({"driver": "tpe"}, 8), 8) is None
+    default_pop = cma_idle_notice(config({"driver": "cma"}, 8), 8)  # population 4 + 3 ln 8 = 10: lookahead 5
+    assert default_pop is not None and "population of 10" in default_pop and "5 candidate(s)" in default_pop
+
+
 # ---- Optuna -------------------------------------------------------------------------------
 
 MO_DIRS = {"loss": "minimize", "a_plus_b": "maximize"}
