@@ -98,10 +98,9 @@ def _rung(record: Any) -> str:
     of = record.attrs.get(RUNG_OF_ATTR)
     if of is None:
         return "-"
-    if BEATEN_ATTR in record.attrs:
-        return f"{record.attrs[STOPPED_ATTR] + 1} of {of} (stopped: below #{record.attrs[BEATEN_ATTR]})"
     if STOPPED_ATTR in record.attrs:
-        return f"{record.attrs[STOPPED_ATTR] + 1} of {of} (stopped)"
+        why = f": below #{record.attrs[BEATEN_ATTR]}" if BEATEN_ATTR in record.attrs else ""
+        return f"{record.attrs[STOPPED_ATTR] + 1} of {of} (stopped{why})"
     return f"{record.attrs.get(RUNG_ATTR, 0) + 1} of {of}"
 
 

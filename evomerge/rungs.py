@@ -242,6 +242,7 @@ class FrontReach:
         self._store = store
         self._ladder = ladder
         self._states: dict[int, RungState] = {}
+        self._covers: dict[tuple[int, int], bool] = {}  # (front trial, rung): scored on all that rung's items
 
     def beaten_by(self, state: RungState, values: Mapping[str, float], rung: int) -> int | None:
         items = self._ladder.items(rung)
@@ -251,8 +252,11 @@ class FrontReach:
             other = self._states.get(record.number)
             if other is None:
                 other = self._states[record.number] = RungState.from_attrs(record.attrs)
-            if all(set(docs) <= other.scored(t) for t, docs in items.items()) and clearly_beaten(
-                    state, other, values, record.objectives, items, self._store.directions):
+            covers = self._covers.get((record.number, rung))
+            if covers is None:
+                covers = self._covers[(record.number, rung)] = all(
+                    set(docs) <= other.scored(t) for t, docs in items.items())
+            if covers and clearly_beaten(state, other, values, record.objectives, items, self._store.directions):
                 return record.number
         return None
 

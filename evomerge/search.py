@@ -168,7 +168,7 @@ def build_driver(prepared: Prepared, store: Any, report: Reporter | None = None)
 
     cfg = prepared.config
     space = prepared.space
-    popsize = cfg.search.population or _default_popsize(space.unit_dimension, cfg.search.driver)
+    popsize = _popsize(cfg, space.unit_dimension)
     objectives = [ObjectiveSpec(o.key, o.direction, o.weight) for o in cfg.objectives]
     constraints = [ConstraintSpec(c.key, c.max) for c in cfg.constraints if c.max is not None]
     distributions = space.optuna_distributions()
@@ -244,7 +244,7 @@ def cma_idle_notice(cfg: SpaceConfig, unit_dimension: int) -> str | None:
     ``evomerge validate`` and at the start of ``evomerge search``."""
     if cfg.search.driver != "cma":
         return None
-    popsize = cfg.search.population or _default_popsize(unit_dimension, "cma") or 0
+    popsize = _popsize(cfg, unit_dimension) or 0
     return idle_workers_notice(cfg.workers.count, popsize, _lookahead(cfg, popsize), cfg.search.cma_update,
                                explicit=cfg.search.lookahead is not None)
 
@@ -269,6 +269,11 @@ def idle_workers_notice(workers: int, popsize: int, lookahead: int, cma_update: 
             f"{lookahead} candidate(s) beyond a generation, fewer than the workers, so workers will wait at each "
             f"generation's end. `search.cma_update: window` keeps every worker busy (README, \"The loop at "
             f"scale\"); or raise search.population to {2 * workers} or more.")
+
+
+def _popsize(cfg: SpaceConfig, dimension: int) -> int | None:
+    """The population the driver runs with: the space file's, else the driver's default."""
+    return cfg.search.population or _default_popsize(dimension, cfg.search.driver)
 
 
 def _default_popsize(dimension: int, driver: str) -> int | None:
