@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # `evomerge show` imports the label's name; the space (and torch) load only to build points
     from .space import SearchSpace
 
+#: How the label of an input model alone ends (``hand-set: <model> alone``).
+ALONE_SUFFIX = " alone"
 #: The trial attribute that marks a hand-set trial; its value is the label ``show`` prints.
 HAND_SET_ATTR = "hand_set"
 LABEL_PREFIX = "hand-set: "
@@ -54,7 +56,7 @@ def _recipes(space: SearchSpace) -> list[tuple[str, str, dict[str, dict[str, flo
     out = []
     for alone in [BASE_NAME, *donors]:
         weights = {d: (1.0 if d == alone else 0.0) for d in donors}
-        out.append((f"{alone} alone", TASK_ARITHMETIC, {"weight": weights}, {"lambda": 1.0}))
+        out.append((f"{alone}{ALONE_SUFFIX}", TASK_ARITHMETIC, {"weight": weights}, {"lambda": 1.0}))
     out.append(("task arithmetic, weight 1", TASK_ARITHMETIC, {"weight": dict.fromkeys(donors, 1.0)}, {"lambda": 1.0}))
     from .merge.registry import get_method
 

@@ -74,6 +74,7 @@ class Flight:
     rung: int | None = None  # with rungs: the rung this job completes (None: a whole evaluation)
     items: Mapping[str, Sequence[int]] | None = None  # with rungs: the items this job scores (the new ones)
     hand_set: bool = False  # a hand-set trial: with rungs, it climbs with the other hand-set trials
+    unparked: bool = False  # a hand-set trial parked at a rung, climbing again at the run's end
 
 
 @dataclass
@@ -159,6 +160,7 @@ class SearchLoop:
         self._inheritable: dict[str, Any] = {}  # recipe JSON -> an interrupted trial's rung results
         self._hand_set_climbing: set[int] = set()  # hand-set trials out or waiting, not told yet
         self._hand_set_waiting: dict[int, tuple[Flight, dict[str, float], str]] = {}  # at a rung, for the others
+        self._parked: dict[int, tuple[Flight, dict[str, float], str]] = {}  # hand-set trials waiting for the end
         if rungs is not None:
             from .rungs import INHERITED_ATTR, ITEMS_ATTR, FrontReach, make_promotion
 
@@ -188,9 +190,12 @@ class SearchLoop:
             self._dispatch_retries()
             if self._hand_set_waiting and self._left_to_ask() <= 0:
                 self._decide_hand_set(force=True)  # no more hand-set trials will be asked to join
+            if self._parked and not self._hand_set_waiting and self._left_to_ask() <= 0:
+                self._unpark()  # nothing new will be asked: the parked hand-set trials climb or stop now
             self._dispatch_promotions()
             wanted = self._ask_and_submit()
-            if not self.flights and not self.retries and not self.promotions and (wanted <= 0 or self.idle):
+            if (not self.flights and not self.retries and not self.promotions and not self._parked
+                    and (wanted <= 0 or self.idle)):
                 return  # done: nothing out, nothing to retry, nothing more to ask
             if not (self.idle or self.starting or self.flights):
                 raise SearchStopped("no worker is left to run candidates on")
@@ -218,10 +223,27 @@ class SearchLoop:
     def _left_to_ask(self) -> int:
         """New trials the budget allows (those out, waiting or promoted count against it); 0 once
         ``max_forward_passes`` is spent."""
-        if self.max_forward_passes is not None and self.progress.forward_passes >= self.max_forward_passes:
+        if (self.max_forward_passes is not None
+                and self.progress.forward_passes + self._parked_passes() >= self.max_forward_passes):
             return 0
         return (self.budget - self.store.counts().finished - len(self.flights) - len(self.retries)
-                - len(self.promotions) - len(self._hand_set_waiting))
+                - len(self.promotions) - len(self._hand_set_waiting) - len(self._parked))
+
+    def _parked_passes(self) -> int:
+        """The forward passes the parked hand-set trials would cost if each climbed to the top at
+        the run's end (at the passes per item each paid so far), held back from
+        ``max_forward_passes`` so that a run with parked trials spends no more than one without."""
+        if not self._parked:
+            return 0
+        top = sum(len(docs) for docs in self.rungs.items(self.rungs.top).values())
+        total = 0.0
+        for number in self._parked:
+            state = self._rung_state[number]
+            paid = sum(state.cost.get("items", {}).values())  # a rerun's inherited items cost it nothing
+            if paid:
+                scored = sum(len(state.scored(task)) for task in self.rungs.order)
+                total += state.cost.get("forward_passes", 0) / paid * (top - scored)
+        return int(total)
 
     def _dispatch_promotions(self) -> None:
         """Promoted candidates go to idle workers before any new candidate is asked (ASHA)."""
@@ -252,7 +274,7 @@ class SearchLoop:
         """Set a new trial's first job: rung 0. A rerun of an interrupted trial takes over its
         per-item results first and asks the promotion rule again for each rung they reach (a
         hand-set rerun climbs on past them: it was promoted to get them). False: nothing to submit now."""
-        from .rungs import INHERITED_ATTR, RUNG_OF_ATTR, RungState
+        from .rungs import INHERITED_ATTR, PARKED_ATTR, RUNG_OF_ATTR, UNPARKED_ATTR, RungState
 
         state = RungState()
         old = self._inheritable.pop(flight.recipe_json, None)
@@ -274,6 +296,9 @@ class SearchLoop:
                 elif (stop := self._stop(flight, rung, values, state)) is not None:
                     self._tell_rung_outcome(flight, rung, values, extra=stop)
                     return False
+            if flight.hand_set and old.attrs.get(PARKED_ATTR) is not None and not old.attrs.get(UNPARKED_ATTR):
+                self._park(flight, reached, state.values[reached], "")  # parked again, as before the kill
+                return False
             target = reached + 1
         if flight.hand_set:
             self._hand_set_climbing.add(flight.number)
@@ -337,7 +362,7 @@ class SearchLoop:
         state.values[flight.rung] = values
         self.store.annotate(flight.number, state.attrs())
         failpoints.hit("search.after_rung")  # a rung result is recorded, its promotion not yet decided
-        if flight.hand_set and flight.rung < self.rungs.top:
+        if flight.hand_set and flight.rung < self.rungs.top and not flight.unparked:
             self._hand_set_waiting[flight.number] = (flight, values, result.worker)
             self._decide_hand_set()
             return
@@ -357,8 +382,10 @@ class SearchLoop:
         older candidates at their rung (a search's new candidates keep beating its old ones)."""
         from .rungs import BEATEN_ATTR
 
-        if rung == self.rungs.top or not self.promotion.promote(flight.number, rung, values):
+        if rung == self.rungs.top:
             return {}
+        if not flight.unparked and not self.promotion.promote(flight.number, rung, values):
+            return {}  # (a parked hand-set trial climbing at the end answers to the front alone)
         beaten_by = self.reach.beaten_by(state, values, rung)
         return None if beaten_by is None else {BEATEN_ATTR: beaten_by}
 
@@ -370,11 +397,15 @@ class SearchLoop:
     def _decide_hand_set(self, force: bool = False) -> None:
         """Hand-set trials climb together: once every one still climbing waits at its rung (and the
         driver has none left to ask), the best of them by the plain sum ``--best`` ranks by goes up,
-        and so does each one the rung's items cannot yet tell from it (:func:`~evomerge.rungs.
-        indistinguishable`); the rest stop there. So the best hand-set merge is scored on every item
-        (a search never ends below it, issue item 3) unless a rung's items showed it worse, while
-        the clearly worse ones (the base alone, a specialist beside a merge of both) cost a rung-0
-        score. Each one competes at its rungs, setting the bar a searched candidate must pass."""
+        and so does each merge the rung's items cannot yet tell from it
+        (:func:`~evomerge.rungs.indistinguishable`); an input model alone that they cannot tell
+        from it is parked there until the run's end (:meth:`_park`; the driver says which trials
+        may wait, ``may_park``), unless no merge is tied with it; the rest stop there. So the best
+        hand-set merge is scored on every item (a search never ends below it, issue item 3) unless
+        a rung's items showed it worse, the clearly worse ones (the base alone, a specialist beside
+        a merge of both) cost a rung-0 score, and a model alone as good as the best costs more
+        only if the search has not clearly beaten it by its end. Each one competes at its rungs,
+        setting the bar a searched candidate must pass."""
         if not self._hand_set_waiting or set(self._hand_set_waiting) != self._hand_set_climbing:
             return
         if getattr(self.driver, "hand_set_left", 0) and not force:
@@ -390,14 +421,59 @@ class SearchLoop:
         directions = self.store.directions
         unweighted = [ObjectiveSpec(name, direction) for name, direction in directions.items()]  # as --best ranks
         best, best_values, _ = max(waiting, key=lambda w: (scalarize(w[1], unweighted), -w[0].number))
+        tied = [w for w in waiting if w[0] is best or indistinguishable(
+            self._rung_state[w[0].number], self._rung_state[best.number], w[1], best_values, items, directions)]
+        may_park = getattr(self.driver, "may_park", lambda number: False)
+        parks = {w[0].number for w in tied if may_park(w[0].number)}
+        if len(parks) == len(tied):
+            parks.discard(best.number)  # one of them climbs on whatever
         for flight, values, worker in waiting:
             self.promotion.enter(flight.number, rung, values)
-            if flight is best or indistinguishable(self._rung_state[flight.number], self._rung_state[best.number],
-                                                   values, best_values, items, directions):
+            if flight.number in parks:
+                self._park(flight, rung, values, worker)
+            elif any(w[0] is flight for w in tied):
                 self._promote(flight)
             else:
                 self._hand_set_climbing.discard(flight.number)
                 self._tell_rung_outcome(flight, rung, values, worker=worker)
+
+    def _park(self, flight: Flight, rung: int, values: dict[str, float], worker: str) -> None:
+        """Leave a hand-set trial the rung's items cannot tell from the best one open at ``rung``
+        until nothing new will be asked (:meth:`_unpark`). Scoring every such trial on every item
+        first would cost whole evaluations at the start of every run (on the compose world the
+        three specialists alone, each as good by the plain sum as task arithmetic, were 2,400 of
+        the 3,232 forward passes of the hand-set trials), and most of them are clearly beaten by
+        then.
+        The trial is marked in the log (``hand_set_parked``: its rung), so a run killed meanwhile
+        parks its rerun again without scoring, and CMA-ES, which starts at the best hand-set trial,
+        rebuilds the same start."""
+        from .rungs import PARKED_ATTR
+
+        flight.rung = rung
+        self._hand_set_climbing.discard(flight.number)
+        self._parked[flight.number] = (flight, values, worker)
+        self.store.annotate(flight.number, {PARKED_ATTR: rung})
+        park = getattr(self.driver, "park", None)
+        if park is not None:
+            park(flight.number)
+
+    def _unpark(self) -> None:
+        """The run's end: each parked hand-set trial stops if a front trial clearly beats it on its
+        rung's items (:func:`~evomerge.rungs.clearly_beaten`), else climbs on, answering at each
+        rung to the front alone. So the search still never ends below a hand-set merge its items
+        could not tell from the best one (issue 12, item 3)."""
+        from .rungs import BEATEN_ATTR, UNPARKED_ATTR
+
+        for number in sorted(self._parked):
+            flight, values, worker = self._parked.pop(number)
+            assert flight.rung is not None
+            self.store.annotate(number, {UNPARKED_ATTR: True})
+            beaten_by = self.reach.beaten_by(self._rung_state[number], values, flight.rung)
+            if beaten_by is not None:
+                self._tell_rung_outcome(flight, flight.rung, values, worker=worker, extra={BEATEN_ATTR: beaten_by})
+                continue
+            flight.unparked = True
+            self._promote(flight)
 
     def _tell_rung_outcome(self, flight: Flight, rung: int, values: Mapping[str, float], worker: str = "",
                            extra: Mapping[str, Any] | None = None) -> None:

@@ -41,13 +41,26 @@ first (rung 0), then ``m*e``, ``m*e**2`` ... up to every item (the top rung). Wh
   it below every full-fidelity member of its generation (``evomerge.drivers.cma_driver``).
 - **Hand-set trials** start at rung 0 too and climb together (``evomerge.loop``): once all of
   them are back from a rung, the best by the plain sum goes up whatever the rule says, and so
-  does each one that :func:`indistinguishable` cannot yet tell from it (paired per-item
-  differences within ``HAND_SET_Z`` standard errors); the others stop. So the best hand-set merge
-  is scored on every item unless a rung's items showed it worse, and the search never ends below
-  it (issue 12, item 3); the base alone or a specialist beside a merge of both costs a rung-0
-  score instead of a whole evaluation (on the pair world, where the hand-set task arithmetic is
-  already within 5% of any search's best, this is most of the saving). Their rung means compete
-  at every rung, so a searched candidate must do about as well as them to go up.
+  does each merge that :func:`indistinguishable` cannot yet tell from it (paired per-item
+  differences within ``HAND_SET_Z`` standard errors); the others stop. An *input model alone*
+  that the items cannot tell from the best is *parked* at that rung instead (attribute
+  ``hand_set_parked``), left open until nothing new will be asked; it climbs on at once only
+  when no merge is tied with it. At the run's end a parked trial stops if a front trial clearly
+  beats it (:func:`clearly_beaten`, naming it), else climbs on, answering at each rung to the
+  front alone. So the best hand-set merge is scored on every item unless a rung's items showed it
+  worse, and the search never ends below a hand-set trial its items could not tell from the best
+  (issue 12, item 3). Why models alone wait and merges do not: with several objectives each
+  specialist alone is as good by the plain sum as task arithmetic on any rung's items (on the
+  compose world 1.0 of 4 against 1.125), so climbing them all spent 2,400 of the hand-set trials'
+  3,232 forward passes before the search began, and a good search has clearly beaten a model
+  alone by its end; while the drivers need the merges now: TPE told the merge only at the end
+  circled the specialists on 2 seeds of 10, and CMA-ES starts at the best trial that climbed
+  (parking every tied trial let a start picked on 8 items per task land on a specialist). The
+  base alone or a specialist beside a merge of both costs a rung-0 score instead of a whole
+  evaluation (on the pair world, where the hand-set task arithmetic is already within 5% of any
+  search's best, this is most of the saving). Their rung means compete at every rung, so a
+  searched candidate must do about as well as them to go up. A run killed while a trial is
+  parked parks its rerun again without scoring it.
 - **Resume.** A trial a kill interrupted keeps its per-item results in the log. When the driver
   hands the same recipe out again, the new trial inherits them (``rung_items_from`` names the
   old one), the promotion rule is asked again rung by rung, and only items never scored for the
@@ -71,6 +84,11 @@ RUNG_OF_ATTR = "rungs"  # how many rungs the run has
 ITEMS_ATTR = "rung_items"  # per-item results so far: {"task:<task>/<metric>": {doc_id: value}}
 VALUES_ATTR = "rung_values"  # each reached rung's objectives: {"0": {...}, "1": {...}}
 INHERITED_ATTR = "rung_items_from"  # the interrupted trial whose per-item results a rerun took over
+
+
+def parked(record: Any) -> bool:
+    """Whether a trial is a hand-set trial left open at a rung until the run's end (module docstring)."""
+    return record.attrs.get(PARKED_ATTR) is not None and not record.attrs.get(UNPARKED_ATTR)
 
 
 def full_fidelity(record: Any) -> bool:
@@ -186,6 +204,8 @@ def add_costs(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 HAND_SET_Z = 2.0  # standard errors of the paired difference under which a hand-set merge stays in
 BEATEN_Z = 2.0  # standard errors by which a trial scored on every item must lead to stop a candidate
 BEATEN_ATTR = "rung_beaten_by"  # the front trial that showed a stopped candidate could not reach the front
+PARKED_ATTR = "hand_set_parked"  # the rung a hand-set trial waited at for the run's end
+UNPARKED_ATTR = "hand_set_unparked"  # set when the run's end decided a parked trial's fate
 
 
 def _paired_gaps(state: RungState, other: RungState, values: Mapping[str, float], other_values: Mapping[str, float],

@@ -93,8 +93,12 @@ def check_against_store(
 
 
 def refuse_running_trials(store: RunStore) -> None:
-    """A driver is built before any worker starts, so a RUNNING trial now was left by a crash."""
-    running = store.running_trials()
+    """A driver is built before any worker starts, so a RUNNING trial now was left by a crash; or
+    it is a hand-set trial parked at a rung (:mod:`evomerge.rungs`), which CMA-ES, built after the
+    hand-set trials, need not wait for."""
+    from evomerge.rungs import parked
+
+    running = [t for t in store.running_trials() if not parked(t)]
     if running:
         numbers = [t.number for t in running]
         raise RuntimeError(

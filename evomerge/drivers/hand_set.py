@@ -43,7 +43,7 @@ from typing import Any
 from optuna.distributions import BaseDistribution
 
 from evomerge.drivers.base import Driver, Proposal, record_result
-from evomerge.hand_set import HAND_SET_ATTR, HandSet
+from evomerge.hand_set import ALONE_SUFFIX, HAND_SET_ATTR, HandSet
 from evomerge.objectives import ConstraintSpec, ObjectiveSpec, scalarize
 from evomerge.store import RunStore, TrialRecord
 
@@ -84,6 +84,8 @@ class HandSetFirst:
             (p, lost.get(p.label)) for p in points if fresh and p.label not in done
         )
         self._outstanding: set[int] = set()
+        self._parked: set[int] = set()  # hand-set trials left open at a rung until the run's end (rungs)
+        self._alone: set[int] = set()  # hand-set trials that are one input model alone
         self.name = driver.name if driver is not None else "cma"
 
     @property
@@ -96,6 +98,21 @@ class HandSetFirst:
         """The wrapped driver (None until a CMA driver is built after the hand-set trials)."""
         return self._inner
 
+    def may_park(self, number: int) -> bool:
+        """Whether hand-set trial ``number``, tied with the best one at a rung (with rungs), may
+        wait there for the run's end rather than climb to the top first: an input model alone.
+        The merges tied with the best climb on, so the driver learns from them at once (TPE told
+        task arithmetic only at the end circled the specialists on 2 seeds of 10 of the compose
+        world) and CMA-ES starts at the best of them (parking every tied trial let it start at a
+        specialist that led on 8 items per task). See :mod:`evomerge.rungs`."""
+        return number in self._alone
+
+    def park(self, number: int) -> None:
+        """Trial ``number`` waits at a rung until the run's end (:mod:`evomerge.rungs`) and is told
+        then: CMA-ES need not wait for it, its start is the best hand-set trial that climbed on."""
+        self._outstanding.discard(number)
+        self._parked.add(number)
+
     def ask(self) -> Proposal | None:
         if self._todo:
             point, lost = self._todo.popleft()
@@ -104,6 +121,8 @@ class HandSetFirst:
                 attrs["rerun_of"] = lost
             number = self._store.start_trial(dict(point.values), self._distributions, attrs, study=self._study)
             self._outstanding.add(number)
+            if point.label.endswith(ALONE_SUFFIX):
+                self._alone.add(number)
             return Proposal(number, dict(point.values), hand_set=True)
         if self._inner is None:
             if self._outstanding:
@@ -120,8 +139,9 @@ class HandSetFirst:
         failed_reason: str | None = None,
         attrs: Mapping[str, Any] | None = None,
     ) -> TrialRecord:
-        if number in self._outstanding:
+        if number in self._outstanding or number in self._parked:
             self._outstanding.discard(number)
+            self._parked.discard(number)
             return record_result(self._store, number, objectives, failed_reason, attrs)
         if self._inner is None:
             raise ValueError(f"trial {number} was not asked from this driver, or was told already")
@@ -129,18 +149,20 @@ class HandSetFirst:
 
     def state_dict(self) -> dict[str, Any]:
         inner = self._inner.state_dict() if self._inner is not None else {"driver": self.name}
-        return {**inner, "hand_set_left": [p.label for p, _ in self._todo], "hand_set_out": sorted(self._outstanding)}
+        return {**inner, "hand_set_left": [p.label for p, _ in self._todo], "hand_set_out": sorted(self._outstanding),
+                "hand_set_parked": sorted(self._parked)}
 
     def _best_values(self) -> Mapping[str, Any] | None:
         """The values of the best complete hand-set trial (the first listed on a tie), or None.
         With rungs, one scored on every item outranks those stopped lower (fewer items, and
-        stopped for ranking low)."""
-        from evomerge.rungs import full_fidelity
+        stopped for ranking low), and one parked at a rung (:meth:`park`) never counts: it was
+        open when CMA-ES started, so a run resumed after it was told rebuilds the same start."""
+        from evomerge.rungs import PARKED_ATTR, full_fidelity
 
         best: tuple[bool, float, int] | None = None
         values = None
         for t in self._store.trials():
-            if HAND_SET_ATTR not in t.attrs or t.state != "complete" or not t.objectives:
+            if HAND_SET_ATTR not in t.attrs or PARKED_ATTR in t.attrs or t.state != "complete" or not t.objectives:
                 continue
             score = scalarize(t.objectives, self._objectives, self._constraints)
             if best is None or (full_fidelity(t), score, -t.number) > best:
