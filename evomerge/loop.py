@@ -421,17 +421,17 @@ class SearchLoop:
         directions = self.store.directions
         unweighted = [ObjectiveSpec(name, direction) for name, direction in directions.items()]  # as --best ranks
         best, best_values, _ = max(waiting, key=lambda w: (scalarize(w[1], unweighted), -w[0].number))
-        tied = [w for w in waiting if w[0] is best or indistinguishable(
-            self._rung_state[w[0].number], self._rung_state[best.number], w[1], best_values, items, directions)]
+        tied = {flight.number for flight, values, _ in waiting if flight is best or indistinguishable(
+            self._rung_state[flight.number], self._rung_state[best.number], values, best_values, items, directions)}
         may_park = getattr(self.driver, "may_park", lambda number: False)
-        parks = {w[0].number for w in tied if may_park(w[0].number)}
-        if len(parks) == len(tied):
+        parks = {number for number in tied if may_park(number)}
+        if parks == tied:
             parks.discard(best.number)  # one of them climbs on whatever
         for flight, values, worker in waiting:
             self.promotion.enter(flight.number, rung, values)
             if flight.number in parks:
                 self._park(flight, rung, values, worker)
-            elif any(w[0] is flight for w in tied):
+            elif flight.number in tied:
                 self._promote(flight)
             else:
                 self._hand_set_climbing.discard(flight.number)
@@ -445,8 +445,8 @@ class SearchLoop:
         the 3,232 forward passes of the hand-set trials), and most of them are clearly beaten by
         then.
         The trial is marked in the log (``hand_set_parked``: its rung), so a run killed meanwhile
-        parks its rerun again without scoring, and CMA-ES, which starts at the best hand-set trial,
-        rebuilds the same start."""
+        parks its rerun again without scoring, and CMA-ES, which starts at the best hand-set trial
+        that climbed on, rebuilds the same start."""
         from .rungs import PARKED_ATTR
 
         flight.rung = rung
@@ -460,7 +460,7 @@ class SearchLoop:
     def _unpark(self) -> None:
         """The run's end: each parked hand-set trial stops if a front trial clearly beats it on its
         rung's items (:func:`~evomerge.rungs.clearly_beaten`), else climbs on, answering at each
-        rung to the front alone. So the search still never ends below a hand-set merge its items
+        rung to the front alone. So the search still never ends below a hand-set trial its items
         could not tell from the best one (issue 12, item 3)."""
         from .rungs import BEATEN_ATTR, UNPARKED_ATTR
 
